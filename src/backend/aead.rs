@@ -1,0 +1,39 @@
+//! AES-256-GCM sealing shared by the backends that hold raw key bytes themselves (local, in-memory).
+//! Layout: 12-byte random nonce ‖ ciphertext ‖ 16-byte tag; the key name is the associated data so a
+//! blob can never be opened under a different key name.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+
+use super::{BackendError, SecretBytes};
+
+pub(crate) const NONCE_LEN: usize = 12;
+pub(crate) const TAG_LEN: usize = 16;
+
+pub(crate) fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let cipher = Aes256Gcm::new(key.into());
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let sealed = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .expect("AES-GCM encryption of a small buffer cannot fail");
+    let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    out
+}
+
+pub(crate) fn open(key: &[u8; 32], aad: &[u8], blob: &[u8]) -> Result<SecretBytes, BackendError> {
+    if blob.len() < NONCE_LEN + TAG_LEN {
+        return Err(BackendError::InvalidCiphertext(format!(
+            "wrapped key is {} bytes, shorter than nonce and tag",
+            blob.len()
+        )));
+    }
+    let (nonce, sealed) = blob.split_at(NONCE_LEN);
+    Aes256Gcm::new(key.into())
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
+        .map(SecretBytes::new)
+        .map_err(|_| BackendError::InvalidCiphertext("authentication tag mismatch".into()))
+}
