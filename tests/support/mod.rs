@@ -1,0 +1,4 @@
+//! Test-only helpers shared by the integration tests. Never part of the shipped binary.
+#![allow(dead_code)]
+
+pub mod conformance;
