@@ -9,5 +9,24 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod engine;
 pub mod fsutil;
 pub mod proto;
+pub mod protocol;
+
+/// Backends compiled into this build.
+pub fn compiled_backends() -> Vec<&'static str> {
+    let mut v = vec!["local"];
+    if cfg!(feature = "akeyless") {
+        v.push("akeyless");
+    }
+    if cfg!(feature = "pkcs11") {
+        v.push("pkcs11");
+    }
+    if cfg!(feature = "aws-kms") {
+        v.push("aws-kms");
+    }
+    v
+}

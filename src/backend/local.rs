@@ -59,7 +59,9 @@ pub struct LocalBackend {
 
 impl std::fmt::Debug for LocalBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalBackend").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("LocalBackend")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -79,7 +81,10 @@ fn parse_key_file(path: &Path) -> Result<LoadedKeys, BackendError> {
     })?);
     let file: KeyFile = serde_json::from_str(&text).map_err(|e| {
         // serde_json errors carry a position, never the offending value.
-        BackendError::Config(format!("local key file {} is not a valid key file: {e}", path.display()))
+        BackendError::Config(format!(
+            "local key file {} is not a valid key file: {e}",
+            path.display()
+        ))
     })?;
     if file.version != FILE_FORMAT_VERSION {
         return Err(BackendError::Config(format!(
@@ -105,13 +110,19 @@ fn parse_key_file(path: &Path) -> Result<LoadedKeys, BackendError> {
                 raw.len()
             ))
         })?;
-        if entry.name.is_empty() || entry.name.len() > 128 || !entry.name.bytes().all(|b| b.is_ascii_graphic()) {
+        if entry.name.is_empty()
+            || entry.name.len() > 128
+            || !entry.name.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(BackendError::Config(format!(
                 "a key in {} has an invalid name (1-128 printable ASCII characters required)",
                 path.display()
             )));
         }
-        if keys.insert(entry.name.clone(), Zeroizing::new(bytes)).is_some() {
+        if keys
+            .insert(entry.name.clone(), Zeroizing::new(bytes))
+            .is_some()
+        {
             return Err(BackendError::Config(format!(
                 "key name {:?} appears twice in {}",
                 entry.name,
@@ -119,12 +130,14 @@ fn parse_key_file(path: &Path) -> Result<LoadedKeys, BackendError> {
             )));
         }
     }
-    let primary = file
-        .keys
-        .last()
-        .map(|k| k.name.clone())
-        .ok_or_else(|| BackendError::Config(format!("local key file {} holds no key", path.display())))?;
-    Ok(LoadedKeys { primary, keys, stamp })
+    let primary = file.keys.last().map(|k| k.name.clone()).ok_or_else(|| {
+        BackendError::Config(format!("local key file {} holds no key", path.display()))
+    })?;
+    Ok(LoadedKeys {
+        primary,
+        keys,
+        stamp,
+    })
 }
 
 impl LocalBackend {
@@ -133,7 +146,10 @@ impl LocalBackend {
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, BackendError> {
         let path = path.into();
         let state = parse_key_file(&path)?;
-        Ok(LocalBackend { path, state: Mutex::new(state) })
+        Ok(LocalBackend {
+            path,
+            state: Mutex::new(state),
+        })
     }
 
     /// Re-reads the file if it changed. A file that became unreadable or invalid keeps the keys already
@@ -148,12 +164,19 @@ impl LocalBackend {
         // Keep keys that disappeared from the file: data wrapped by them may still be in use.
         let mut keys = std::mem::take(&mut state.keys);
         keys.extend(fresh.keys);
-        *state = LoadedKeys { primary: fresh.primary, keys, stamp: fresh.stamp };
+        *state = LoadedKeys {
+            primary: fresh.primary,
+            keys,
+            stamp: fresh.stamp,
+        };
         Ok(())
     }
 
     fn identity(name: &str) -> KeyIdentity {
-        KeyIdentity { key_id: name.to_string(), key_ref: name.to_string() }
+        KeyIdentity {
+            key_id: name.to_string(),
+            key_ref: name.to_string(),
+        }
     }
 }
 
@@ -200,8 +223,15 @@ fn new_entry() -> KeyEntry {
     let mut suffix = [0u8; 3];
     rand::thread_rng().fill_bytes(&mut suffix);
     let stamp = humantime::format_rfc3339_seconds(now).to_string();
-    let compact: String = stamp.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-    KeyEntry { name: format!("k{}-{}", compact.to_lowercase(), hex::encode(suffix)), created: stamp, key: B64.encode(*raw) }
+    let compact: String = stamp
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    KeyEntry {
+        name: format!("k{}-{}", compact.to_lowercase(), hex::encode(suffix)),
+        created: stamp,
+        key: B64.encode(*raw),
+    }
 }
 
 fn serialize(file: &KeyFile) -> Zeroizing<Vec<u8>> {
@@ -213,12 +243,16 @@ fn serialize(file: &KeyFile) -> Zeroizing<Vec<u8>> {
 /// Creates a new key file holding one key. Refuses to overwrite an existing file.
 pub fn create_key_file(path: &Path) -> Result<String, BackendError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent)
-            .map_err(|e| BackendError::Config(format!("cannot create directory {}: {e}", parent.display())))?;
+        fs::create_dir_all(parent).map_err(|e| {
+            BackendError::Config(format!("cannot create directory {}: {e}", parent.display()))
+        })?;
     }
     let entry = new_entry();
     let name = entry.name.clone();
-    let bytes = serialize(&KeyFile { version: FILE_FORMAT_VERSION, keys: vec![entry] });
+    let bytes = serialize(&KeyFile {
+        version: FILE_FORMAT_VERSION,
+        keys: vec![entry],
+    });
     let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             BackendError::Config(format!(
@@ -241,8 +275,9 @@ pub fn add_key(path: &Path) -> Result<String, BackendError> {
     let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| {
         BackendError::Config(format!("cannot read key file {}: {e}", path.display()))
     })?);
-    let mut file: KeyFile = serde_json::from_str(&text)
-        .map_err(|e| BackendError::Config(format!("{} is not a valid key file: {e}", path.display())))?;
+    let mut file: KeyFile = serde_json::from_str(&text).map_err(|e| {
+        BackendError::Config(format!("{} is not a valid key file: {e}", path.display()))
+    })?;
     // Validate before touching anything.
     parse_key_file(path)?;
     let entry = new_entry();
@@ -255,7 +290,9 @@ pub fn add_key(path: &Path) -> Result<String, BackendError> {
 
 /// Mode bits of a key file, for warnings about group/world access.
 pub fn file_mode(path: &Path) -> Option<u32> {
-    fs::metadata(path).ok().map(|m| m.permissions().mode() & 0o777)
+    fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
 }
 
 #[cfg(test)]
@@ -268,7 +305,10 @@ mod tests {
         let path = dir.path().join("sub/kek.json");
         let first = create_key_file(&path).unwrap();
         assert_eq!(file_mode(&path), Some(0o600));
-        assert!(create_key_file(&path).unwrap_err().to_string().contains("refusing to overwrite"));
+        assert!(create_key_file(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("refusing to overwrite"));
         let b = LocalBackend::open(&path).unwrap();
         assert_eq!(b.current_key().await.unwrap().key_id, first);
         let w1 = b.wrap(b"one").await.unwrap();
@@ -278,8 +318,14 @@ mod tests {
         assert_eq!(file_mode(&path), Some(0o600));
         let w2 = b.wrap(b"two").await.unwrap();
         assert_eq!(w2.key_ref, second);
-        assert_eq!(&*b.unwrap(&w1.key_ref, &w1.ciphertext).await.unwrap(), b"one");
-        assert_eq!(&*b.unwrap(&w2.key_ref, &w2.ciphertext).await.unwrap(), b"two");
+        assert_eq!(
+            &*b.unwrap(&w1.key_ref, &w1.ciphertext).await.unwrap(),
+            b"one"
+        );
+        assert_eq!(
+            &*b.unwrap(&w2.key_ref, &w2.ciphertext).await.unwrap(),
+            b"two"
+        );
         let err = b.unwrap("nope", &w2.ciphertext).await.unwrap_err();
         assert!(matches!(err, BackendError::KeyNotFound(_)));
     }
@@ -287,12 +333,21 @@ mod tests {
     #[test]
     fn missing_or_bad_file_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = LocalBackend::open(dir.path().join("missing")).unwrap_err().to_string();
+        let err = LocalBackend::open(dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kms-plugin keygen"), "{err}");
         let bad = dir.path().join("bad");
-        fs::write(&bad, "{\"version\":1,\"keys\":[{\"name\":\"a\",\"created\":\"x\",\"key\":\"c2hvcnQ=\"}]}").unwrap();
+        fs::write(
+            &bad,
+            "{\"version\":1,\"keys\":[{\"name\":\"a\",\"created\":\"x\",\"key\":\"c2hvcnQ=\"}]}",
+        )
+        .unwrap();
         let err = LocalBackend::open(&bad).unwrap_err().to_string();
         assert!(err.contains("expected 32"), "{err}");
-        assert!(!err.contains("c2hvcnQ"), "error must not echo key material: {err}");
+        assert!(
+            !err.contains("c2hvcnQ"),
+            "error must not echo key material: {err}"
+        );
     }
 }

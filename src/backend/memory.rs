@@ -48,7 +48,10 @@ impl MemoryBackend {
     pub fn new(name: impl Into<String>) -> Self {
         MemoryBackend {
             name: name.into(),
-            inner: Mutex::new(Inner { versions: vec![random_key()], state: KeyState::Enabled }),
+            inner: Mutex::new(Inner {
+                versions: vec![random_key()],
+                state: KeyState::Enabled,
+            }),
             wraps: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
             probes: AtomicU64::new(0),
@@ -81,11 +84,18 @@ impl MemoryBackend {
     fn check_state(&self, state: KeyState) -> Result<(), BackendError> {
         match state {
             KeyState::Enabled => Ok(()),
-            KeyState::Disabled => Err(BackendError::KeyDisabled(format!("in-memory key {}", self.name))),
-            KeyState::AccessDenied => {
-                Err(BackendError::PermissionDenied(format!("in-memory key {}", self.name)))
-            }
-            KeyState::Deleted => Err(BackendError::KeyNotFound(format!("in-memory key {}", self.name))),
+            KeyState::Disabled => Err(BackendError::KeyDisabled(format!(
+                "in-memory key {}",
+                self.name
+            ))),
+            KeyState::AccessDenied => Err(BackendError::PermissionDenied(format!(
+                "in-memory key {}",
+                self.name
+            ))),
+            KeyState::Deleted => Err(BackendError::KeyNotFound(format!(
+                "in-memory key {}",
+                self.name
+            ))),
         }
     }
 
@@ -105,7 +115,10 @@ impl Backend for MemoryBackend {
         let inner = self.inner.lock().unwrap();
         self.check_state(inner.state)?;
         let version = inner.versions.len() as u64;
-        Ok(KeyIdentity { key_id: format!("{}:v{}", self.name, version), key_ref: self.key_ref(version) })
+        Ok(KeyIdentity {
+            key_id: format!("{}:v{}", self.name, version),
+            key_ref: self.key_ref(version),
+        })
     }
 
     async fn wrap(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
@@ -116,7 +129,10 @@ impl Backend for MemoryBackend {
         let key_ref = self.key_ref(version);
         let key = inner.versions.last().expect("at least one version");
         let ciphertext = aead::seal(key, key_ref.as_bytes(), plaintext);
-        Ok(WrappedKey { key_ref, ciphertext })
+        Ok(WrappedKey {
+            key_ref,
+            ciphertext,
+        })
     }
 
     async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError> {
@@ -128,7 +144,9 @@ impl Backend for MemoryBackend {
             .and_then(|rest| rest.strip_prefix('/'))
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|v| (1..=inner.versions.len()).contains(v))
-            .ok_or_else(|| BackendError::KeyNotFound(format!("no in-memory key version {key_ref:?}")))?;
+            .ok_or_else(|| {
+                BackendError::KeyNotFound(format!("no in-memory key version {key_ref:?}"))
+            })?;
         aead::open(&inner.versions[version - 1], key_ref.as_bytes(), ciphertext)
     }
 }
@@ -146,8 +164,14 @@ mod tests {
         assert_eq!(b.current_key().await.unwrap().key_id, "m:v2");
         let w2 = b.wrap(b"secret-two").await.unwrap();
         assert_ne!(w1.key_ref, w2.key_ref);
-        assert_eq!(&*b.unwrap(&w1.key_ref, &w1.ciphertext).await.unwrap(), b"secret-one");
-        assert_eq!(&*b.unwrap(&w2.key_ref, &w2.ciphertext).await.unwrap(), b"secret-two");
+        assert_eq!(
+            &*b.unwrap(&w1.key_ref, &w1.ciphertext).await.unwrap(),
+            b"secret-one"
+        );
+        assert_eq!(
+            &*b.unwrap(&w2.key_ref, &w2.ciphertext).await.unwrap(),
+            b"secret-two"
+        );
         assert!(matches!(
             b.unwrap(&w2.key_ref, &w1.ciphertext).await,
             Err(BackendError::InvalidCiphertext(_))

@@ -108,7 +108,9 @@ impl BackendError {
     pub fn is_revocation(&self) -> bool {
         matches!(
             self,
-            BackendError::PermissionDenied(_) | BackendError::KeyDisabled(_) | BackendError::KeyNotFound(_)
+            BackendError::PermissionDenied(_)
+                | BackendError::KeyDisabled(_)
+                | BackendError::KeyNotFound(_)
         )
     }
 

@@ -24,9 +24,21 @@ fn random32() -> [u8; 32] {
 pub async fn run(backend: Arc<dyn Backend>, rotate: Option<RotateHook>) {
     // Identity: present, bounded, stable between calls.
     let id = backend.current_key().await.expect("current_key");
-    assert!(!id.key_id.is_empty() && id.key_id.len() <= 900, "key_id length {}", id.key_id.len());
-    assert!(!id.key_ref.is_empty() && id.key_ref.len() <= 255, "key_ref length {}", id.key_ref.len());
-    assert_eq!(backend.current_key().await.expect("current_key again"), id, "identity must be stable");
+    assert!(
+        !id.key_id.is_empty() && id.key_id.len() <= 900,
+        "key_id length {}",
+        id.key_id.len()
+    );
+    assert!(
+        !id.key_ref.is_empty() && id.key_ref.len() <= 255,
+        "key_ref length {}",
+        id.key_ref.len()
+    );
+    assert_eq!(
+        backend.current_key().await.expect("current_key again"),
+        id,
+        "identity must be stable"
+    );
     assert!(!backend.kind().is_empty());
 
     // Round trip; randomised wrapping; bounded size.
@@ -34,10 +46,29 @@ pub async fn run(backend: Arc<dyn Backend>, rotate: Option<RotateHook>) {
     let w1 = backend.wrap(&secret).await.expect("wrap");
     let w2 = backend.wrap(&secret).await.expect("wrap again");
     assert_ne!(w1.ciphertext, w2.ciphertext, "wrapping must be randomised");
-    assert!(w1.ciphertext.len() <= MAX_WRAPPED_LEN, "wrapped key is {} bytes", w1.ciphertext.len());
-    assert!(!w1.ciphertext.windows(secret.len()).any(|w| w == secret), "plaintext visible in wrapped key");
-    assert_eq!(&backend.unwrap(&w1.key_ref, &w1.ciphertext).await.expect("unwrap")[..], &secret[..]);
-    assert_eq!(&backend.unwrap(&w2.key_ref, &w2.ciphertext).await.expect("unwrap 2")[..], &secret[..]);
+    assert!(
+        w1.ciphertext.len() <= MAX_WRAPPED_LEN,
+        "wrapped key is {} bytes",
+        w1.ciphertext.len()
+    );
+    assert!(
+        !w1.ciphertext.windows(secret.len()).any(|w| w == secret),
+        "plaintext visible in wrapped key"
+    );
+    assert_eq!(
+        &backend
+            .unwrap(&w1.key_ref, &w1.ciphertext)
+            .await
+            .expect("unwrap")[..],
+        &secret[..]
+    );
+    assert_eq!(
+        &backend
+            .unwrap(&w2.key_ref, &w2.ciphertext)
+            .await
+            .expect("unwrap 2")[..],
+        &secret[..]
+    );
 
     // Tampering and garbage are refused with an error, never the secret.
     for pos in [0, w1.ciphertext.len() / 2, w1.ciphertext.len() - 1] {
@@ -49,7 +80,11 @@ pub async fn run(backend: Arc<dyn Backend>, rotate: Option<RotateHook>) {
         }
     }
     for garbage in [&b""[..], &b"x"[..], &[0u8; 64][..]] {
-        assert!(backend.unwrap(&w1.key_ref, garbage).await.is_err(), "garbage of {} bytes", garbage.len());
+        assert!(
+            backend.unwrap(&w1.key_ref, garbage).await.is_err(),
+            "garbage of {} bytes",
+            garbage.len()
+        );
     }
     let unknown = backend.unwrap("no-such-key-ref", &w1.ciphertext).await;
     assert!(unknown.is_err(), "an unknown key_ref must not unwrap");
@@ -73,10 +108,25 @@ pub async fn run(backend: Arc<dyn Backend>, rotate: Option<RotateHook>) {
     // Rotation: a new identity, and data wrapped before still unwraps.
     if let Some(rotate) = rotate {
         rotate().await;
-        let id2 = backend.current_key().await.expect("current_key after rotation");
+        let id2 = backend
+            .current_key()
+            .await
+            .expect("current_key after rotation");
         assert_ne!(id2.key_id, id.key_id, "rotation must change key_id");
-        assert_eq!(&backend.unwrap(&w1.key_ref, &w1.ciphertext).await.expect("old unwrap")[..], &secret[..]);
+        assert_eq!(
+            &backend
+                .unwrap(&w1.key_ref, &w1.ciphertext)
+                .await
+                .expect("old unwrap")[..],
+            &secret[..]
+        );
         let w3 = backend.wrap(&secret).await.expect("wrap after rotation");
-        assert_eq!(&backend.unwrap(&w3.key_ref, &w3.ciphertext).await.expect("new unwrap")[..], &secret[..]);
+        assert_eq!(
+            &backend
+                .unwrap(&w3.key_ref, &w3.ciphertext)
+                .await
+                .expect("new unwrap")[..],
+            &secret[..]
+        );
     }
 }

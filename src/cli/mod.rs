@@ -1,0 +1,227 @@
+//! The command line: `serve`, `keygen`, `health`, `encrypt`, `decrypt`, `version`.
+
+pub mod client;
+pub mod serve;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::protocol::socket::ListenAddr;
+use crate::protocol::v2::StatusVersion;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kms-plugin",
+    version,
+    about = "Kubernetes KMS v2/v1beta1 plugin with a local key hierarchy"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "KMS_PLUGIN_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `kms_plugin=debug`. Secrets are never logged at any level.
+    #[arg(
+        long,
+        global = true,
+        env = "KMS_PLUGIN_LOG_LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve KMS v2 and v1beta1 on a UNIX socket.
+    Serve(Box<ServeArgs>),
+    /// Create a local key file (mode 0600), or add a new primary key to one (`--add`).
+    Keygen(KeygenArgs),
+    /// Ask a running plugin for its Status; exits 0 only when it answers `ok` (usable as an exec probe).
+    Health(HealthArgs),
+    /// Encrypt stdin through a running plugin (debugging); prints JSON with the base64 ciphertext.
+    Encrypt(EncryptArgs),
+    /// Decrypt a base64 ciphertext from stdin through a running plugin (debugging); writes the plaintext.
+    Decrypt(DecryptArgs),
+    /// Print the version and the compiled-in backends.
+    Version,
+    /// Print the configuration reference (Markdown) generated from these definitions.
+    #[command(hide = true)]
+    ConfigReference,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 7d)"))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "{s:?} is not an octal file mode such as 0600 or 0660"
+        )),
+    }
+}
+
+/// Which backend holds the remote KEK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// A local key file (`--local-key-file`).
+    Local,
+    /// Akeyless (`--akeyless-*`).
+    Akeyless,
+    /// A PKCS#11 token (`--pkcs11-*`).
+    Pkcs11,
+    /// AWS KMS (`--aws-*`).
+    AwsKms,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// YAML file with options (keys are flag names without dashes); flags and environment override it.
+    #[arg(long, env = "KMS_PLUGIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Socket to listen on: unix:///path/kms.sock, or unix:///@name for an abstract socket.
+    /// Default /var/run/kms-plugin/kms.sock (drop-in Akeyless mode: $AKEYLESS_UNIX_SOCKET or /tmp/akeyless_kms_plugin.sock).
+    #[arg(long, env = "KMS_PLUGIN_LISTEN")]
+    pub listen: Option<ListenAddr>,
+    /// File mode of the socket (octal).
+    #[arg(long, env = "KMS_PLUGIN_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Group (name or id) to own the socket, for apiservers that do not run as root.
+    #[arg(long, env = "KMS_PLUGIN_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+    /// Key backend. Without it: Akeyless if AKEYLESS_KEY_ENCRYPTION_KEY is set (drop-in mode), `local` if
+    /// --local-key-file is given, else a development key created under --data-dir.
+    #[arg(long, env = "KMS_PLUGIN_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Local backend: key file created by `kms-plugin keygen`. Never created implicitly.
+    #[arg(long, env = "KMS_PLUGIN_LOCAL_KEY_FILE")]
+    pub local_key_file: Option<PathBuf>,
+    /// Directory for the development key (zero-configuration mode only).
+    #[arg(
+        long,
+        env = "KMS_PLUGIN_DATA_DIR",
+        default_value = "/var/lib/kms-plugin"
+    )]
+    pub data_dir: PathBuf,
+    /// Directory for state that must survive restarts (e.g. rotated Akeyless UID tokens); default --data-dir.
+    #[arg(long, env = "KMS_PLUGIN_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// StatusResponse.version: v2 (Kubernetes 1.29+) or v2beta1 (1.27-1.28).
+    #[arg(
+        long,
+        env = "KMS_PLUGIN_STATUS_VERSION",
+        value_enum,
+        default_value = "v2"
+    )]
+    pub status_version: StatusVersion,
+    /// Interval of the cheap backend probe (key identity and state).
+    #[arg(long, env = "KMS_PLUGIN_PROBE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+    /// Interval of the deep probe (a wrap/unwrap round trip that also checks decrypt permission).
+    #[arg(long, env = "KMS_PLUGIN_DEEP_PROBE_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub deep_probe_interval: Duration,
+    /// Timeout of one backend call.
+    #[arg(long, env = "KMS_PLUGIN_BACKEND_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+    /// Status turns unhealthy when no probe succeeded for this long; default 2 x probe interval + backend timeout.
+    #[arg(long, env = "KMS_PLUGIN_STATUS_STALENESS", value_parser = parse_duration)]
+    pub status_staleness: Option<Duration>,
+    /// A local KEK is retired after this long.
+    #[arg(long, env = "KMS_PLUGIN_KEK_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
+    pub kek_max_age: Duration,
+    /// A local KEK is retired after this many Encrypts.
+    #[arg(long, env = "KMS_PLUGIN_KEK_MAX_USES", default_value_t = 1 << 21)]
+    pub kek_max_uses: u64,
+    /// How many unwrapped local KEKs are kept in memory.
+    #[arg(long, env = "KMS_PLUGIN_KEK_CACHE_SIZE", default_value_t = 1000)]
+    pub kek_cache_size: usize,
+    /// Backend calls in flight at once.
+    #[arg(long, env = "KMS_PLUGIN_BACKEND_CONCURRENCY", default_value_t = 16)]
+    pub backend_concurrency: usize,
+    /// Largest gRPC request accepted, in bytes.
+    #[arg(long, env = "KMS_PLUGIN_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024 + 64 * 1024)]
+    pub max_request_bytes: usize,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    #[arg(long, env = "KMS_PLUGIN_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Address for /livez, /readyz, /healthz and /metrics, e.g. 127.0.0.1:8787 (off by default).
+    #[arg(long, env = "KMS_PLUGIN_HTTP")]
+    pub http: Option<std::net::SocketAddr>,
+    /// Audit log: a file path, or `-` for stdout (off by default). Reopened on SIGHUP.
+    #[arg(long, env = "KMS_PLUGIN_AUDIT_LOG")]
+    pub audit_log: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Key file to create (refuses to overwrite) or, with --add, to extend.
+    pub file: PathBuf,
+    /// Add a new primary key to an existing file; older keys stay for decryption.
+    #[arg(long)]
+    pub add: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Socket of the running plugin.
+    #[arg(
+        long,
+        env = "KMS_PLUGIN_LISTEN",
+        default_value = "unix:///var/run/kms-plugin/kms.sock"
+    )]
+    pub listen: ListenAddr,
+    /// Per-call timeout.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print the version, health and key_id.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ApiChoice {
+    V1,
+    V2,
+}
+
+#[derive(Args, Debug)]
+pub struct EncryptArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, value_enum, default_value = "v2")]
+    pub api: ApiChoice,
+}
+
+#[derive(Args, Debug)]
+pub struct DecryptArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, value_enum, default_value = "v2")]
+    pub api: ApiChoice,
+    /// key_id returned by Encrypt (v2 only).
+    #[arg(long, default_value = "")]
+    pub key_id: String,
+}

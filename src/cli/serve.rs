@@ -1,0 +1,172 @@
+//! `kms-plugin serve`: build the backend, check it like the original plugin did (authenticate,
+//! resolve the key, one round trip), then listen.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::{BackendKind, ServeArgs};
+use crate::backend::local::{create_key_file, file_mode, LocalBackend};
+use crate::backend::Backend;
+use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::protocol::observe::{NoRequestObserver, RequestObserver};
+use crate::protocol::server::{self, ServerOptions};
+use crate::protocol::socket::{self, ListenAddr, SocketOptions};
+
+/// Environment variable that switches on drop-in compatibility with the original Akeyless plugin.
+pub const AKEYLESS_DROP_IN_VAR: &str = "AKEYLESS_KEY_ENCRYPTION_KEY";
+const AKEYLESS_DEFAULT_SOCKET: &str = "/tmp/akeyless_kms_plugin.sock";
+const DEFAULT_SOCKET: &str = "/var/run/kms-plugin/kms.sock";
+
+fn env_set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
+}
+
+/// Resolves which backend to use when `--backend` is absent.
+pub fn effective_backend(args: &ServeArgs) -> Option<BackendKind> {
+    args.backend.or_else(|| {
+        if args.local_key_file.is_some() {
+            Some(BackendKind::Local)
+        } else if env_set(AKEYLESS_DROP_IN_VAR) {
+            Some(BackendKind::Akeyless)
+        } else {
+            None
+        }
+    })
+}
+
+pub fn effective_listen(args: &ServeArgs) -> anyhow::Result<ListenAddr> {
+    if let Some(l) = &args.listen {
+        return Ok(l.clone());
+    }
+    if args.backend.is_none() && env_set(AKEYLESS_DROP_IN_VAR) {
+        let legacy = std::env::var("AKEYLESS_UNIX_SOCKET")
+            .unwrap_or_else(|_| AKEYLESS_DEFAULT_SOCKET.to_string());
+        return legacy
+            .parse()
+            .map_err(|e| anyhow::anyhow!("AKEYLESS_UNIX_SOCKET: {e}"));
+    }
+    Ok(ListenAddr::Path(DEFAULT_SOCKET.into()))
+}
+
+fn open_local(path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
+    if let Some(mode) = file_mode(path) {
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "key file is readable by group or others; chmod 600 it");
+        }
+    }
+    Ok(Arc::new(LocalBackend::open(path)?))
+}
+
+async fn build_backend(args: &ServeArgs) -> anyhow::Result<Arc<dyn Backend>> {
+    match effective_backend(args) {
+        None => {
+            let path = args.data_dir.join("dev-kek.json");
+            if !path.exists() {
+                let name = create_key_file(&path)?;
+                tracing::warn!(path = %path.display(), key = %name, "created a NEW development key");
+            }
+            tracing::warn!(
+                path = %path.display(),
+                "DEVELOPMENT MODE: no --backend given, using a local key under --data-dir. Losing this file loses every \
+                 Secret encrypted with it. For production use `kms-plugin keygen` + --backend local --local-key-file, or a KMS backend."
+            );
+            open_local(&path)
+        }
+        Some(BackendKind::Local) => {
+            let path = args.local_key_file.as_deref().context(
+                "--backend local needs --local-key-file (create one with `kms-plugin keygen FILE`)",
+            )?;
+            open_local(path)
+        }
+        Some(other) => anyhow::bail!("backend {other:?} is not available in this build"),
+    }
+}
+
+fn engine_config(args: &ServeArgs) -> EngineConfig {
+    EngineConfig {
+        kek_max_uses: args.kek_max_uses.max(1),
+        kek_max_age: args.kek_max_age,
+        kek_cache_size: args.kek_cache_size.max(1),
+        probe_interval: args.probe_interval,
+        deep_probe_interval: args.deep_probe_interval,
+        backend_timeout: args.backend_timeout,
+        status_staleness: args
+            .status_staleness
+            .unwrap_or(args.probe_interval * 2 + args.backend_timeout),
+        backend_concurrency: args.backend_concurrency.max(1),
+        ..EngineConfig::default()
+    }
+}
+
+fn validate(args: &ServeArgs) -> anyhow::Result<()> {
+    if args.probe_interval < Duration::from_millis(100) {
+        anyhow::bail!("--probe-interval must be at least 100ms");
+    }
+    if args.backend_timeout.is_zero() {
+        anyhow::bail!("--backend-timeout must be greater than zero");
+    }
+    if args.kek_max_age.is_zero() {
+        anyhow::bail!("--kek-max-age must be greater than zero");
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
+    validate(&args)?;
+    let listen = effective_listen(&args)?;
+    let backend = build_backend(&args).await?;
+    let engine = Engine::new(backend, engine_config(&args));
+
+    // Bind first: a second instance fails fast, and the apiserver's connections wait in the backlog
+    // instead of being refused while the backend is checked.
+    let socket = socket::bind(
+        &listen,
+        &SocketOptions {
+            mode: args.socket_mode,
+            group: args.socket_group.clone(),
+        },
+    )?;
+    // Like the original plugin: resolve the key and do one round trip before listening. Permanent
+    // failures stop here with the cause; transient ones start unhealthy and the probe keeps trying.
+    match engine.probe(true).await {
+        Ok(()) => {
+            tracing::info!(key_id = %engine.status().key_id, backend = engine.backend_kind(), "backend check passed")
+        }
+        Err(e @ (EngineError::Backend(_) | EngineError::DeadlineExceeded(_)))
+            if matches!(&e, EngineError::DeadlineExceeded(_))
+                || matches!(&e, EngineError::Backend(b) if b.is_transient()) =>
+        {
+            tracing::warn!(error = %e, "backend not reachable at start; serving as unhealthy until it is");
+        }
+        Err(e) => return Err(anyhow::anyhow!("backend check failed: {e}")),
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let probes = tokio::spawn(engine.clone().run_probes(stop_rx));
+    let observer: Arc<dyn RequestObserver> = Arc::new(NoRequestObserver);
+    let options = ServerOptions {
+        status_version: args.status_version,
+        max_request_bytes: args.max_request_bytes,
+        shutdown_timeout: args.shutdown_timeout,
+        ..ServerOptions::default()
+    };
+    server::serve(engine, socket, options, observer, termination()).await?;
+    let _ = stop_tx.send(true);
+    probes.abort();
+    tracing::info!("stopped");
+    Ok(0)
+}

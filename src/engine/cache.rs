@@ -1,0 +1,113 @@
+//! The cache of unwrapped local KEKs, with one backend unwrap in flight per KEK.
+//!
+//! A Decrypt whose local KEK is not cached starts a *detached* unwrap task and waits for it. If the
+//! request is cancelled (the apiserver's deadline), the task still finishes and fills the cache, so the
+//! retry is a cache hit instead of another slow backend call. Concurrent Decrypts of the same KEK wait
+//! for the same task.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::kek::{KekDigest, LocalKek};
+use super::EngineError;
+
+type Outcome = Option<Result<Arc<LocalKek>, EngineError>>;
+
+pub struct KekCache {
+    entries: Arc<quick_cache::sync::Cache<KekDigest, Arc<LocalKek>>>,
+    inflight: Mutex<HashMap<KekDigest, watch::Receiver<Outcome>>>,
+}
+
+/// Whether a lookup was served from memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Hit,
+    Miss,
+}
+
+impl KekCache {
+    pub fn new(capacity: usize) -> Self {
+        KekCache {
+            entries: Arc::new(quick_cache::sync::Cache::new(capacity.max(1))),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, digest: &KekDigest) -> Option<Arc<LocalKek>> {
+        self.entries.get(digest)
+    }
+
+    pub fn insert(&self, kek: Arc<LocalKek>) {
+        self.entries.insert(*kek.digest(), kek);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn clear(&self) {
+        self.entries.clear();
+    }
+
+    /// Returns the cached KEK, or runs `load` once (detached) for all concurrent callers.
+    pub async fn get_or_load<F>(
+        &self,
+        digest: KekDigest,
+        load: F,
+    ) -> Result<(Arc<LocalKek>, Lookup), EngineError>
+    where
+        F: std::future::Future<Output = Result<Arc<LocalKek>, EngineError>> + Send + 'static,
+    {
+        if let Some(kek) = self.entries.get(&digest) {
+            return Ok((kek, Lookup::Hit));
+        }
+        let mut rx = {
+            let mut inflight = self.inflight.lock().unwrap();
+            // Re-check under the lock: a task may have finished between the lookup and here.
+            if let Some(kek) = self.entries.get(&digest) {
+                return Ok((kek, Lookup::Hit));
+            }
+            // A finished entry whose waiters were all cancelled holds a stale outcome: start afresh.
+            match inflight.get(&digest).filter(|rx| rx.borrow().is_none()) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(digest, rx.clone());
+                    let entries = self.entries.clone();
+                    tokio::spawn(async move {
+                        let outcome = load.await;
+                        if let Ok(kek) = &outcome {
+                            entries.insert(digest, kek.clone());
+                        }
+                        let _ = tx.send(Some(outcome));
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = loop {
+            if let Some(outcome) = rx.borrow_and_update().clone() {
+                break outcome;
+            }
+            if rx.changed().await.is_err() {
+                break Err(EngineError::Internal(
+                    "local KEK unwrap task ended without a result".into(),
+                ));
+            }
+        };
+        // The first waiter to see the outcome removes the in-flight entry; later ones find it gone.
+        {
+            let mut inflight = self.inflight.lock().unwrap();
+            if inflight.get(&digest).is_some_and(|r| r.same_channel(&rx)) {
+                inflight.remove(&digest);
+            }
+        }
+        outcome.map(|k| (k, Lookup::Miss))
+    }
+}
