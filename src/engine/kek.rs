@@ -1,7 +1,7 @@
 //! Local key-encryption keys: generated here, wrapped once by the remote KEK, used for many DEKs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};

@@ -2,3 +2,19 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod faulty;
+
+use std::time::Duration;
+
+/// Polls `cond` until it holds, failing the test after `limit`. For conditions that have no event to
+/// wait on; the poll period only bounds how late we notice.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
