@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod faulty;
+pub mod plugin;
 
 use std::time::Duration;
 

@@ -1,0 +1,172 @@
+//! Runs the real `kms-plugin` binary for integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use kms_plugin::cli::client;
+use kms_plugin::proto::{v1beta1, v2};
+use kms_plugin::protocol::socket::ListenAddr;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
+
+pub struct Plugin {
+    pub child: Child,
+    pub addr: ListenAddr,
+    pub log: PathBuf,
+}
+
+/// A temporary directory holding a key file, ready for `serve`.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub key_file: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("kek.json");
+        let out = Command::new(BIN)
+            .arg("keygen")
+            .arg(&key_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let socket = dir.path().join("kms.sock");
+        Setup {
+            dir,
+            key_file,
+            socket,
+        }
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("unix://{}", self.socket.display()),
+            "--backend".into(),
+            "local".into(),
+            "--local-key-file".into(),
+            self.key_file.display().to_string(),
+            "--probe-interval".into(),
+            "200ms".into(),
+        ]
+    }
+
+    pub fn addr(&self) -> ListenAddr {
+        ListenAddr::Path(self.socket.clone())
+    }
+}
+
+impl Plugin {
+    /// Starts the binary and waits until Status says ok.
+    pub async fn start(args: &[String], addr: ListenAddr, log_dir: &Path) -> Plugin {
+        let p = Self::spawn(args, addr, log_dir);
+        p.wait_healthy(Duration::from_secs(20)).await;
+        p
+    }
+
+    pub fn spawn(args: &[String], addr: ListenAddr, log_dir: &Path) -> Plugin {
+        let log = log_dir.join(format!("plugin-{}.log", rand::random::<u32>()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("KMS_PLUGIN_LOG_LEVEL", "debug")
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn kms-plugin");
+        Plugin { child, addr, log }
+    }
+
+    pub async fn wait_healthy(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(s) = try_status(&self.addr).await {
+                if s.healthz == "ok" {
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "plugin not healthy within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "plugin did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn channel(addr: &ListenAddr) -> Channel {
+    client::connect(addr).await.expect("connect to plugin")
+}
+
+pub async fn try_status(addr: &ListenAddr) -> anyhow::Result<v2::StatusResponse> {
+    let ch = client::connect(addr).await?;
+    let mut c = v2::key_management_service_client::KeyManagementServiceClient::new(ch);
+    Ok(c.status(v2::StatusRequest {}).await?.into_inner())
+}
+
+pub fn v2_client(
+    ch: Channel,
+) -> v2::key_management_service_client::KeyManagementServiceClient<Channel> {
+    v2::key_management_service_client::KeyManagementServiceClient::new(ch)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+pub fn v1_client(
+    ch: Channel,
+) -> v1beta1::key_management_service_client::KeyManagementServiceClient<Channel> {
+    v1beta1::key_management_service_client::KeyManagementServiceClient::new(ch)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
