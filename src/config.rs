@@ -158,3 +158,88 @@ pub fn reference_markdown(cmd: &Command) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command as Sub};
+    use clap::{CommandFactory, FromArgMatches};
+    use std::time::Duration;
+
+    fn serve_with(argv: &[&str], yaml: &str) -> Result<crate::cli::ServeArgs, ConfigError> {
+        let cmd = Cli::command();
+        let matches = cmd.clone().try_get_matches_from(argv).unwrap();
+        let sub = matches.subcommand_matches("serve").unwrap();
+        let extra = flags_from_yaml(
+            cmd.find_subcommand("serve").unwrap(),
+            sub,
+            yaml,
+            "test.yaml",
+        )?;
+        let mut all: Vec<std::ffi::OsString> = argv.iter().map(Into::into).collect();
+        all.extend(extra);
+        let cli =
+            Cli::from_arg_matches(&Cli::command().try_get_matches_from(all).unwrap()).unwrap();
+        match cli.command {
+            Sub::Serve(a) => Ok(*a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn precedence_is_flag_then_env_then_file_then_default() {
+        // Only this test sets this variable.
+        std::env::set_var("KMS_PLUGIN_DEEP_PROBE_INTERVAL", "7m");
+        let yaml = "probe-interval: 11s\ndeep_probe_interval: 9m\nkek-cache-size: 42\nsocket-mode: \"0660\"\nstatus-version: v2beta1\n";
+        let a = serve_with(&["kms-plugin", "serve", "--kek-cache-size", "5"], yaml).unwrap();
+        std::env::remove_var("KMS_PLUGIN_DEEP_PROBE_INTERVAL");
+        assert_eq!(a.kek_cache_size, 5, "flag beats file");
+        assert_eq!(
+            a.deep_probe_interval,
+            Duration::from_secs(420),
+            "env beats file"
+        );
+        assert_eq!(
+            a.probe_interval,
+            Duration::from_secs(11),
+            "file beats default"
+        );
+        assert_eq!(a.socket_mode, 0o660);
+        assert_eq!(
+            a.status_version,
+            crate::protocol::v2::StatusVersion::V2beta1
+        );
+        assert_eq!(a.backend_timeout, Duration::from_secs(5), "default");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_option() {
+        let err = serve_with(&["kms-plugin", "serve"], "probe-intervall: 1s\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("probe-intervall"), "{err}");
+        let err = serve_with(&["kms-plugin", "serve"], "probe-interval: {a: 1}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("probe-interval"), "{err}");
+        let err = serve_with(&["kms-plugin", "serve"], "- not a map\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid YAML"), "{err}");
+    }
+
+    #[test]
+    fn committed_reference_matches_the_code() {
+        let cmd = Cli::command();
+        let generated = reference_markdown(cmd.find_subcommand("serve").unwrap());
+        let committed = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/configuration.md"
+        ))
+        .unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/configuration.md is out of date: run `cargo run -q -- config-reference > docs/configuration.md`"
+        );
+    }
+}
