@@ -11,3 +11,4 @@
 pub mod backend;
 pub mod fsutil;
 pub mod proto;
+pub mod protocol;
