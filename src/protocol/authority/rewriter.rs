@@ -191,7 +191,10 @@ impl Rewriter {
             }
             kind::CONTINUATION => {
                 let max_frames = self.limits.max_continuation_frames + 1;
-                let open = self.open.as_mut().ok_or(ShimError::UnexpectedContinuation)?;
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(ShimError::UnexpectedContinuation)?;
                 open.frames += 1;
                 if open.frames > max_frames {
                     return Err(ShimError::TooManyContinuations);
@@ -282,7 +285,12 @@ impl Rewriter {
             self.encoded.clear();
             for f in self.fields.iter() {
                 if f.name == b":authority" && !is_valid_authority(f.value) {
-                    encode_field(f.name, REPLACEMENT_AUTHORITY, f.never_indexed, &mut self.encoded);
+                    encode_field(
+                        f.name,
+                        REPLACEMENT_AUTHORITY,
+                        f.never_indexed,
+                        &mut self.encoded,
+                    );
                 } else {
                     encode_field(f.name, f.value, f.never_indexed, &mut self.encoded);
                 }
@@ -335,7 +343,11 @@ fn emit_block(out: &mut Vec<u8>, open: &OpenBlock, block: &[u8]) {
         FrameHeader {
             len: chunk.len() as u32,
             kind: kind::CONTINUATION,
-            flags: if rest.is_empty() { flag::END_HEADERS } else { 0 },
+            flags: if rest.is_empty() {
+                flag::END_HEADERS
+            } else {
+                0
+            },
             stream_id: open.stream_id,
         }
         .write(out);

@@ -139,9 +139,19 @@ fn authority_of(seen: &Seen) -> &str {
 fn valid_authorities_pass_through_byte_for_byte() {
     let input = with_preface(&[
         frame(kind::SETTINGS, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]),
-        frame(kind::HEADERS, flag::END_HEADERS, 1, &request_block("localhost")),
+        frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            1,
+            &request_block("localhost"),
+        ),
         frame(kind::DATA, flag::END_STREAM, 1, &[0, 0, 0, 0, 0]),
-        frame(kind::HEADERS, flag::END_HEADERS, 3, &[0x82, 0x86, 0xc0, 0xbf]),
+        frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            3,
+            &[0x82, 0x86, 0xc0, 0xbf],
+        ),
     ]);
     assert_eq!(rewrite_for_fuzzing(&input).unwrap(), input);
 }
@@ -149,7 +159,12 @@ fn valid_authorities_pass_through_byte_for_byte() {
 #[test]
 fn path_authority_becomes_localhost_and_other_fields_stay_in_order() {
     let input = with_preface(&[
-        frame(kind::HEADERS, flag::END_HEADERS, 1, &request_block("/tmp/x/kms.sock")),
+        frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            1,
+            &request_block("/tmp/x/kms.sock"),
+        ),
         frame(kind::DATA, flag::END_STREAM, 1, &[0, 0, 0, 0, 0]),
     ]);
     let mut rw = Rewriter::new(Limits::default());
@@ -194,7 +209,12 @@ fn blocks_after_a_rewrite_are_reencoded_even_when_valid() {
     let input = with_preface(&[
         frame(kind::HEADERS, flag::END_HEADERS, 1, &request_block("@kms")),
         frame(kind::HEADERS, flag::END_HEADERS, 3, &second),
-        frame(kind::HEADERS, flag::END_HEADERS, 5, &request_block("localhost:1")),
+        frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            5,
+            &request_block("localhost:1"),
+        ),
     ]);
     let out = rewrite_for_fuzzing(&input).unwrap();
     let (seen, dec) = h2_view(&out);
@@ -212,7 +232,8 @@ fn padded_and_priority_headers() {
     payload.extend_from_slice(&block);
     payload.extend_from_slice(&[0; 7]);
     let flags = flag::END_HEADERS | flag::PADDED | flag::PRIORITY | flag::END_STREAM;
-    let out = rewrite_for_fuzzing(&with_preface(&[frame(kind::HEADERS, flags, 1, &payload)])).unwrap();
+    let out =
+        rewrite_for_fuzzing(&with_preface(&[frame(kind::HEADERS, flags, 1, &payload)])).unwrap();
     let (seen, _) = h2_view(&out);
     match &seen[0] {
         Seen::Headers {
@@ -231,9 +252,13 @@ fn padded_and_priority_headers() {
 #[test]
 fn bad_padding_is_an_error() {
     for payload in [vec![], vec![5, 0x82], vec![0]] {
-        let flags = flag::END_HEADERS | flag::PADDED | if payload == [0] { flag::PRIORITY } else { 0 };
+        let flags =
+            flag::END_HEADERS | flag::PADDED | if payload == [0] { flag::PRIORITY } else { 0 };
         let input = with_preface(&[frame(kind::HEADERS, flags, 1, &payload)]);
-        assert_eq!(rewrite_for_fuzzing(&input), Err(ShimError::BadHeadersPayload));
+        assert_eq!(
+            rewrite_for_fuzzing(&input),
+            Err(ShimError::BadHeadersPayload)
+        );
     }
 }
 
@@ -271,7 +296,12 @@ fn protocol_errors() {
     let cases: Vec<(Vec<u8>, ShimError)> = vec![
         (b"GET / HTTP/1.1\r\n\r\n".to_vec(), ShimError::BadPreface),
         (
-            with_preface(&[frame(kind::PUSH_PROMISE, flag::END_HEADERS, 1, &[0, 0, 0, 2])]),
+            with_preface(&[frame(
+                kind::PUSH_PROMISE,
+                flag::END_HEADERS,
+                1,
+                &[0, 0, 0, 2],
+            )]),
             ShimError::PushPromise,
         ),
         (
@@ -301,7 +331,12 @@ fn protocol_errors() {
             ShimError::FrameTooLarge(16385),
         ),
         (
-            with_preface(&[frame(kind::HEADERS, flag::END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f])]),
+            with_preface(&[frame(
+                kind::HEADERS,
+                flag::END_HEADERS,
+                1,
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            )]),
             ShimError::Hpack(HpackError::IntegerOverflow),
         ),
         (
@@ -338,7 +373,12 @@ fn header_block_and_continuation_count_are_bounded() {
     // 65536 one-byte indexed fields of 42 bytes each decode far past the list limit.
     let mut frames = vec![frame(kind::HEADERS, 0, 1, &[0x82; 16384])];
     for i in 0..3 {
-        frames.push(frame(kind::CONTINUATION, if i == 2 { flag::END_HEADERS } else { 0 }, 1, &[0x82; 16384]));
+        frames.push(frame(
+            kind::CONTINUATION,
+            if i == 2 { flag::END_HEADERS } else { 0 },
+            1,
+            &[0x82; 16384],
+        ));
     }
     assert_eq!(
         rewrite_for_fuzzing(&with_preface(&frames)),

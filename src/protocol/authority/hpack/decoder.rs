@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(d.table().len(), 3);
         assert_eq!(d.table().get(62).unwrap().0, b"set-cookie");
         assert_eq!(d.table().get(63).unwrap().1, b"gzip");
-        assert_eq!(d.table().get(64).unwrap().1, b"Mon, 21 Oct 2013 20:13:22 GMT");
+        assert_eq!(
+            d.table().get(64).unwrap().1,
+            b"Mon, 21 Oct 2013 20:13:22 GMT"
+        );
         assert!(d.table().get(65).is_err());
     }
 
@@ -264,8 +267,14 @@ mod tests {
     fn errors_are_reported() {
         let mut d = Decoder::new(4096, 100);
         let mut out = HeaderList::new();
-        assert_eq!(d.decode(&[0x80], &mut out), Err(HpackError::InvalidIndex(0)));
-        assert_eq!(d.decode(&[0xbe], &mut out), Err(HpackError::InvalidIndex(62)));
+        assert_eq!(
+            d.decode(&[0x80], &mut out),
+            Err(HpackError::InvalidIndex(0))
+        );
+        assert_eq!(
+            d.decode(&[0xbe], &mut out),
+            Err(HpackError::InvalidIndex(62))
+        );
         assert_eq!(d.decode(&[0x41], &mut out), Err(HpackError::Truncated));
         // Literal with a 200-byte value exceeds the 100-byte list limit.
         let mut block = vec![0x01, 0x7f, 200 - 127];
@@ -284,7 +293,10 @@ mod tests {
         d.decode(&h("1008 7061 7373 776f 7264 0673 6563 7265 74"), &mut out)
             .unwrap();
         let f = out.get(0).unwrap();
-        assert_eq!((f.name, f.value, f.never_indexed), (&b"password"[..], &b"secret"[..], true));
+        assert_eq!(
+            (f.name, f.value, f.never_indexed),
+            (&b"password"[..], &b"secret"[..], true)
+        );
         assert!(d.table().is_empty());
     }
 }

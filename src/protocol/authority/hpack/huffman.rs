@@ -198,7 +198,10 @@ mod tests {
             }
         }
         // Kraft equality: the code is complete.
-        let kraft: u64 = LENGTHS.iter().map(|&l| 1u64 << (MAX_LEN - l as usize)).sum();
+        let kraft: u64 = LENGTHS
+            .iter()
+            .map(|&l| 1u64 << (MAX_LEN - l as usize))
+            .sum();
         assert_eq!(kraft, 1u64 << MAX_LEN);
         assert_eq!(CODES[EOS], (1 << 30) - 1);
     }
@@ -231,9 +234,15 @@ mod tests {
         // "a" is 00011; padding with zeros is not a prefix of EOS.
         assert_eq!(decode(&[0b0001_1000], &mut d), Err(HpackError::Huffman));
         // A whole byte of ones is padding longer than 7 bits.
-        assert_eq!(decode(&[0b0001_1111, 0xff], &mut d), Err(HpackError::Huffman));
+        assert_eq!(
+            decode(&[0b0001_1111, 0xff], &mut d),
+            Err(HpackError::Huffman)
+        );
         // EOS itself (30 ones) inside the string.
-        assert_eq!(decode(&[0xff, 0xff, 0xff, 0xff], &mut d), Err(HpackError::Huffman));
+        assert_eq!(
+            decode(&[0xff, 0xff, 0xff, 0xff], &mut d),
+            Err(HpackError::Huffman)
+        );
         d.clear();
         assert_eq!(decode(&[0b0001_1111], &mut d), Ok(()));
         assert_eq!(d, b"a");

@@ -192,7 +192,10 @@ mod tests {
         let mut pos = 0;
         assert_eq!(decode_int(&[0b0000_1010], &mut pos, 5), Ok(10));
         pos = 0;
-        assert_eq!(decode_int(&[0b0001_1111, 0x9a, 0x0a], &mut pos, 5), Ok(1337));
+        assert_eq!(
+            decode_int(&[0b0001_1111, 0x9a, 0x0a], &mut pos, 5),
+            Ok(1337)
+        );
         assert_eq!(pos, 3);
         pos = 0;
         assert_eq!(decode_int(&[42], &mut pos, 8), Ok(42));
@@ -210,7 +213,10 @@ mod tests {
     #[test]
     fn integer_errors() {
         let mut pos = 0;
-        assert_eq!(decode_int(&[0x1f, 0x80], &mut pos, 5), Err(HpackError::Truncated));
+        assert_eq!(
+            decode_int(&[0x1f, 0x80], &mut pos, 5),
+            Err(HpackError::Truncated)
+        );
         pos = 0;
         assert_eq!(
             decode_int(&[0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], &mut pos, 5),

@@ -202,7 +202,10 @@ mod tests {
         assert_eq!(static_lookup(b":method", b"POST"), StaticMatch::Full(3));
         assert_eq!(static_lookup(b":method", b"PUT"), StaticMatch::Name(2));
         assert_eq!(static_lookup(b":authority", b"x"), StaticMatch::Name(1));
-        assert_eq!(static_lookup(b"www-authenticate", b""), StaticMatch::Full(61));
+        assert_eq!(
+            static_lookup(b"www-authenticate", b""),
+            StaticMatch::Full(61)
+        );
         assert_eq!(static_lookup(b"content-type", b"a"), StaticMatch::Name(31));
         assert_eq!(static_lookup(b"te", b"trailers"), StaticMatch::None);
     }
