@@ -493,3 +493,26 @@ async fn tonic_client_works_through_the_shim() {
     drop(client); // graceful shutdown waits for open connections
     server.stop().await;
 }
+
+/// Rough end-to-end overhead of the shim; run with
+/// `cargo test --test authority_shim measure_call_overhead -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn measure_call_overhead() {
+    const CALLS: u32 = 2000;
+    for shim in [false, true] {
+        let server = TestServer::start(shim).await;
+        let mut client = tonic_client(&server.path).await;
+        let start = std::time::Instant::now();
+        for _ in 0..CALLS {
+            within(client.status(StatusRequest {})).await.unwrap();
+        }
+        let elapsed = start.elapsed();
+        eprintln!(
+            "shim={shim}: {CALLS} sequential Status calls in {elapsed:?} ({:.1} µs/call)",
+            elapsed.as_micros() as f64 / f64::from(CALLS)
+        );
+        drop(client);
+        server.stop().await;
+    }
+}
