@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::transport::{Endpoint, Server};
 use tonic::{Request, Response as TonicResponse, Status};
 
@@ -38,11 +39,22 @@ struct TestKms;
 impl KeyManagementService for TestKms {
     async fn status(
         &self,
-        _: Request<StatusRequest>,
+        r: Request<StatusRequest>,
     ) -> Result<TonicResponse<StatusResponse>, Status> {
+        // The shim must hand tonic the socket's connect info (peer credentials) unchanged.
+        let peer_uid = r
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .map(|c| c.uid());
+        let healthz = if peer_uid == Some(nix::unistd::getuid().as_raw()) {
+            "ok".to_string()
+        } else {
+            format!("peer uid {peer_uid:?}")
+        };
         Ok(TonicResponse::new(StatusResponse {
             version: "v2".into(),
-            healthz: "ok".into(),
+            healthz,
             key_id: "test-key".into(),
         }))
     }
@@ -123,7 +135,9 @@ fn status_ok(outcome: Outcome) -> StatusResponse {
     match outcome {
         Outcome::Response(r) => {
             assert_eq!(r.grpc_status(), Some("0"), "{r:?}");
-            StatusResponse::decode(r.message().expect("no message")).unwrap()
+            let status = StatusResponse::decode(r.message().expect("no message")).unwrap();
+            assert_eq!(status.healthz, "ok");
+            status
         }
         other => panic!("call failed: {other:?}"),
     }
