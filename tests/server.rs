@@ -451,3 +451,123 @@ fn invalid_options_name_the_option() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// Exactly what kube-apiserver's v1 client (and its v2 client before 1.32) sends: the socket path as
+/// the HTTP/2 `:authority`. Also `localhost` (1.32+) and an abstract-socket style name.
+#[tokio::test]
+async fn path_valued_authority_is_served_on_v1_and_v2() {
+    use prost::Message;
+    use support::raw_h2::{grpc_request, Framing, Outcome, RawH2};
+    let s = Setup::new();
+    let _p = Plugin::start(&s.args(), s.addr(), s.dir.path()).await;
+    let path_authority = s.socket.display().to_string();
+    let mut c = RawH2::connect(&s.socket).await.unwrap();
+    let mut sid = 1;
+    let mut call = async |c: &mut RawH2, method: &str, authority: &str, msg: Vec<u8>| {
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.unary(
+                sid,
+                &grpc_request(method, authority),
+                Framing::default(),
+                &msg,
+            ),
+        )
+        .await
+        .expect("call timed out")
+        .unwrap();
+        sid += 2;
+        match out {
+            Outcome::Response(r) => {
+                assert_eq!(
+                    r.grpc_status(),
+                    Some("0"),
+                    "{method} with authority {authority:?}: {r:?}"
+                );
+                r.message().expect("message").to_vec()
+            }
+            other => panic!("{method} with authority {authority:?} failed: {other:?}"),
+        }
+    };
+    for authority in [path_authority.as_str(), "localhost", "@kms-plugin"] {
+        let st = v2::StatusResponse::decode(
+            &call(&mut c, "/v2.KeyManagementService/Status", authority, vec![]).await[..],
+        )
+        .unwrap();
+        assert_eq!(st.healthz, "ok");
+        let e = v2::EncryptResponse::decode(
+            &call(
+                &mut c,
+                "/v2.KeyManagementService/Encrypt",
+                authority,
+                v2::EncryptRequest {
+                    plaintext: dek(5),
+                    uid: "u".into(),
+                }
+                .encode_to_vec(),
+            )
+            .await[..],
+        )
+        .unwrap();
+        let d = v2::DecryptResponse::decode(
+            &call(
+                &mut c,
+                "/v2.KeyManagementService/Decrypt",
+                authority,
+                v2::DecryptRequest {
+                    ciphertext: e.ciphertext,
+                    uid: "u".into(),
+                    key_id: e.key_id,
+                    annotations: e.annotations,
+                }
+                .encode_to_vec(),
+            )
+            .await[..],
+        )
+        .unwrap();
+        assert_eq!(d.plaintext, dek(5));
+        let v = v1beta1::VersionResponse::decode(
+            &call(
+                &mut c,
+                "/v1beta1.KeyManagementService/Version",
+                authority,
+                v1beta1::VersionRequest {
+                    version: "v1beta1".into(),
+                }
+                .encode_to_vec(),
+            )
+            .await[..],
+        )
+        .unwrap();
+        assert_eq!(v.version, "v1beta1");
+        let e = v1beta1::EncryptResponse::decode(
+            &call(
+                &mut c,
+                "/v1beta1.KeyManagementService/Encrypt",
+                authority,
+                v1beta1::EncryptRequest {
+                    version: "v1beta1".into(),
+                    plain: b"ping".to_vec(),
+                }
+                .encode_to_vec(),
+            )
+            .await[..],
+        )
+        .unwrap();
+        let d = v1beta1::DecryptResponse::decode(
+            &call(
+                &mut c,
+                "/v1beta1.KeyManagementService/Decrypt",
+                authority,
+                v1beta1::DecryptRequest {
+                    version: "v1beta1".into(),
+                    cipher: e.cipher,
+                }
+                .encode_to_vec(),
+            )
+            .await[..],
+        )
+        .unwrap();
+        assert_eq!(d.plain, b"ping");
+    }
+}

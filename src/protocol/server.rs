@@ -68,8 +68,10 @@ pub async fn serve(
 
     let BoundSocket { listener, addr, .. } = &socket;
     tracing::info!(listen = %addr, "serving KMS v2 and v1beta1");
-    let incoming =
-        tokio_stream::wrappers::UnixListenerStream::new(clone_listener(listener)?).map(|conn| conn);
+    // Every connection goes through the :authority shim, so clients that send the socket path as
+    // the HTTP/2 authority (kube-apiserver's v1 client, v2 before 1.32) are served.
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(clone_listener(listener)?)
+        .map(|conn| conn.map(super::authority::AuthorityShim::new));
 
     let server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(options.concurrency_per_connection)

@@ -4,6 +4,7 @@
 pub mod conformance;
 pub mod faulty;
 pub mod plugin;
+pub mod raw_h2;
 
 use std::time::Duration;
 

@@ -1,0 +1,302 @@
+//! HPACK header block decoder (RFC 7541 §6) that keeps its dynamic table in step with the peer's
+//! encoder.
+
+use super::table::DynamicTable;
+use super::{decode_int, decode_string, HeaderList, HpackError};
+
+/// Decodes the header blocks of one direction of one connection, in order.
+pub struct Decoder {
+    table: DynamicTable,
+    /// Largest dynamic table size the peer may select: our SETTINGS_HEADER_TABLE_SIZE.
+    size_limit: usize,
+    /// Largest decoded header list (name + value + 32 per field) accepted per block.
+    max_list_size: usize,
+}
+
+impl Decoder {
+    /// `table_size_limit` is the SETTINGS_HEADER_TABLE_SIZE the receiver advertised (4096 by
+    /// default); the table starts at that size, as RFC 7541 §4.2 says.
+    pub fn new(table_size_limit: usize, max_list_size: usize) -> Self {
+        Self {
+            table: DynamicTable::new(table_size_limit),
+            size_limit: table_size_limit,
+            max_list_size,
+        }
+    }
+
+    /// The dynamic table, for inspection in tests.
+    pub fn table(&self) -> &DynamicTable {
+        &self.table
+    }
+
+    /// Decodes one complete header block into `out` (cleared first). On error the decoder's state
+    /// is unspecified and the connection must be closed.
+    pub fn decode(&mut self, block: &[u8], out: &mut HeaderList) -> Result<(), HpackError> {
+        out.clear();
+        let mut pos = 0;
+        let mut size_update_allowed = true;
+        while let Some(&first) = block.get(pos) {
+            if first & 0x80 != 0 {
+                // §6.1 indexed header field.
+                let index = decode_int(block, &mut pos, 7)?;
+                let (name, value) = self.table.get(index)?;
+                out.push(name, value, false);
+            } else if first & 0xe0 == 0x20 {
+                // §6.3 dynamic table size update: only before the first field of a block.
+                if !size_update_allowed {
+                    return Err(HpackError::SizeUpdateNotAtStart);
+                }
+                let size = decode_int(block, &mut pos, 5)?;
+                if size > self.size_limit {
+                    return Err(HpackError::SizeUpdateTooLarge(size));
+                }
+                self.table.set_max_size(size);
+                continue;
+            } else {
+                // §6.2 literals: with incremental indexing (01), without (0000), never (0001).
+                let (prefix_bits, indexing, never_indexed) = if first & 0x40 != 0 {
+                    (6, true, false)
+                } else {
+                    (4, false, first & 0x10 != 0)
+                };
+                let name_index = decode_int(block, &mut pos, prefix_bits)?;
+                let start = out.mark();
+                if name_index == 0 {
+                    decode_string(block, &mut pos, out.buf_mut())?;
+                } else {
+                    let (name, _) = self.table.get(name_index)?;
+                    out.buf_mut().extend_from_slice(name);
+                }
+                let name_end = out.mark();
+                decode_string(block, &mut pos, out.buf_mut())?;
+                out.finish_field(start, name_end, never_indexed);
+                if indexing {
+                    // Copied out of `out` first: the referenced name may be the entry this
+                    // insertion evicts (§4.4).
+                    if let Some((name, value)) = out.last() {
+                        self.table.insert(name, value);
+                    }
+                }
+            }
+            size_update_allowed = false;
+            if out.list_size() > self.max_list_size {
+                return Err(HpackError::HeaderListTooLarge(self.max_list_size));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> Vec<u8> {
+        hex::decode(s.replace([' ', '\n'], "")).unwrap()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        list.iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    /// Decodes RFC 7541 C.3 / C.4 (the same requests without and with Huffman coding).
+    fn requests(blocks: [&str; 3]) {
+        let mut d = Decoder::new(4096, 1 << 16);
+        let mut out = HeaderList::new();
+        d.decode(&h(blocks[0]), &mut out).unwrap();
+        assert_eq!(
+            out.to_vec(),
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com")
+            ])
+        );
+        assert_eq!(d.table().size(), 57);
+        d.decode(&h(blocks[1]), &mut out).unwrap();
+        assert_eq!(
+            out.to_vec(),
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+                ("cache-control", "no-cache")
+            ])
+        );
+        assert_eq!(d.table().size(), 110);
+        d.decode(&h(blocks[2]), &mut out).unwrap();
+        assert_eq!(
+            out.to_vec(),
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "www.example.com"),
+                ("custom-key", "custom-value")
+            ])
+        );
+        assert_eq!(d.table().size(), 164);
+        assert_eq!(d.table().get(62).unwrap().0, b"custom-key");
+        assert_eq!(d.table().get(64).unwrap().1, b"www.example.com");
+    }
+
+    #[test]
+    fn rfc_c3_requests_without_huffman() {
+        requests([
+            "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+            "8286 84be 5808 6e6f 2d63 6163 6865",
+            "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+        ]);
+    }
+
+    #[test]
+    fn rfc_c4_requests_with_huffman() {
+        requests([
+            "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+            "8286 84be 5886 a8eb 1064 9cbf",
+            "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+        ]);
+    }
+
+    /// RFC 7541 C.5 / C.6: responses with a 256-byte table, so entries are evicted.
+    fn responses(blocks: [&str; 3]) {
+        let mut d = Decoder::new(256, 1 << 16);
+        let mut out = HeaderList::new();
+        d.decode(&h(blocks[0]), &mut out).unwrap();
+        assert_eq!(
+            out.to_vec(),
+            pairs(&[
+                (":status", "302"),
+                ("cache-control", "private"),
+                ("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
+                ("location", "https://www.example.com")
+            ])
+        );
+        assert_eq!(d.table().size(), 222);
+        assert_eq!(d.table().len(), 4);
+        d.decode(&h(blocks[1]), &mut out).unwrap();
+        assert_eq!(
+            out.to_vec(),
+            pairs(&[
+                (":status", "307"),
+                ("cache-control", "private"),
+                ("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
+                ("location", "https://www.example.com")
+            ])
+        );
+        // ":status: 302" was evicted to make room for ":status: 307".
+        assert_eq!(d.table().size(), 222);
+        assert_eq!(d.table().get(62).unwrap(), (&b":status"[..], &b"307"[..]));
+        assert_eq!(d.table().get(65).unwrap().0, b"cache-control");
+        d.decode(&h(blocks[2]), &mut out).unwrap();
+        assert_eq!(
+            out.to_vec(),
+            pairs(&[
+                (":status", "200"),
+                ("cache-control", "private"),
+                ("date", "Mon, 21 Oct 2013 20:13:22 GMT"),
+                ("location", "https://www.example.com"),
+                ("content-encoding", "gzip"),
+                (
+                    "set-cookie",
+                    "foo=ASDJKHQKBZXOQWEOPIUAXQWEOIU; max-age=3600; version=1"
+                )
+            ])
+        );
+        assert_eq!(d.table().size(), 215);
+        assert_eq!(d.table().len(), 3);
+        assert_eq!(d.table().get(62).unwrap().0, b"set-cookie");
+        assert_eq!(d.table().get(63).unwrap().1, b"gzip");
+        assert_eq!(
+            d.table().get(64).unwrap().1,
+            b"Mon, 21 Oct 2013 20:13:22 GMT"
+        );
+        assert!(d.table().get(65).is_err());
+    }
+
+    #[test]
+    fn rfc_c5_responses_without_huffman() {
+        responses([
+            "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133
+             2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70
+             6c65 2e63 6f6d",
+            "4803 3330 37c1 c0bf",
+            "88c1 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3220 474d
+             54c0 5a04 677a 6970 7738 666f 6f3d 4153 444a 4b48 514b 425a 584f 5157 454f 5049
+             5541 5851 5745 4f49 553b 206d 6178 2d61 6765 3d33 3630 303b 2076 6572 7369 6f6e
+             3d31",
+        ]);
+    }
+
+    #[test]
+    fn rfc_c6_responses_with_huffman() {
+        responses([
+            "4882 6402 5885 aec3 771a 4b61 96d0 7abe 9410 54d4 44a8 2005 9504 0b81 66e0 82a6
+             2d1b ff6e 919d 29ad 1718 63c7 8f0b 97c8 e9ae 82ae 43d3",
+            "4883 640e ffc1 c0bf",
+            "88c1 6196 d07a be94 1054 d444 a820 0595 040b 8166 e084 a62d 1bff c05a 839b d9ab
+             77ad 94e7 821d d7f2 e6c7 b335 dfdf cd5b 3960 d5af 2708 7f36 72c1 ab27 0fb5 291f
+             9587 3160 65c0 03ed 4ee5 b106 3d50 07",
+        ]);
+    }
+
+    #[test]
+    fn size_updates() {
+        let mut d = Decoder::new(4096, 1 << 16);
+        let mut out = HeaderList::new();
+        // Two updates at the start are fine (§4.2), then a field.
+        d.decode(&[0x20, 0x3f, 0xe1, 0x1f, 0x82], &mut out).unwrap();
+        assert_eq!(d.table().max_size(), 4096);
+        assert_eq!(
+            d.decode(&[0x82, 0x20], &mut out),
+            Err(HpackError::SizeUpdateNotAtStart)
+        );
+        let mut d = Decoder::new(4096, 1 << 16);
+        // 4097 = 31 + 4066 → 0x3f, 0xe2, 0x1f
+        assert_eq!(
+            d.decode(&[0x3f, 0xe2, 0x1f], &mut out),
+            Err(HpackError::SizeUpdateTooLarge(4097))
+        );
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        let mut d = Decoder::new(4096, 100);
+        let mut out = HeaderList::new();
+        assert_eq!(
+            d.decode(&[0x80], &mut out),
+            Err(HpackError::InvalidIndex(0))
+        );
+        assert_eq!(
+            d.decode(&[0xbe], &mut out),
+            Err(HpackError::InvalidIndex(62))
+        );
+        assert_eq!(d.decode(&[0x41], &mut out), Err(HpackError::Truncated));
+        // Literal with a 200-byte value exceeds the 100-byte list limit.
+        let mut block = vec![0x01, 0x7f, 200 - 127];
+        block.extend_from_slice(&[b'a'; 200]);
+        assert_eq!(
+            d.decode(&block, &mut out),
+            Err(HpackError::HeaderListTooLarge(100))
+        );
+    }
+
+    #[test]
+    fn never_indexed_flag_is_kept() {
+        let mut d = Decoder::new(4096, 1 << 16);
+        let mut out = HeaderList::new();
+        // C.2.3: literal never indexed "password: secret".
+        d.decode(&h("1008 7061 7373 776f 7264 0673 6563 7265 74"), &mut out)
+            .unwrap();
+        let f = out.get(0).unwrap();
+        assert_eq!(
+            (f.name, f.value, f.never_indexed),
+            (&b"password"[..], &b"secret"[..], true)
+        );
+        assert!(d.table().is_empty());
+    }
+}

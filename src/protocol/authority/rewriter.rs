@@ -1,0 +1,356 @@
+//! The sans-IO core of the shim: consumes the client→server bytes of one HTTP/2 connection and
+//! produces the bytes h2 should see instead.
+
+use super::frame::{flag, kind, FrameHeader, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN, PREFACE};
+use super::hpack::{encode_field, Decoder, HeaderList};
+use super::{is_valid_authority, Limits, ShimError, REPLACEMENT_AUTHORITY};
+
+/// Largest prefix (pad length + priority) and suffix (padding) a HEADERS frame adds to its
+/// header block fragment.
+const HEADERS_OVERHEAD: usize = 1 + 5 + 255;
+
+/// Buffers above this size are released after the block that needed them.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Bytes of the connection preface seen so far.
+    Preface(usize),
+    /// Collecting a 9-byte frame header.
+    Header,
+    /// Payload bytes of a frame forwarded verbatim.
+    Passthrough(u32),
+    /// Payload bytes of a HEADERS or CONTINUATION frame still to be collected.
+    HeaderPayload(u32),
+}
+
+/// A header block that started with HEADERS and waits for END_HEADERS.
+#[derive(Debug, Clone, Copy)]
+struct OpenBlock {
+    stream_id: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    frames: usize,
+}
+
+/// Rewrites the client side of one HTTP/2 connection. Feed it bytes in any split.
+pub struct Rewriter {
+    limits: Limits,
+    state: State,
+    head: [u8; HEADER_LEN],
+    head_len: usize,
+    frame: FrameHeader,
+    open: Option<OpenBlock>,
+    /// The current header block: the first HEADERS payload (prefix and padding removed once the
+    /// frame is complete, see `block_start`) followed by CONTINUATION payloads.
+    block: Vec<u8>,
+    block_start: usize,
+    decoder: Decoder,
+    fields: HeaderList,
+    encoded: Vec<u8>,
+    /// Set once a block has been re-encoded. From then on every block is re-encoded: the client's
+    /// encoder may have added entries to its dynamic table in the block we rewrote (h2 never saw
+    /// them, because our encoding does not index), so later blocks may refer to table indexes
+    /// that mean nothing, or something else, to h2's decoder. Blocks we re-encode use only the
+    /// static table, so h2's dynamic table is frozen from that point and cannot go out of step.
+    /// Before the first rewrite both decoders saw the same bytes and agree, so passing blocks
+    /// through unchanged is safe and saves the re-encoding for clients that send `localhost`.
+    reencode: bool,
+    authorities_rewritten: u64,
+}
+
+impl Rewriter {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            state: State::Preface(0),
+            head: [0; HEADER_LEN],
+            head_len: 0,
+            frame: FrameHeader {
+                len: 0,
+                kind: 0,
+                flags: 0,
+                stream_id: 0,
+            },
+            open: None,
+            block: Vec::new(),
+            block_start: 0,
+            decoder: Decoder::new(limits.header_table_size, limits.max_header_list),
+            fields: HeaderList::new(),
+            encoded: Vec::new(),
+            reencode: false,
+            authorities_rewritten: 0,
+        }
+    }
+
+    /// How many `:authority` values were replaced so far.
+    pub fn authorities_rewritten(&self) -> u64 {
+        self.authorities_rewritten
+    }
+
+    /// Payload bytes of the current frame that may be forwarded verbatim without going through
+    /// [`Rewriter::feed`]; the caller reports them with [`Rewriter::consume_passthrough`].
+    pub fn passthrough_remaining(&self) -> usize {
+        match self.state {
+            State::Passthrough(n) => n as usize,
+            _ => 0,
+        }
+    }
+
+    /// Records that `n` (at most [`Rewriter::passthrough_remaining`]) bytes were forwarded.
+    pub fn consume_passthrough(&mut self, n: usize) {
+        if let State::Passthrough(rem) = self.state {
+            let left = (rem as usize).saturating_sub(n) as u32;
+            self.state = if left == 0 {
+                State::Header
+            } else {
+                State::Passthrough(left)
+            };
+        }
+    }
+
+    /// Consumes `input` completely, appending the bytes for h2 to `out`. After an error the
+    /// connection must be closed; `out` then holds the output of the frames before the bad one.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), ShimError> {
+        while !input.is_empty() {
+            match self.state {
+                State::Preface(done) => {
+                    let n = (PREFACE.len() - done).min(input.len());
+                    if input[..n] != PREFACE[done..done + n] {
+                        return Err(ShimError::BadPreface);
+                    }
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    self.state = if done + n == PREFACE.len() {
+                        State::Header
+                    } else {
+                        State::Preface(done + n)
+                    };
+                }
+                State::Header => {
+                    let n = (HEADER_LEN - self.head_len).min(input.len());
+                    self.head[self.head_len..self.head_len + n].copy_from_slice(&input[..n]);
+                    self.head_len += n;
+                    input = &input[n..];
+                    if self.head_len == HEADER_LEN {
+                        self.head_len = 0;
+                        self.on_frame_header(out)?;
+                    }
+                }
+                State::Passthrough(rem) => {
+                    let n = (rem as usize).min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    self.consume_passthrough(n);
+                }
+                State::HeaderPayload(rem) => {
+                    let n = (rem as usize).min(input.len());
+                    self.block.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    let left = rem - n as u32;
+                    if left == 0 {
+                        self.state = State::Header;
+                        self.on_header_payload(out)?;
+                    } else {
+                        self.state = State::HeaderPayload(left);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_frame_header(&mut self, out: &mut Vec<u8>) -> Result<(), ShimError> {
+        let h = FrameHeader::parse(&self.head);
+        if h.len > self.limits.max_frame_len {
+            return Err(ShimError::FrameTooLarge(h.len));
+        }
+        // RFC 9113 §6.10: nothing may come between HEADERS and its last CONTINUATION.
+        if let Some(open) = &self.open {
+            if h.kind != kind::CONTINUATION || h.stream_id != open.stream_id {
+                return Err(ShimError::ExpectedContinuation(open.stream_id));
+            }
+        }
+        match h.kind {
+            kind::HEADERS => {
+                if h.stream_id == 0 {
+                    return Err(ShimError::HeadersOnStreamZero);
+                }
+                if h.len as usize > self.limits.max_header_block + HEADERS_OVERHEAD {
+                    return Err(ShimError::HeaderBlockTooLarge(self.limits.max_header_block));
+                }
+                self.block.clear();
+                self.block_start = 0;
+                self.open = Some(OpenBlock {
+                    stream_id: h.stream_id,
+                    end_stream: h.flags & flag::END_STREAM != 0,
+                    priority: None,
+                    frames: 1,
+                });
+                self.begin_header_payload(h, out)
+            }
+            kind::CONTINUATION => {
+                let max_frames = self.limits.max_continuation_frames + 1;
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(ShimError::UnexpectedContinuation)?;
+                open.frames += 1;
+                if open.frames > max_frames {
+                    return Err(ShimError::TooManyContinuations);
+                }
+                if self.block.len() - self.block_start + h.len as usize
+                    > self.limits.max_header_block
+                {
+                    return Err(ShimError::HeaderBlockTooLarge(self.limits.max_header_block));
+                }
+                self.begin_header_payload(h, out)
+            }
+            // A server-only frame (RFC 9113 §8.4); a client sending it is a connection error, and
+            // decoding its header block would be needed to keep the HPACK state in step.
+            kind::PUSH_PROMISE => Err(ShimError::PushPromise),
+            _ => {
+                out.extend_from_slice(&self.head);
+                self.state = if h.len == 0 {
+                    State::Header
+                } else {
+                    State::Passthrough(h.len)
+                };
+                Ok(())
+            }
+        }
+    }
+
+    fn begin_header_payload(&mut self, h: FrameHeader, out: &mut Vec<u8>) -> Result<(), ShimError> {
+        self.frame = h;
+        if h.len == 0 {
+            self.on_header_payload(out)
+        } else {
+            self.state = State::HeaderPayload(h.len);
+            Ok(())
+        }
+    }
+
+    /// A HEADERS or CONTINUATION payload is complete.
+    fn on_header_payload(&mut self, out: &mut Vec<u8>) -> Result<(), ShimError> {
+        let h = self.frame;
+        if h.kind == kind::HEADERS {
+            let len = self.block.len();
+            let mut off = 0;
+            let mut pad = 0;
+            if h.flags & flag::PADDED != 0 {
+                pad = usize::from(*self.block.first().ok_or(ShimError::BadHeadersPayload)?);
+                off = 1;
+            }
+            if h.flags & flag::PRIORITY != 0 {
+                let p: [u8; 5] = self
+                    .block
+                    .get(off..off + 5)
+                    .and_then(|p| p.try_into().ok())
+                    .ok_or(ShimError::BadHeadersPayload)?;
+                if let Some(open) = self.open.as_mut() {
+                    open.priority = Some(p);
+                }
+                off += 5;
+            }
+            if off > len || pad > len - off {
+                return Err(ShimError::BadHeadersPayload);
+            }
+            self.block.truncate(len - pad);
+            self.block_start = off;
+            if self.block.len() - off > self.limits.max_header_block {
+                return Err(ShimError::HeaderBlockTooLarge(self.limits.max_header_block));
+            }
+        }
+        if h.flags & flag::END_HEADERS != 0 {
+            self.finish_block(out)?;
+        }
+        Ok(())
+    }
+
+    /// A whole header block is here: decode it, rewrite it if needed, and emit it.
+    fn finish_block(&mut self, out: &mut Vec<u8>) -> Result<(), ShimError> {
+        let open = self.open.take().ok_or(ShimError::UnexpectedContinuation)?;
+        let fragment = &self.block[self.block_start..];
+        self.decoder.decode(fragment, &mut self.fields)?;
+        let mut bad_authorities = 0;
+        for f in self.fields.iter() {
+            if f.name == b":authority" && !is_valid_authority(f.value) {
+                bad_authorities += 1;
+            }
+        }
+        if bad_authorities > 0 || self.reencode {
+            self.reencode = true;
+            self.authorities_rewritten += bad_authorities;
+            self.encoded.clear();
+            for f in self.fields.iter() {
+                if f.name == b":authority" && !is_valid_authority(f.value) {
+                    encode_field(
+                        f.name,
+                        REPLACEMENT_AUTHORITY,
+                        f.never_indexed,
+                        &mut self.encoded,
+                    );
+                } else {
+                    encode_field(f.name, f.value, f.never_indexed, &mut self.encoded);
+                }
+            }
+            emit_block(out, &open, &self.encoded);
+        } else {
+            emit_block(out, &open, fragment);
+        }
+        for buf in [&mut self.block, &mut self.encoded] {
+            if buf.capacity() > KEEP_CAPACITY {
+                *buf = Vec::new();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a header block as HEADERS (+ CONTINUATION) frames no larger than the protocol's
+/// default maximum frame size, which every HTTP/2 server accepts. Padding is dropped; priority
+/// and END_STREAM are kept.
+fn emit_block(out: &mut Vec<u8>, open: &OpenBlock, block: &[u8]) {
+    let max = DEFAULT_MAX_FRAME_SIZE as usize;
+    let prio_len = if open.priority.is_some() { 5 } else { 0 };
+    let (first, mut rest) = block.split_at(block.len().min(max - prio_len));
+    let mut flags = 0;
+    if open.end_stream {
+        flags |= flag::END_STREAM;
+    }
+    if open.priority.is_some() {
+        flags |= flag::PRIORITY;
+    }
+    if rest.is_empty() {
+        flags |= flag::END_HEADERS;
+    }
+    out.reserve(block.len() + HEADER_LEN + prio_len + rest.len().div_ceil(max) * HEADER_LEN);
+    FrameHeader {
+        len: (first.len() + prio_len) as u32,
+        kind: kind::HEADERS,
+        flags,
+        stream_id: open.stream_id,
+    }
+    .write(out);
+    if let Some(p) = &open.priority {
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(first);
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(rest.len().min(max));
+        rest = tail;
+        FrameHeader {
+            len: chunk.len() as u32,
+            kind: kind::CONTINUATION,
+            flags: if rest.is_empty() {
+                flag::END_HEADERS
+            } else {
+                0
+            },
+            stream_id: open.stream_id,
+        }
+        .write(out);
+        out.extend_from_slice(chunk);
+    }
+}
