@@ -39,6 +39,8 @@ pub const DEFAULT_QUEUE_LINES: usize = 8192;
 
 /// Longest apiserver uid copied into a line (uids are UUIDs; anything longer is cut, not trusted).
 const MAX_UID_LEN: usize = 128;
+/// Longest `detail` text copied into a line.
+const MAX_DETAIL_LEN: usize = 512;
 
 /// Where audit lines go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +122,10 @@ pub struct AuditEvent<'a> {
     pub backend_call: bool,
     /// `ok` or a bounded error label (`BackendError::label()`, a gRPC code name, ...).
     pub outcome: &'a str,
-    pub latency: Duration,
+    /// Free text for status changes: the healthz reason. Must not contain secrets.
+    pub detail: Option<&'a str>,
+    /// Time taken to serve a request (`None` for events that are not requests).
+    pub latency: Option<Duration>,
 }
 
 #[derive(Serialize)]
@@ -139,7 +144,10 @@ struct Line<'a> {
     local_kek: Option<&'a str>,
     backend_call: bool,
     outcome: &'a str,
-    latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -274,8 +282,9 @@ impl AuditLog {
             local_kek: event.local_kek,
             backend_call: event.backend_call,
             outcome: event.outcome,
+            detail: event.detail.map(|d| truncate(d, MAX_DETAIL_LEN)),
             // Milliseconds with microsecond resolution.
-            latency_ms: (event.latency.as_micros() as f64) / 1000.0,
+            latency_ms: event.latency.map(|l| (l.as_micros() as f64) / 1000.0),
         };
         let mut text = match serde_json::to_string(&line) {
             Ok(t) => t,
@@ -471,7 +480,7 @@ mod tests {
             local_kek: Some("0123456789ab"),
             backend_call: false,
             outcome: "ok",
-            latency: Duration::from_micros(1234),
+            latency: Some(Duration::from_micros(1234)),
             ..Default::default()
         }
     }
@@ -511,6 +520,7 @@ mod tests {
         assert_eq!(lines[1]["previous_key_id"], "old");
         assert!(lines[1].get("api").is_none());
         assert!(lines[1].get("uid").is_none());
+        assert!(lines[1].get("latency_ms").is_none());
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -704,7 +714,8 @@ mod tests {
                 local_kek: Some("0123456789ab"),
                 backend_call: false,
                 outcome: "ok",
-                latency_ms: 1.2,
+                detail: None,
+                latency_ms: Some(1.2),
             })
             .unwrap();
             let mut w = f.lock().unwrap();

@@ -21,27 +21,12 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::backend::BackendError;
+pub use crate::engine::{Api, RetireReason};
 
 /// Content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus scrapes natively).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The KMS API a request came in on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Api {
-    V1,
-    V2,
-}
-
-impl Api {
-    const ALL: [Api; 2] = [Api::V1, Api::V2];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Api::V1 => "v1",
-            Api::V2 => "v2",
-        }
-    }
-}
+const APIS: [Api; 2] = [Api::V1, Api::V2];
 
 /// gRPC method of the KMS services (v1: Version/Encrypt/Decrypt, v2: Status/Encrypt/Decrypt).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +54,17 @@ impl Method {
         }
     }
 
-    /// Whether the method exists on that API (used to pre-create the zero-valued series).
+    /// The method named by a gRPC method name (`"Encrypt"`, ...).
+    pub fn from_name(name: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// Series created at start-up (value 0) so that rate() works before the first request.
+    fn precreated(self) -> bool {
+        matches!(self, Method::Encrypt | Method::Decrypt)
+    }
+
+    /// Whether the method exists on that API.
     fn exists_on(self, api: Api) -> bool {
         !matches!(
             (api, self),
@@ -91,14 +86,6 @@ pub enum BackendOp {
 }
 
 impl BackendOp {
-    const ALL: [BackendOp; 5] = [
-        BackendOp::Probe,
-        BackendOp::Wrap,
-        BackendOp::Unwrap,
-        BackendOp::Auth,
-        BackendOp::Other,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             BackendOp::Probe => "probe",
@@ -110,40 +97,22 @@ impl BackendOp {
     }
 }
 
-/// Why a local KEK stopped being used for new encryptions (or left the cache).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RetireReason {
-    /// Reached its maximum number of uses.
-    Uses,
-    /// Reached its maximum age.
-    Age,
-    /// The remote KEK changed (new key_id).
-    Rotation,
-    /// The backend reported the remote key revoked/disabled/deleted: caches purged.
-    Revocation,
-    /// Dropped from the (decrypt) cache to make room.
-    Evicted,
-}
-
-impl RetireReason {
-    const ALL: [RetireReason; 5] = [
-        RetireReason::Uses,
-        RetireReason::Age,
-        RetireReason::Rotation,
-        RetireReason::Revocation,
-        RetireReason::Evicted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RetireReason::Uses => "uses",
-            RetireReason::Age => "age",
-            RetireReason::Rotation => "rotation",
-            RetireReason::Revocation => "revocation",
-            RetireReason::Evicted => "evicted",
+impl From<crate::engine::BackendOp> for BackendOp {
+    fn from(op: crate::engine::BackendOp) -> Self {
+        match op {
+            crate::engine::BackendOp::Probe => BackendOp::Probe,
+            crate::engine::BackendOp::Wrap => BackendOp::Wrap,
+            crate::engine::BackendOp::Unwrap => BackendOp::Unwrap,
         }
     }
 }
+
+const RETIRE_REASONS: [RetireReason; 4] = [
+    RetireReason::MaxUses,
+    RetireReason::MaxAge,
+    RetireReason::KeyIdChanged,
+    RetireReason::Revoked,
+];
 
 /// Which credential a backend renewed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,14 +239,16 @@ struct Inner {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_slots: [[[OnceLock<Counter>; 17]; 4]; 2],
-    request_latency: [[Histogram; 4]; 2],
+    request_latency_family: Family<MethodLabels, Histogram>,
+    request_latency: [[OnceLock<Histogram>; 4]; 2],
     backend_calls: Family<BackendLabels, Counter>,
     backend_slots: [[OnceLock<Counter>; OUTCOMES.len()]; 5],
-    backend_latency: [Histogram; 5],
+    backend_latency_family: Family<OperationLabels, Histogram>,
+    backend_latency: [OnceLock<Histogram>; 5],
     kek_hits: Counter,
     kek_misses: Counter,
     kek_size: Gauge,
-    kek_retired: [Counter; 5],
+    kek_retired: [Counter; RETIRE_REASONS.len()],
     key_id_changes: Counter,
     tokens: Family<TokenLabels, Counter>,
     token_slots: [[OnceLock<Counter>; OUTCOMES.len()]; 2],
@@ -290,7 +261,10 @@ struct Inner {
     last_good_probe_mono: AtomicU64,
     audit_dropped: Counter,
     audit_write_errors: Counter,
+    scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
 }
+
+type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 /// Shared metrics handle. Clone freely; all clones record into the same registry.
 #[derive(Clone)]
@@ -423,56 +397,49 @@ impl Metrics {
             audit_write_errors.clone(),
         );
 
-        // Resolve the fixed children now; series that exist on each API start at zero so rate() works.
-        let request_latency = Api::ALL.map(|api| {
-            Method::ALL.map(|method| {
-                request_latency_family.get_or_create_owned(&MethodLabels {
-                    api: api.as_str(),
-                    method: method.as_str(),
-                })
-            })
-        });
+        // Resolve the children that should exist from the start (value 0, so rate() works before the
+        // first request); the others are resolved on first use.
+        let request_latency: [[OnceLock<Histogram>; 4]; 2] =
+            std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new()));
         let request_slots: [[[OnceLock<Counter>; 17]; 4]; 2] = std::array::from_fn(|_| {
             std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new()))
         });
-        for (a, api) in Api::ALL.iter().enumerate() {
+        for (a, api) in APIS.iter().enumerate() {
             for (m, method) in Method::ALL.iter().enumerate() {
-                if method.exists_on(*api) {
+                if method.exists_on(*api) && method.precreated() {
                     let c = requests.get_or_create_owned(&RequestLabels {
                         api: api.as_str(),
                         method: method.as_str(),
                         code: GRPC_CODES[0],
                     });
                     let _ = request_slots[a][m][0].set(c);
-                }
-            }
-        }
-        // Histograms of methods that do not exist on an API would only add empty series: drop them.
-        for api in Api::ALL {
-            for method in Method::ALL {
-                if !method.exists_on(api) {
-                    request_latency_family.remove(&MethodLabels {
+                    let h = request_latency_family.get_or_create_owned(&MethodLabels {
                         api: api.as_str(),
                         method: method.as_str(),
                     });
+                    let _ = request_latency[a][m].set(h);
                 }
             }
         }
-        let backend_latency = BackendOp::ALL.map(|op| {
-            backend_latency_family.get_or_create_owned(&OperationLabels {
+        let backend_latency: [OnceLock<Histogram>; 5] = std::array::from_fn(|_| OnceLock::new());
+        for op in [BackendOp::Probe, BackendOp::Wrap, BackendOp::Unwrap] {
+            let h = backend_latency_family.get_or_create_owned(&OperationLabels {
                 operation: op.as_str(),
-            })
-        });
-        let kek_retired = RetireReason::ALL
+            });
+            let _ = backend_latency[op as usize].set(h);
+        }
+        let kek_retired = RETIRE_REASONS
             .map(|r| kek_retired_family.get_or_create_owned(&ReasonLabels { reason: r.as_str() }));
 
         Metrics(Arc::new(Inner {
             registry,
             requests,
             request_slots,
+            request_latency_family,
             request_latency,
             backend_calls,
             backend_slots: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            backend_latency_family,
             backend_latency,
             kek_hits,
             kek_misses,
@@ -489,6 +456,7 @@ impl Metrics {
             last_good_probe_mono: AtomicU64::new(0),
             audit_dropped,
             audit_write_errors,
+            scrape_hooks: std::sync::Mutex::new(Vec::new()),
         }))
     }
 
@@ -505,7 +473,16 @@ impl Metrics {
                 })
             })
             .inc();
-        inner.request_latency[a][m].observe(elapsed.as_secs_f64());
+        inner.request_latency[a][m]
+            .get_or_init(|| {
+                inner
+                    .request_latency_family
+                    .get_or_create_owned(&MethodLabels {
+                        api: api.as_str(),
+                        method: method.as_str(),
+                    })
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Records one key backend call and its outcome.
@@ -525,15 +502,22 @@ impl Metrics {
                 })
             })
             .inc();
-        inner.backend_latency[o].observe(elapsed.as_secs_f64());
+        inner.backend_latency[o]
+            .get_or_init(|| {
+                inner
+                    .backend_latency_family
+                    .get_or_create_owned(&OperationLabels {
+                        operation: op.as_str(),
+                    })
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
-    /// Records the result of a backend health probe: a probe is also a backend call, and a
-    /// successful one resets "seconds since last good probe".
-    pub fn probe(&self, result: Result<(), &BackendError>, elapsed: Duration) {
-        self.backend_call(BackendOp::Probe, result, elapsed);
-        self.0.backend_healthy.set(i64::from(result.is_ok()));
-        if result.is_ok() {
+    /// Records the result of a whole backend health probe (its backend calls are recorded separately
+    /// with [`Metrics::backend_call`]); a successful one resets "seconds since last good probe".
+    pub fn probe_result(&self, ok: bool) {
+        self.0.backend_healthy.set(i64::from(ok));
+        if ok {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -560,7 +544,11 @@ impl Metrics {
     }
 
     pub fn local_kek_retired(&self, reason: RetireReason) {
-        self.0.kek_retired[reason as usize].inc();
+        let i = RETIRE_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.0.kek_retired[i].inc();
     }
 
     pub fn key_id_changed(&self) {
@@ -590,8 +578,21 @@ impl Metrics {
         self.0.audit_write_errors.inc();
     }
 
+    /// Runs `hook` before every [`Metrics::encode`], to set gauges from state owned elsewhere (e.g.
+    /// the engine's cache size). Hold only weak references to things that own this `Metrics`.
+    pub fn add_scrape_hook(&self, hook: impl Fn(&Metrics) + Send + Sync + 'static) {
+        if let Ok(mut hooks) = self.0.scrape_hooks.lock() {
+            hooks.push(Box::new(hook));
+        }
+    }
+
     /// The whole registry in the OpenMetrics text format (see [`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
+        if let Ok(hooks) = self.0.scrape_hooks.lock() {
+            for hook in hooks.iter() {
+                hook(self);
+            }
+        }
         let inner = &*self.0;
         // Time-derived gauges are computed at scrape time rather than by a ticking task.
         let last_ms = inner.last_good_probe_unix_ms.load(Ordering::Relaxed);
@@ -658,16 +659,18 @@ mod tests {
             ),
             Some(1.0)
         );
-        // Pre-created zero series for every method that exists on an API, none for those that do not.
+        // Encrypt/Decrypt series exist at zero from the start; methods an API lacks have none.
         assert_eq!(
             line_value(
                 &text,
-                r#"kms_plugin_grpc_requests_total{api="v2",method="Status",code="OK"}"#
+                r#"kms_plugin_grpc_requests_total{api="v2",method="Decrypt",code="OK"}"#
             ),
             Some(0.0)
         );
         assert!(!text.contains(r#"api="v1",method="Status""#));
         assert!(!text.contains(r#"api="v2",method="Version""#));
+        assert_eq!(Method::from_name("Decrypt"), Some(Method::Decrypt));
+        assert_eq!(Method::from_name("Nope"), None);
         assert_eq!(
             line_value(
                 &text,
@@ -753,7 +756,7 @@ mod tests {
         m.local_kek_cache_hit();
         m.local_kek_cache_miss();
         m.set_local_kek_cache_size(7);
-        m.local_kek_retired(RetireReason::Uses);
+        m.local_kek_retired(RetireReason::MaxUses);
         m.key_id_changed();
         m.token_refresh(TokenKind::Access, Ok(()));
         m.token_refresh(
@@ -777,14 +780,14 @@ mod tests {
         assert_eq!(
             line_value(
                 &text,
-                r#"kms_plugin_local_kek_retirements_total{reason="uses"}"#
+                r#"kms_plugin_local_kek_retirements_total{reason="max_uses"}"#
             ),
             Some(1.0)
         );
         assert_eq!(
             line_value(
                 &text,
-                r#"kms_plugin_local_kek_retirements_total{reason="age"}"#
+                r#"kms_plugin_local_kek_retirements_total{reason="max_age"}"#
             ),
             Some(0.0)
         );
@@ -817,7 +820,8 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(line_value(&text, "kms_plugin_backend_healthy "), Some(0.0));
-        m.probe(Ok(()), Duration::from_millis(1));
+        m.backend_call(BackendOp::Probe, Ok(()), Duration::from_millis(1));
+        m.probe_result(true);
         let text = m.encode();
         assert_eq!(line_value(&text, "kms_plugin_backend_healthy "), Some(1.0));
         let ts = line_value(&text, "kms_plugin_last_good_probe_timestamp_seconds ").unwrap();
@@ -835,14 +839,34 @@ mod tests {
             ),
             Some(1.0)
         );
-        m.probe(
-            Err(&BackendError::Unavailable("down".into())),
-            Duration::from_millis(1),
-        );
+        m.probe_result(false);
         assert_eq!(
             line_value(&m.encode(), "kms_plugin_backend_healthy "),
             Some(0.0)
         );
+    }
+
+    #[test]
+    fn scrape_hooks_run_before_encoding() {
+        let m = Metrics::new();
+        let n = Arc::new(AtomicU64::new(3));
+        let n2 = n.clone();
+        m.add_scrape_hook(move |m| m.set_local_kek_cache_size(n2.load(Ordering::Relaxed) as usize));
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_local_kek_cache_size "),
+            Some(3.0)
+        );
+        n.store(5, Ordering::Relaxed);
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_local_kek_cache_size "),
+            Some(5.0)
+        );
+        // Histograms of unused operations are not exported until used.
+        assert!(!m.encode().contains(r#"operation="auth""#));
+        m.backend_call(BackendOp::Auth, Ok(()), Duration::from_millis(5));
+        assert!(m
+            .encode()
+            .contains(r#"kms_plugin_backend_call_duration_seconds_count{operation="auth"} 1"#));
     }
 
     #[test]
