@@ -16,7 +16,7 @@ use crate::engine::{self, Engine, Lookup};
 use crate::protocol::observe::{RequestObserver, RequestRecord};
 use crate::protocol::socket::ListenAddr;
 use audit::{AuditEvent, AuditLog, AuditOp};
-use http::{HealthCheck, SocketAlive};
+use http::HealthCheck;
 use metrics::{Method, Metrics};
 
 /// Feeds engine and request events into [`Metrics`] and, when enabled, the [`AuditLog`].
@@ -137,10 +137,95 @@ pub fn readiness(engine: Arc<Engine>) -> impl HealthCheck {
     }
 }
 
-/// `/livez`: the gRPC socket accepts connections. Never looks at the backend.
+/// `/livez`: the gRPC server on the plugin socket answers a `grpc.health.v1` Check. Any answer counts,
+/// `NOT_SERVING` included: liveness never depends on the key backend.
 pub fn liveness(listen: &ListenAddr) -> impl HealthCheck {
-    match listen {
-        ListenAddr::Path(p) => SocketAlive(p.clone()),
-        ListenAddr::Abstract(name) => SocketAlive(format!("@{name}").into()),
+    GrpcAlive(listen.clone())
+}
+
+/// See [`liveness`]. Catches a deleted or stale socket and a wedged server, not just a dead process.
+#[derive(Clone, Debug)]
+pub struct GrpcAlive(pub ListenAddr);
+
+/// A liveness check must answer well within the kubelet's probe timeout.
+const GRPC_ALIVE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+#[async_trait::async_trait]
+impl HealthCheck for GrpcAlive {
+    async fn check(&self) -> Result<(), String> {
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let attempt = async {
+            let channel = crate::cli::client::connect(&self.0)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let mut req = tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            });
+            req.set_timeout(GRPC_ALIVE_TIMEOUT);
+            match HealthClient::new(channel).check(req).await {
+                Ok(_) => Ok(()),
+                // The server answered, just not with a health status: it is alive.
+                Err(s)
+                    if matches!(s.code(), tonic::Code::NotFound | tonic::Code::Unimplemented) =>
+                {
+                    Ok(())
+                }
+                Err(s) => Err(format!("{}: {}", s.code(), s.message())),
+            }
+        };
+        match tokio::time::timeout(GRPC_ALIVE_TIMEOUT, attempt).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("gRPC server on {} does not answer: {e}", self.0)),
+            Err(_) => Err(format!(
+                "gRPC server on {} did not answer within {GRPC_ALIVE_TIMEOUT:?}",
+                self.0
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn grpc_alive_needs_an_answering_server_not_a_healthy_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        let check = GrpcAlive(ListenAddr::Path(path.clone()));
+        let err = check.check().await.unwrap_err();
+        assert!(err.contains("kms.sock"), "{err}");
+
+        // A server that reports NOT_SERVING is still alive.
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                ),
+        );
+        assert_eq!(check.check().await, Ok(()));
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        // Socket file left behind, nobody serving: not alive.
+        assert!(check.check().await.is_err());
+
+        // Something that accepts connections but never speaks gRPC: not alive either.
+        let _ = std::fs::remove_file(&path);
+        let _mute = tokio::net::UnixListener::bind(&path).unwrap();
+        let err = check.check().await.unwrap_err();
+        assert!(
+            err.contains("did not answer") || err.contains("does not answer"),
+            "{err}"
+        );
     }
 }
