@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod fsutil;
+pub mod ops;
 pub mod proto;
 pub mod protocol;
 

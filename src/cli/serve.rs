@@ -11,7 +11,10 @@ use super::{BackendKind, ServeArgs};
 use crate::backend::local::{create_key_file, file_mode, LocalBackend};
 use crate::backend::Backend;
 use crate::engine::{Engine, EngineConfig, EngineError};
-use crate::protocol::observe::{NoRequestObserver, RequestObserver};
+use crate::ops::audit::{self, AuditLog, AuditTarget};
+use crate::ops::metrics::Metrics;
+use crate::ops::{self as ops, OpsObserver};
+use crate::protocol::observe::RequestObserver;
 use crate::protocol::server::{self, ServerOptions};
 use crate::protocol::socket::{self, ListenAddr, SocketOptions};
 
@@ -129,7 +132,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     validate(&args)?;
     let listen = effective_listen(&args)?;
     let backend = build_backend(&args).await?;
-    let engine = Engine::new(backend, engine_config(&args));
+    let metrics = Metrics::new();
+    let audit = match &args.audit_log {
+        Some(target) => {
+            let target: AuditTarget = target.parse()?;
+            let log = AuditLog::open(target, Some(metrics.clone()))?;
+            // logrotate: `postrotate kill -HUP`.
+            audit::spawn_reopen_on_sighup(log.clone()).context("install SIGHUP handler")?;
+            Some(log)
+        }
+        None => None,
+    };
+    let observer = Arc::new(OpsObserver::new(metrics.clone(), audit.clone()));
+    let engine = Engine::with_observer(backend, engine_config(&args), observer.clone());
+    let weak = Arc::downgrade(&engine);
+    metrics.add_scrape_hook(move |m| {
+        if let Some(engine) = weak.upgrade() {
+            m.set_local_kek_cache_size(engine.cached_keks());
+        }
+    });
 
     // Bind first: a second instance fails fast, and the apiserver's connections wait in the backlog
     // instead of being refused while the backend is checked.
@@ -140,6 +161,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
             group: args.socket_group.clone(),
         },
     )?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The HTTP endpoint comes up before the start-up check so /livez answers while the backend is slow.
+    let http_task = match args.http {
+        Some(addr) => {
+            let listener = ops::http::bind(addr).await?;
+            tracing::info!(http = %addr, "serving /livez, /readyz, /healthz and /metrics");
+            let state = ops::http::HttpState::new(
+                ops::liveness(&listen),
+                ops::readiness(engine.clone()),
+                Some(metrics.clone()),
+            );
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(ops::http::serve(
+                listener,
+                state,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
     // Like the original plugin: resolve the key and do one round trip before listening. Permanent
     // failures stop here with the cause; transient ones start unhealthy and the probe keeps trying.
     match engine.probe(true).await {
@@ -155,9 +198,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
         Err(e) => return Err(anyhow::anyhow!("backend check failed: {e}")),
     }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let probes = tokio::spawn(engine.clone().run_probes(stop_rx));
-    let observer: Arc<dyn RequestObserver> = Arc::new(NoRequestObserver);
+    let observer: Arc<dyn RequestObserver> = observer;
     let options = ServerOptions {
         status_version: args.status_version,
         max_request_bytes: args.max_request_bytes,
@@ -167,6 +209,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     server::serve(engine, socket, options, observer, termination()).await?;
     let _ = stop_tx.send(true);
     probes.abort();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    if let Some(log) = audit {
+        // Write out what is queued before exiting.
+        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+    }
     tracing::info!("stopped");
     Ok(0)
 }

@@ -1,0 +1,901 @@
+//! Prometheus metrics of the plugin.
+//!
+//! [`Metrics`] is a cheap handle (`Arc` inside) that every layer records into. Label values come only
+//! from small closed enums (API version, method, gRPC code, backend operation, error label), so the
+//! number of series is bounded; uids, key material and key_ids never become labels.
+//!
+//! Hot-path recording does not allocate: every labelled child is resolved once (on first use, then
+//! kept in a `OnceLock`) and afterwards an increment is an atomic add on a shared handle.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::backend::BackendError;
+pub use crate::engine::{Api, RetireReason};
+
+/// Content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus scrapes natively).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+const APIS: [Api; 2] = [Api::V1, Api::V2];
+
+/// gRPC method of the KMS services (v1: Version/Encrypt/Decrypt, v2: Status/Encrypt/Decrypt).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Status,
+    Version,
+    Encrypt,
+    Decrypt,
+}
+
+impl Method {
+    const ALL: [Method; 4] = [
+        Method::Status,
+        Method::Version,
+        Method::Encrypt,
+        Method::Decrypt,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Status => "Status",
+            Method::Version => "Version",
+            Method::Encrypt => "Encrypt",
+            Method::Decrypt => "Decrypt",
+        }
+    }
+
+    /// The method named by a gRPC method name (`"Encrypt"`, ...).
+    pub fn from_name(name: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// Series created at start-up (value 0) so that rate() works before the first request.
+    fn precreated(self) -> bool {
+        matches!(self, Method::Encrypt | Method::Decrypt)
+    }
+
+    /// Whether the method exists on that API.
+    fn exists_on(self, api: Api) -> bool {
+        !matches!(
+            (api, self),
+            (Api::V1, Method::Status) | (Api::V2, Method::Version)
+        )
+    }
+}
+
+/// What the engine asked the key backend to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendOp {
+    /// `current_key`: the periodic health/key_id probe.
+    Probe,
+    Wrap,
+    Unwrap,
+    /// Authentication / token acquisition (backends with sessions).
+    Auth,
+    Other,
+}
+
+impl BackendOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendOp::Probe => "probe",
+            BackendOp::Wrap => "wrap",
+            BackendOp::Unwrap => "unwrap",
+            BackendOp::Auth => "auth",
+            BackendOp::Other => "other",
+        }
+    }
+}
+
+impl From<crate::engine::BackendOp> for BackendOp {
+    fn from(op: crate::engine::BackendOp) -> Self {
+        match op {
+            crate::engine::BackendOp::Probe => BackendOp::Probe,
+            crate::engine::BackendOp::Wrap => BackendOp::Wrap,
+            crate::engine::BackendOp::Unwrap => BackendOp::Unwrap,
+        }
+    }
+}
+
+const RETIRE_REASONS: [RetireReason; 4] = [
+    RetireReason::MaxUses,
+    RetireReason::MaxAge,
+    RetireReason::KeyIdChanged,
+    RetireReason::Revoked,
+];
+
+/// Which credential a backend renewed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A session/access token (e.g. an Akeyless `t-` token from `/auth`).
+    Access,
+    /// A long-lived identity token that is itself rotated (e.g. an Akeyless Universal Identity token).
+    Identity,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Access => "access",
+            TokenKind::Identity => "identity",
+        }
+    }
+}
+
+/// gRPC status code names as Go's `codes.Code.String()` prints them (the usual `grpc_code` values).
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// `ok` followed by every [`BackendError::label`]; anything unknown is counted as `other`.
+const OUTCOMES: [&str; 11] = [
+    "ok",
+    "unavailable",
+    "throttled",
+    "timeout",
+    "authentication",
+    "permission_denied",
+    "key_disabled",
+    "key_not_found",
+    "invalid_ciphertext",
+    "config",
+    "other",
+];
+const OUTCOME_OTHER: usize = OUTCOMES.len() - 1;
+
+fn outcome_index(result: Result<(), &BackendError>) -> usize {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let label = e.label();
+            OUTCOMES
+                .iter()
+                .position(|o| *o == label)
+                .unwrap_or(OUTCOME_OTHER)
+        }
+    }
+}
+
+fn code_index(code: tonic::Code) -> usize {
+    // tonic::Code's discriminants are the wire values 0..=16.
+    let i = code as usize;
+    if i < GRPC_CODES.len() {
+        i
+    } else {
+        2 // Unknown
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    api: &'static str,
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    api: &'static str,
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Latency buckets from 0.25 ms to ~16 s: local operations take microseconds to a millisecond, remote
+/// KMS calls tens to hundreds of milliseconds, and the apiserver's deadline is a few seconds.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.00025, 2.0, 17)
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_slots: [[[OnceLock<Counter>; 17]; 4]; 2],
+    request_latency_family: Family<MethodLabels, Histogram>,
+    request_latency: [[OnceLock<Histogram>; 4]; 2],
+    backend_calls: Family<BackendLabels, Counter>,
+    backend_slots: [[OnceLock<Counter>; OUTCOMES.len()]; 5],
+    backend_latency_family: Family<OperationLabels, Histogram>,
+    backend_latency: [OnceLock<Histogram>; 5],
+    kek_hits: Counter,
+    kek_misses: Counter,
+    kek_size: Gauge,
+    kek_retired: [Counter; RETIRE_REASONS.len()],
+    key_id_changes: Counter,
+    tokens: Family<TokenLabels, Counter>,
+    token_slots: [[OnceLock<Counter>; OUTCOMES.len()]; 2],
+    backend_healthy: Gauge,
+    last_good_probe_unix_ms: AtomicU64,
+    last_good_probe_ts: FloatGauge,
+    since_good_probe: FloatGauge,
+    started: Instant,
+    /// Monotonic time of the last good probe as nanoseconds since `started`, plus one (0 = never).
+    last_good_probe_mono: AtomicU64,
+    audit_dropped: Counter,
+    audit_write_errors: Counter,
+    scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
+}
+
+type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
+
+/// Shared metrics handle. Clone freely; all clones record into the same registry.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every plugin metric, prefixed `kms_plugin_`.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kms_plugin");
+
+        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+        registry.register("build", "Build information of the running plugin", build);
+
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "KMS gRPC requests by API version (v1|v2), method and gRPC status code",
+            requests.clone(),
+        );
+        let request_latency_family =
+            Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(latency_buckets())
+            });
+        registry.register_with_unit(
+            "grpc_request_duration",
+            "Time to answer a KMS gRPC request, by API version and method",
+            Unit::Seconds,
+            request_latency_family.clone(),
+        );
+
+        let backend_calls = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "backend_calls",
+            "Calls to the key backend by operation and outcome (ok or the error class)",
+            backend_calls.clone(),
+        );
+        let backend_latency_family =
+            Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(latency_buckets())
+            });
+        registry.register_with_unit(
+            "backend_call_duration",
+            "Latency of key backend calls by operation",
+            Unit::Seconds,
+            backend_latency_family.clone(),
+        );
+
+        let kek_hits = Counter::default();
+        registry.register(
+            "local_kek_cache_hits",
+            "Local KEK lookups answered from the cache",
+            kek_hits.clone(),
+        );
+        let kek_misses = Counter::default();
+        registry.register(
+            "local_kek_cache_misses",
+            "Local KEK lookups that needed the key backend (unwrap)",
+            kek_misses.clone(),
+        );
+        let kek_size = Gauge::default();
+        registry.register(
+            "local_kek_cache_size",
+            "Local KEKs currently held in memory",
+            kek_size.clone(),
+        );
+        let kek_retired_family = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "local_kek_retirements",
+            "Local KEKs retired from encryption or dropped from the cache, by reason",
+            kek_retired_family.clone(),
+        );
+
+        let key_id_changes = Counter::default();
+        registry.register(
+            "key_id_changes",
+            "Times the reported key_id changed (remote KEK rotated or replaced)",
+            key_id_changes.clone(),
+        );
+
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "token_refreshes",
+            "Backend credential renewals by token kind and outcome",
+            tokens.clone(),
+        );
+
+        let backend_healthy = Gauge::default();
+        registry.register(
+            "backend_healthy",
+            "1 if the last backend probe succeeded, 0 otherwise",
+            backend_healthy.clone(),
+        );
+        let last_good_probe_ts = FloatGauge::default();
+        registry.register_with_unit(
+            "last_good_probe_timestamp",
+            "Unix time of the last successful backend probe (0 if none yet)",
+            Unit::Seconds,
+            last_good_probe_ts.clone(),
+        );
+        let since_good_probe = FloatGauge::default();
+        registry.register_with_unit(
+            "since_last_good_probe",
+            "Seconds since the last successful backend probe (since start-up if none yet)",
+            Unit::Seconds,
+            since_good_probe.clone(),
+        );
+
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_lines_dropped",
+            "Audit lines dropped because the audit writer fell behind (queue full)",
+            audit_dropped.clone(),
+        );
+        let audit_write_errors = Counter::default();
+        registry.register(
+            "audit_write_errors",
+            "Failed writes or reopens of the audit log",
+            audit_write_errors.clone(),
+        );
+
+        // Resolve the children that should exist from the start (value 0, so rate() works before the
+        // first request); the others are resolved on first use.
+        let request_latency: [[OnceLock<Histogram>; 4]; 2] =
+            std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new()));
+        let request_slots: [[[OnceLock<Counter>; 17]; 4]; 2] = std::array::from_fn(|_| {
+            std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new()))
+        });
+        for (a, api) in APIS.iter().enumerate() {
+            for (m, method) in Method::ALL.iter().enumerate() {
+                if method.exists_on(*api) && method.precreated() {
+                    let c = requests.get_or_create_owned(&RequestLabels {
+                        api: api.as_str(),
+                        method: method.as_str(),
+                        code: GRPC_CODES[0],
+                    });
+                    let _ = request_slots[a][m][0].set(c);
+                    let h = request_latency_family.get_or_create_owned(&MethodLabels {
+                        api: api.as_str(),
+                        method: method.as_str(),
+                    });
+                    let _ = request_latency[a][m].set(h);
+                }
+            }
+        }
+        let backend_latency: [OnceLock<Histogram>; 5] = std::array::from_fn(|_| OnceLock::new());
+        for op in [BackendOp::Probe, BackendOp::Wrap, BackendOp::Unwrap] {
+            let h = backend_latency_family.get_or_create_owned(&OperationLabels {
+                operation: op.as_str(),
+            });
+            let _ = backend_latency[op as usize].set(h);
+        }
+        let kek_retired = RETIRE_REASONS
+            .map(|r| kek_retired_family.get_or_create_owned(&ReasonLabels { reason: r.as_str() }));
+
+        Metrics(Arc::new(Inner {
+            registry,
+            requests,
+            request_slots,
+            request_latency_family,
+            request_latency,
+            backend_calls,
+            backend_slots: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            backend_latency_family,
+            backend_latency,
+            kek_hits,
+            kek_misses,
+            kek_size,
+            kek_retired,
+            key_id_changes,
+            tokens,
+            token_slots: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            backend_healthy,
+            last_good_probe_unix_ms: AtomicU64::new(0),
+            last_good_probe_ts,
+            since_good_probe,
+            started: Instant::now(),
+            last_good_probe_mono: AtomicU64::new(0),
+            audit_dropped,
+            audit_write_errors,
+            scrape_hooks: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Records one answered KMS gRPC request.
+    pub fn grpc_request(&self, api: Api, method: Method, code: tonic::Code, elapsed: Duration) {
+        let (a, m, c) = (api as usize, method as usize, code_index(code));
+        let inner = &*self.0;
+        inner.request_slots[a][m][c]
+            .get_or_init(|| {
+                inner.requests.get_or_create_owned(&RequestLabels {
+                    api: api.as_str(),
+                    method: method.as_str(),
+                    code: GRPC_CODES[c],
+                })
+            })
+            .inc();
+        inner.request_latency[a][m]
+            .get_or_init(|| {
+                inner
+                    .request_latency_family
+                    .get_or_create_owned(&MethodLabels {
+                        api: api.as_str(),
+                        method: method.as_str(),
+                    })
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one key backend call and its outcome.
+    pub fn backend_call(
+        &self,
+        op: BackendOp,
+        result: Result<(), &BackendError>,
+        elapsed: Duration,
+    ) {
+        let (o, r) = (op as usize, outcome_index(result));
+        let inner = &*self.0;
+        inner.backend_slots[o][r]
+            .get_or_init(|| {
+                inner.backend_calls.get_or_create_owned(&BackendLabels {
+                    operation: op.as_str(),
+                    outcome: OUTCOMES[r],
+                })
+            })
+            .inc();
+        inner.backend_latency[o]
+            .get_or_init(|| {
+                inner
+                    .backend_latency_family
+                    .get_or_create_owned(&OperationLabels {
+                        operation: op.as_str(),
+                    })
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records the result of a whole backend health probe (its backend calls are recorded separately
+    /// with [`Metrics::backend_call`]); a successful one resets "seconds since last good probe".
+    pub fn probe_result(&self, ok: bool) {
+        self.0.backend_healthy.set(i64::from(ok));
+        if ok {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            self.0
+                .last_good_probe_unix_ms
+                .store(now_ms, Ordering::Relaxed);
+            let mono =
+                u64::try_from(self.0.started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+            self.0.last_good_probe_mono.store(mono, Ordering::Relaxed);
+        }
+    }
+
+    pub fn local_kek_cache_hit(&self) {
+        self.0.kek_hits.inc();
+    }
+
+    pub fn local_kek_cache_miss(&self) {
+        self.0.kek_misses.inc();
+    }
+
+    pub fn set_local_kek_cache_size(&self, size: usize) {
+        self.0.kek_size.set(i64::try_from(size).unwrap_or(i64::MAX));
+    }
+
+    pub fn local_kek_retired(&self, reason: RetireReason) {
+        let i = RETIRE_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.0.kek_retired[i].inc();
+    }
+
+    pub fn key_id_changed(&self) {
+        self.0.key_id_changes.inc();
+    }
+
+    /// Records a credential renewal attempt (`Ok` = renewed).
+    pub fn token_refresh(&self, kind: TokenKind, result: Result<(), &BackendError>) {
+        let (k, r) = (kind as usize, outcome_index(result));
+        let inner = &*self.0;
+        inner.token_slots[k][r]
+            .get_or_init(|| {
+                inner.tokens.get_or_create_owned(&TokenLabels {
+                    kind: kind.as_str(),
+                    outcome: OUTCOMES[r],
+                })
+            })
+            .inc();
+    }
+
+    /// Counts an audit line that was dropped instead of blocking the request path.
+    pub fn audit_line_dropped(&self) {
+        self.0.audit_dropped.inc();
+    }
+
+    pub fn audit_write_error(&self) {
+        self.0.audit_write_errors.inc();
+    }
+
+    /// Runs `hook` before every [`Metrics::encode`], to set gauges from state owned elsewhere (e.g.
+    /// the engine's cache size). Hold only weak references to things that own this `Metrics`.
+    pub fn add_scrape_hook(&self, hook: impl Fn(&Metrics) + Send + Sync + 'static) {
+        if let Ok(mut hooks) = self.0.scrape_hooks.lock() {
+            hooks.push(Box::new(hook));
+        }
+    }
+
+    /// The whole registry in the OpenMetrics text format (see [`CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        if let Ok(hooks) = self.0.scrape_hooks.lock() {
+            for hook in hooks.iter() {
+                hook(self);
+            }
+        }
+        let inner = &*self.0;
+        // Time-derived gauges are computed at scrape time rather than by a ticking task.
+        let last_ms = inner.last_good_probe_unix_ms.load(Ordering::Relaxed);
+        inner.last_good_probe_ts.set(last_ms as f64 / 1000.0);
+        let now = inner.started.elapsed();
+        let since = match inner.last_good_probe_mono.load(Ordering::Relaxed) {
+            0 => now,
+            mono => now.saturating_sub(Duration::from_nanos(mono - 1)),
+        };
+        inner.since_good_probe.set(since.as_secs_f64());
+
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &inner.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line_value(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn records_requests_by_api_method_code() {
+        let m = Metrics::new();
+        m.grpc_request(
+            Api::V2,
+            Method::Encrypt,
+            tonic::Code::Ok,
+            Duration::from_millis(2),
+        );
+        m.grpc_request(
+            Api::V2,
+            Method::Encrypt,
+            tonic::Code::Ok,
+            Duration::from_millis(3),
+        );
+        m.grpc_request(
+            Api::V1,
+            Method::Decrypt,
+            tonic::Code::Unavailable,
+            Duration::from_millis(40),
+        );
+        let text = m.encode();
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_grpc_requests_total{api="v2",method="Encrypt",code="OK"}"#
+            ),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_grpc_requests_total{api="v1",method="Decrypt",code="Unavailable"}"#
+            ),
+            Some(1.0)
+        );
+        // Encrypt/Decrypt series exist at zero from the start; methods an API lacks have none.
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_grpc_requests_total{api="v2",method="Decrypt",code="OK"}"#
+            ),
+            Some(0.0)
+        );
+        assert!(!text.contains(r#"api="v1",method="Status""#));
+        assert!(!text.contains(r#"api="v2",method="Version""#));
+        assert_eq!(Method::from_name("Decrypt"), Some(Method::Decrypt));
+        assert_eq!(Method::from_name("Nope"), None);
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_grpc_request_duration_seconds_count{api="v2",method="Encrypt"}"#
+            ),
+            Some(2.0)
+        );
+        assert!(text.contains("# TYPE kms_plugin_grpc_request_duration_seconds histogram"));
+        assert!(text.contains(r#"kms_plugin_build_info{version=""#));
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn records_backend_calls_with_error_labels() {
+        let m = Metrics::new();
+        m.backend_call(BackendOp::Wrap, Ok(()), Duration::from_millis(30));
+        m.backend_call(
+            BackendOp::Unwrap,
+            Err(&BackendError::KeyDisabled("k".into())),
+            Duration::from_millis(30),
+        );
+        m.backend_call(
+            BackendOp::Unwrap,
+            Err(&BackendError::Timeout(Duration::from_secs(1))),
+            Duration::from_secs(1),
+        );
+        let text = m.encode();
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_backend_calls_total{operation="wrap",outcome="ok"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_backend_calls_total{operation="unwrap",outcome="key_disabled"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_backend_calls_total{operation="unwrap",outcome="timeout"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_backend_call_duration_seconds_count{operation="unwrap"}"#
+            ),
+            Some(2.0)
+        );
+        // Error messages never leak into labels.
+        assert!(!text.contains("\"k\""));
+    }
+
+    #[test]
+    fn every_backend_error_label_is_a_known_outcome() {
+        let all = [
+            BackendError::Unavailable(String::new()),
+            BackendError::Throttled(String::new()),
+            BackendError::Timeout(Duration::ZERO),
+            BackendError::Authentication(String::new()),
+            BackendError::PermissionDenied(String::new()),
+            BackendError::KeyDisabled(String::new()),
+            BackendError::KeyNotFound(String::new()),
+            BackendError::InvalidCiphertext(String::new()),
+            BackendError::Config(String::new()),
+            BackendError::Other(String::new()),
+        ];
+        for e in &all {
+            assert_eq!(OUTCOMES[outcome_index(Err(e))], e.label());
+        }
+    }
+
+    #[test]
+    fn cache_key_id_token_probe_and_audit_series() {
+        let m = Metrics::new();
+        m.local_kek_cache_hit();
+        m.local_kek_cache_hit();
+        m.local_kek_cache_miss();
+        m.set_local_kek_cache_size(7);
+        m.local_kek_retired(RetireReason::MaxUses);
+        m.key_id_changed();
+        m.token_refresh(TokenKind::Access, Ok(()));
+        m.token_refresh(
+            TokenKind::Identity,
+            Err(&BackendError::Authentication("x".into())),
+        );
+        m.audit_line_dropped();
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_kek_cache_hits_total "),
+            Some(2.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_kek_cache_misses_total "),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_kek_cache_size "),
+            Some(7.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_local_kek_retirements_total{reason="max_uses"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_local_kek_retirements_total{reason="max_age"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_key_id_changes_total "),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_token_refreshes_total{kind="access",outcome="ok"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_token_refreshes_total{kind="identity",outcome="authentication"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_audit_lines_dropped_total "),
+            Some(1.0)
+        );
+
+        // No good probe yet: timestamp 0, "since" counts from start-up.
+        assert_eq!(
+            line_value(&text, "kms_plugin_last_good_probe_timestamp_seconds "),
+            Some(0.0)
+        );
+        assert_eq!(line_value(&text, "kms_plugin_backend_healthy "), Some(0.0));
+        m.backend_call(BackendOp::Probe, Ok(()), Duration::from_millis(1));
+        m.probe_result(true);
+        let text = m.encode();
+        assert_eq!(line_value(&text, "kms_plugin_backend_healthy "), Some(1.0));
+        let ts = line_value(&text, "kms_plugin_last_good_probe_timestamp_seconds ").unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((now - ts).abs() < 60.0, "{ts} vs {now}");
+        let since = line_value(&text, "kms_plugin_since_last_good_probe_seconds ").unwrap();
+        assert!((0.0..60.0).contains(&since));
+        assert_eq!(
+            line_value(
+                &text,
+                r#"kms_plugin_backend_calls_total{operation="probe",outcome="ok"}"#
+            ),
+            Some(1.0)
+        );
+        m.probe_result(false);
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_backend_healthy "),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn scrape_hooks_run_before_encoding() {
+        let m = Metrics::new();
+        let n = Arc::new(AtomicU64::new(3));
+        let n2 = n.clone();
+        m.add_scrape_hook(move |m| m.set_local_kek_cache_size(n2.load(Ordering::Relaxed) as usize));
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_local_kek_cache_size "),
+            Some(3.0)
+        );
+        n.store(5, Ordering::Relaxed);
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_local_kek_cache_size "),
+            Some(5.0)
+        );
+        // Histograms of unused operations are not exported until used.
+        assert!(!m.encode().contains(r#"operation="auth""#));
+        m.backend_call(BackendOp::Auth, Ok(()), Duration::from_millis(5));
+        assert!(m
+            .encode()
+            .contains(r#"kms_plugin_backend_call_duration_seconds_count{operation="auth"} 1"#));
+    }
+
+    #[test]
+    fn clones_share_state_across_threads() {
+        let m = Metrics::new();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        m.grpc_request(
+                            Api::V1,
+                            Method::Encrypt,
+                            tonic::Code::Ok,
+                            Duration::from_micros(50),
+                        );
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(
+            line_value(
+                &m.encode(),
+                r#"kms_plugin_grpc_requests_total{api="v1",method="Encrypt",code="OK"}"#
+            ),
+            Some(4000.0)
+        );
+    }
+}
