@@ -284,3 +284,39 @@ async fn permanent_errors_are_not_retried() {
     assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
     assert_eq!(count.load(Ordering::SeqCst), 2);
 }
+
+/// The credentials chain end to end: web identity (IRSA) against moto's STS, then KMS calls signed
+/// with the temporary credentials it returned.
+#[tokio::test]
+async fn web_identity_credentials_through_moto_sts() {
+    let Some(moto) = start_moto() else { return };
+    let admin = backend(&moto.url, "unused", &[]);
+    let (k1, arn1) = create_key(&admin).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.e30.c2ln\n").unwrap();
+    let chain = ChainConfig {
+        web_identity_token_file: Some(token),
+        role_arn: Some("arn:aws:iam::123456789012:role/kms-plugin".into()),
+        sts_endpoint: Some(moto.url.clone()),
+        imds_disabled: true,
+        ..Default::default()
+    };
+    let provider = CredentialsProvider::new(chain.clone());
+    let creds = provider.credentials().await.unwrap();
+    assert_eq!(creds.source(), "web-identity");
+    assert!(creds.session_token().is_some() && creds.expires().is_some());
+    let args = AwsKmsArgs {
+        aws_kms_key_id: Some(k1),
+        aws_region: Some("us-east-1".into()),
+        aws_endpoint_url: Some(moto.url.clone()),
+        aws_kms_encryption_context: vec![],
+    };
+    let b = AwsKmsBackend::new(&args, chain).unwrap();
+    assert_eq!(b.current_key().await.unwrap().key_id, arn1);
+    let w = b.wrap(b"irsa").await.unwrap();
+    assert_eq!(
+        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"irsa"
+    );
+}
