@@ -237,6 +237,38 @@ async fn softhsm_token() {
         b"wrapped under kek-1"
     );
 
+    // The PIN changes under the running backend and the token drops the login: the re-login is
+    // refused, which is fatal and sticky: no further login attempt, even once the PIN works again.
+    let ctx = Pkcs11::new(&module).unwrap();
+    // Already initialised by the backend's recovery above; sharing the module is the point.
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == TOKEN)
+        .unwrap();
+    let admin = ctx.open_rw_session(slot).unwrap();
+    let (old_pin, new_pin) = (AuthPin::new(PIN.into()), AuthPin::new("99999999".into()));
+    admin.set_pin(&old_pin, &new_pin).unwrap(); // the backend's login covers this session
+    admin.logout().unwrap();
+    let err = backend.wrap(b"pin changed").await.unwrap_err();
+    assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
+    admin.login(UserType::User, Some(&new_pin)).unwrap();
+    admin.set_pin(&new_pin, &old_pin).unwrap();
+    // Logged in again and the configured PIN is right again, yet the backend stays stopped.
+    let err = backend.current_key().await.unwrap_err();
+    assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
+    assert!(err.to_string().contains("not retrying"), "{err}");
+    // A restart with the right PIN works.
+    let fresh = Pkcs11Backend::open(&args(&module, "kek-2", Pkcs11Mechanism::Auto), pin(PIN))
+        .await
+        .unwrap();
+    assert_eq!(
+        &fresh.unwrap(&old.key_ref, &old.ciphertext).await.unwrap()[..],
+        b"wrapped under kek-1"
+    );
+
     // AES key wrap with padding (for tokens without GCM), forced on SoftHSM.
     let kwp = Arc::new(
         Pkcs11Backend::open(
