@@ -167,6 +167,12 @@ pub struct ServeArgs {
     /// Audit log: a file path, or `-` for stdout (off by default). Reopened on SIGHUP.
     #[arg(long, env = "KMS_PLUGIN_AUDIT_LOG")]
     pub audit_log: Option<String>,
+    #[cfg(feature = "pkcs11")]
+    #[command(flatten)]
+    pub pkcs11: crate::backend::pkcs11::Pkcs11Args,
+    #[cfg(feature = "aws-kms")]
+    #[command(flatten)]
+    pub aws: crate::backend::aws_kms::AwsKmsArgs,
 }
 
 #[derive(Args, Debug)]

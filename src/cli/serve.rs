@@ -84,7 +84,12 @@ async fn build_backend(args: &ServeArgs) -> anyhow::Result<Arc<dyn Backend>> {
             )?;
             open_local(path)
         }
-        Some(other) => anyhow::bail!("backend {other:?} is not available in this build"),
+        #[cfg(feature = "pkcs11")]
+        Some(BackendKind::Pkcs11) => Ok(crate::backend::pkcs11::from_args(&args.pkcs11).await?),
+        #[cfg(feature = "aws-kms")]
+        Some(BackendKind::AwsKms) => Ok(crate::backend::aws_kms::from_args(&args.aws).await?),
+        #[allow(unreachable_patterns)]
+        Some(other) => anyhow::bail!("backend {other:?} is not compiled into this build"),
     }
 }
 

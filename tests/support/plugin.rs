@@ -170,3 +170,109 @@ pub fn v1_client(
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20)
 }
+
+/// The socket-level conformance run every backend's served plugin must pass: v2 Status, Encrypt and
+/// Decrypt with the apiserver's limits, v1 round trips including the health check's "ping",
+/// tampering refused, and the same calls with a path-valued `:authority`.
+pub async fn socket_conformance(addr: &ListenAddr, socket: &Path) {
+    use prost::Message;
+    let mut c = v2_client(channel(addr).await);
+    let st = c.status(v2::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((st.version.as_str(), st.healthz.as_str()), ("v2", "ok"));
+    assert!(!st.key_id.is_empty() && st.key_id.len() <= 1024);
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..8u8 {
+        let plaintext = vec![i; 32];
+        let e = c
+            .encrypt(v2::EncryptRequest {
+                plaintext: plaintext.clone(),
+                uid: format!("uid-{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(e.key_id, st.key_id);
+        assert!(
+            !e.ciphertext.is_empty() && e.ciphertext.len() <= 1024,
+            "{} bytes",
+            e.ciphertext.len()
+        );
+        assert!(
+            seen.insert(e.ciphertext.clone()),
+            "ciphertexts must be distinct"
+        );
+        let d = c
+            .decrypt(v2::DecryptRequest {
+                ciphertext: e.ciphertext.clone(),
+                uid: "d".into(),
+                key_id: e.key_id.clone(),
+                annotations: e.annotations.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(d.plaintext, plaintext);
+        let mut bad = e.ciphertext;
+        let n = bad.len() - 1;
+        bad[n] ^= 1;
+        let err = c
+            .decrypt(v2::DecryptRequest {
+                ciphertext: bad,
+                uid: "t".into(),
+                key_id: e.key_id,
+                annotations: e.annotations,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+    let mut c1 = v1_client(channel(addr).await);
+    for plain in [b"ping".to_vec(), vec![9u8; 32]] {
+        let cipher = c1
+            .encrypt(v1beta1::EncryptRequest {
+                version: "v1beta1".into(),
+                plain: plain.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .cipher;
+        let back = c1
+            .decrypt(v1beta1::DecryptRequest {
+                version: "v1beta1".into(),
+                cipher,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .plain;
+        assert_eq!(back, plain);
+    }
+    // What pre-1.32 apiservers send.
+    let mut raw = super::raw_h2::RawH2::connect(socket).await.unwrap();
+    let authority = socket.display().to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw.unary(
+            1,
+            &super::raw_h2::grpc_request("/v2.KeyManagementService/Status", &authority),
+            Default::default(),
+            &[],
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    match out {
+        super::raw_h2::Outcome::Response(r) => {
+            assert_eq!(r.grpc_status(), Some("0"));
+            assert_eq!(
+                v2::StatusResponse::decode(r.message().unwrap())
+                    .unwrap()
+                    .healthz,
+                "ok"
+            );
+        }
+        other => panic!("path authority refused: {other:?}"),
+    }
+}
