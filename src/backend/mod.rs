@@ -12,6 +12,8 @@ use async_trait::async_trait;
 use zeroize::Zeroizing;
 
 mod aead;
+#[cfg(feature = "akeyless")]
+pub mod akeyless;
 pub mod local;
 pub mod memory;
 
