@@ -43,7 +43,10 @@ fn python() -> Option<PathBuf> {
 }
 
 fn opted_out() -> bool {
-    std::env::var("KMS_TEST_OPT_OUT").unwrap_or_default().split(',').any(|s| s.trim() == "akeyless-fake")
+    std::env::var("KMS_TEST_OPT_OUT")
+        .unwrap_or_default()
+        .split(',')
+        .any(|s| s.trim() == "akeyless-fake")
 }
 
 impl Fake {
@@ -59,7 +62,15 @@ impl Fake {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fakes/akeyless_fake.py");
         let mut cmd = Command::new(&py);
         cmd.arg(script)
-            .args(["--port", "0", "--access-id", ACCESS_ID, "--key", KEY, "--exit-on-stdin-eof"])
+            .args([
+                "--port",
+                "0",
+                "--access-id",
+                ACCESS_ID,
+                "--key",
+                KEY,
+                "--exit-on-stdin-eof",
+            ])
             .args(extra)
             .env("FAKE_AKEYLESS_ACCESS_KEY", ACCESS_KEY)
             .stdin(Stdio::piped())
@@ -73,26 +84,46 @@ impl Fake {
             Err(e) => panic!("cannot start {}: {e}", py.display()),
         };
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port: u16 = match line.strip_prefix("PORT ").and_then(|p| p.trim().parse().ok()) {
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = match line
+            .strip_prefix("PORT ")
+            .and_then(|p| p.trim().parse().ok())
+        {
             Some(p) => p,
             None if opted_out() => {
                 eprintln!("skipped: akeyless-fake did not start and is opted out");
                 return None;
             }
-            None => panic!("the Akeyless fake did not start (is `cryptography` installed in {}?)", py.display()),
+            None => panic!(
+                "the Akeyless fake did not start (is `cryptography` installed in {}?)",
+                py.display()
+            ),
         };
-        Some(Fake { child, url: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() })
+        Some(Fake {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        })
     }
 
     async fn control(&self, action: &str, body: Value) -> Value {
-        let r = self.http.post(format!("{}/__control/{action}", self.url)).json(&body).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("{}/__control/{action}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "control {action}: {}", r.status());
         r.json().await.unwrap()
     }
 
     async fn calls(&self, command: &str) -> u64 {
-        self.control("stats", json!({})).await["calls"][command].as_u64().unwrap_or(0)
+        self.control("stats", json!({})).await["calls"][command]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     fn args(&self) -> AkeylessArgs {
@@ -142,7 +173,11 @@ async fn conformance_with_rotation_through_the_control_api() {
     let backend = Arc::new(connect(&fake.args()).await);
     assert_eq!(backend.kind(), "akeyless");
     let id = backend.current_key().await.unwrap();
-    assert!(id.key_id.starts_with("/k8s/kek@") && id.key_id.ends_with(":v1"), "{}", id.key_id);
+    assert!(
+        id.key_id.starts_with("/k8s/kek@") && id.key_id.ends_with(":v1"),
+        "{}",
+        id.key_id
+    );
     assert_eq!(id.key_ref, KEY);
     let fake = Arc::new(fake);
     let f2 = fake.clone();
@@ -151,7 +186,8 @@ async fn conformance_with_rotation_through_the_control_api() {
         Some(Box::new(move || {
             let f = f2.clone();
             Box::pin(async move {
-                f.control("key", json!({"name": KEY, "action": "rotate"})).await;
+                f.control("key", json!({"name": KEY, "action": "rotate"}))
+                    .await;
             })
         })),
     )
@@ -164,7 +200,12 @@ async fn remote_calls_are_what_they_say() {
     let Some(fake) = Fake::start(&[]) else { return };
     let backend = connect(&fake.args()).await;
     // Start-up: one auth, one describe, one round trip.
-    for (cmd, n) in [("auth", 1), ("describe-item", 1), ("encrypt", 1), ("decrypt", 1)] {
+    for (cmd, n) in [
+        ("auth", 1),
+        ("describe-item", 1),
+        ("encrypt", 1),
+        ("decrypt", 1),
+    ] {
         assert_eq!(fake.calls(cmd).await, n, "{cmd}");
     }
     backend.current_key().await.unwrap();
@@ -182,21 +223,32 @@ async fn token_expiry_mid_run_reauthenticates_once_for_all_callers() {
     for _ in 0..16 {
         let b = backend.clone();
         let w = w.clone();
-        tasks.push(tokio::spawn(async move { b.unwrap(&w.key_ref, &w.ciphertext).await }));
+        tasks.push(tokio::spawn(async move {
+            b.unwrap(&w.key_ref, &w.ciphertext).await
+        }));
     }
     for t in tasks {
         assert_eq!(&t.await.unwrap().unwrap()[..], b"before");
     }
-    assert_eq!(fake.calls("auth").await, 2, "single flight: one re-authentication");
+    assert_eq!(
+        fake.calls("auth").await,
+        2,
+        "single flight: one re-authentication"
+    );
     assert_eq!(backend.auth_calls(), 2);
 }
 
 #[tokio::test]
 async fn token_is_renewed_before_expiry_in_the_background() {
     for format in ["rfc3339", "go", "unix"] {
-        let Some(fake) = Fake::start(&["--token-ttl", "2", "--expiration-format", format]) else { return };
+        let Some(fake) = Fake::start(&["--token-ttl", "2", "--expiration-format", format]) else {
+            return;
+        };
         let backend = connect(&fake.args()).await;
-        let renewed = eventually(Duration::from_secs(6), || async { fake.calls("auth").await >= 3 }).await;
+        let renewed = eventually(Duration::from_secs(6), || async {
+            fake.calls("auth").await >= 3
+        })
+        .await;
         assert!(renewed, "{format}: token not renewed in the background");
         backend.wrap(b"x").await.unwrap();
         assert!(backend.auth_calls() >= 3);
@@ -205,7 +257,9 @@ async fn token_is_renewed_before_expiry_in_the_background() {
 
 #[tokio::test]
 async fn server_without_expiration_still_works() {
-    let Some(fake) = Fake::start(&["--expiration-format", "none"]) else { return };
+    let Some(fake) = Fake::start(&["--expiration-format", "none"]) else {
+        return;
+    };
     let backend = connect(&fake.args()).await;
     backend.wrap(b"x").await.unwrap();
 }
@@ -215,7 +269,10 @@ async fn universal_identity_rotates_persists_and_survives_restart() {
     let Some(fake) = Fake::start(&[]) else { return };
     let state = tempfile::tempdir().unwrap();
     let saved = state.path().join("akeyless-uid-token");
-    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"].as_str().unwrap().to_string();
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let args = AkeylessArgs {
         url: fake.url.clone(),
         key_name: Some(KEY.into()),
@@ -223,33 +280,60 @@ async fn universal_identity_rotates_persists_and_survives_restart() {
         ..Default::default()
     };
     // No access type: a UID token means universal_identity.
-    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf())).await.expect("connect with UID");
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("connect with UID");
     let first = std::fs::read_to_string(&saved).unwrap().trim().to_string();
-    assert!(first.starts_with("u-") && first != init, "start-up rotates and saves");
-    assert_eq!(std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        first.starts_with("u-") && first != init,
+        "start-up rotates and saves"
+    );
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     backend.rotate_uid_token().await.unwrap();
     let second = std::fs::read_to_string(&saved).unwrap().trim().to_string();
     assert_ne!(second, first);
-    assert_eq!(fake.control("uid-tokens", json!({})).await["valid"], 1, "old tokens are retired");
+    assert_eq!(
+        fake.control("uid-tokens", json!({})).await["valid"],
+        1,
+        "old tokens are retired"
+    );
     assert!(!format!("{backend:?}").contains(&second));
     drop(backend);
 
     // Restart with the same (consumed) init token: the saved token is used.
-    let again = AkeylessBackend::connect(&args, Some(state.path().to_path_buf())).await.expect("restart");
+    let again = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("restart");
     again.wrap(b"after restart").await.unwrap();
     drop(again);
 
     // Without the saved token the consumed init token is refused, with a clear message.
     let empty = tempfile::tempdir().unwrap();
-    let err = AkeylessBackend::connect(&args, Some(empty.path().to_path_buf())).await.unwrap_err();
-    assert!(matches!(&err, BackendError::Authentication(m) if m.contains("Universal Identity")), "{err}");
+    let err = AkeylessBackend::connect(&args, Some(empty.path().to_path_buf()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Authentication(m) if m.contains("Universal Identity")),
+        "{err}"
+    );
     assert!(!err.to_string().contains(&init));
 
     // A dead saved token falls back to a fresh init token.
-    let fresh = fake.control("uid-token", json!({"ttl": 3600})).await["token"].as_str().unwrap().to_string();
+    let fresh = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     std::fs::write(&saved, "u-dead-token\n").unwrap();
-    let args2 = AkeylessArgs { uid_token: Some(Secret::new(fresh)), ..args.clone() };
-    AkeylessBackend::connect(&args2, Some(state.path().to_path_buf())).await.expect("fallback to init token");
+    let args2 = AkeylessArgs {
+        uid_token: Some(Secret::new(fresh)),
+        ..args.clone()
+    };
+    AkeylessBackend::connect(&args2, Some(state.path().to_path_buf()))
+        .await
+        .expect("fallback to init token");
 }
 
 #[tokio::test]
@@ -257,7 +341,10 @@ async fn universal_identity_rotates_in_the_background_and_keeps_old_token_on_fai
     let Some(fake) = Fake::start(&[]) else { return };
     let state = tempfile::tempdir().unwrap();
     let saved = state.path().join("akeyless-uid-token");
-    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"].as_str().unwrap().to_string();
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let args = AkeylessArgs {
         url: fake.url.clone(),
         key_name: Some(KEY.into()),
@@ -266,10 +353,16 @@ async fn universal_identity_rotates_in_the_background_and_keeps_old_token_on_fai
         uid_ttl: Duration::from_secs(4),
         ..Default::default()
     };
-    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf())).await.unwrap();
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .unwrap();
     let first = std::fs::read_to_string(&saved).unwrap();
     // Two failing rotations, then success: the token file only ever holds a live token.
-    fake.control("fail", json!({"command": "uid-rotate-token", "status": 503, "count": 2})).await;
+    fake.control(
+        "fail",
+        json!({"command": "uid-rotate-token", "status": 503, "count": 2}),
+    )
+    .await;
     let rotated = eventually(Duration::from_secs(8), || async {
         std::fs::read_to_string(&saved).unwrap() != first
     })
@@ -301,27 +394,59 @@ async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
     let Some(fake) = Fake::start(&[]) else { return };
     let backend = connect(&fake.args()).await;
 
-    fake.control("fail", json!({"command": "encrypt", "status": 503, "count": 2})).await;
+    fake.control(
+        "fail",
+        json!({"command": "encrypt", "status": 503, "count": 2}),
+    )
+    .await;
     backend.wrap(b"x").await.expect("two 503s are retried");
 
-    fake.control("fail", json!({"command": "encrypt", "status": 502, "count": 1, "body": "upstream exploded"})).await;
+    fake.control(
+        "fail",
+        json!({"command": "encrypt", "status": 502, "count": 1, "body": "upstream exploded"}),
+    )
+    .await;
     backend.wrap(b"x").await.expect("plain-text 502 is retried");
 
-    fake.control("fail", json!({"command": "describe-item", "status": 429, "count": 1})).await;
+    fake.control(
+        "fail",
+        json!({"command": "describe-item", "status": 429, "count": 1}),
+    )
+    .await;
     backend.current_key().await.expect("one 429 is retried");
 
     // A hung first attempt times out after 40% of the budget and the retry succeeds.
-    fake.control("latency", json!({"command": "encrypt", "seconds": 1.6, "count": 1})).await;
+    fake.control(
+        "latency",
+        json!({"command": "encrypt", "seconds": 1.6, "count": 1}),
+    )
+    .await;
     let t = Instant::now();
     backend.wrap(b"x").await.expect("slow attempt retried");
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
 
     // Persistent failures end with a transient error within the budget.
-    for (status, body) in [(500, json!(null)), (429, json!(null)), (503, json!("plain text outage"))] {
-        fake.control("fail", json!({"command": "encrypt", "status": status, "count": 100, "body": body})).await;
+    for (status, body) in [
+        (500, json!(null)),
+        (429, json!(null)),
+        (503, json!("plain text outage")),
+    ] {
+        fake.control(
+            "fail",
+            json!({"command": "encrypt", "status": status, "count": 100, "body": body}),
+        )
+        .await;
         let t = Instant::now();
         let err = backend.wrap(b"x").await.unwrap_err();
-        assert!(t.elapsed() < Duration::from_millis(2600), "{status}: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(2600),
+            "{status}: {:?}",
+            t.elapsed()
+        );
         assert!(err.is_transient(), "{status}: {err}");
         if status == 429 {
             assert!(matches!(err, BackendError::Throttled(_)), "{err}");
@@ -332,7 +457,11 @@ async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
         assert_no_secret(&err.to_string());
         fake.control("clear-faults", json!({})).await;
     }
-    fake.control("latency", json!({"command": "*", "seconds": 3.0, "count": 100})).await;
+    fake.control(
+        "latency",
+        json!({"command": "*", "seconds": 3.0, "count": 100}),
+    )
+    .await;
     let err = backend.wrap(b"x").await.unwrap_err();
     assert!(matches!(err, BackendError::Timeout(_)), "{err}");
     fake.control("clear-faults", json!({})).await;
@@ -343,29 +472,43 @@ async fn key_states_are_reported_and_4xx_not_retried() {
     let Some(fake) = Fake::start(&[]) else { return };
     let backend = connect(&fake.args()).await;
     let w = backend.wrap(b"secret").await.unwrap();
-    let cases: [(&str, fn(&BackendError) -> bool); 3] = [
-        ("disable", |e| matches!(e, BackendError::KeyDisabled(_))),
-        ("deny", |e| matches!(e, BackendError::PermissionDenied(_))),
-        ("delete", |e| matches!(e, BackendError::KeyNotFound(_))),
+    let cases: [(&str, &str); 3] = [
+        ("disable", "key_disabled"),
+        ("deny", "permission_denied"),
+        ("delete", "key_not_found"),
     ];
     let undo = ["enable", "allow", "undelete"];
-    for ((action, check), undo) in cases.into_iter().zip(undo) {
-        fake.control("key", json!({"name": KEY, "action": action})).await;
+    for ((action, label), undo) in cases.into_iter().zip(undo) {
+        fake.control("key", json!({"name": KEY, "action": action}))
+            .await;
         let before = fake.calls("encrypt").await;
         let e1 = backend.current_key().await.unwrap_err();
         let e2 = backend.wrap(b"x").await.unwrap_err();
         let e3 = backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err();
         for e in [&e1, &e2, &e3] {
-            assert!(check(e), "{action}: {e}");
+            assert_eq!(e.label(), label, "{action}: {e}");
             assert!(e.is_revocation());
         }
-        assert_eq!(fake.calls("encrypt").await, before + 1, "{action}: no retry on 4xx");
-        fake.control("key", json!({"name": KEY, "action": undo})).await;
+        assert_eq!(
+            fake.calls("encrypt").await,
+            before + 1,
+            "{action}: no retry on 4xx"
+        );
+        fake.control("key", json!({"name": KEY, "action": undo}))
+            .await;
     }
-    assert_eq!(&backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..], b"secret");
+    assert_eq!(
+        &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"secret"
+    );
     // Deleting the key version a ciphertext needs.
-    fake.control("key", json!({"name": KEY, "action": "rotate"})).await;
-    fake.control("key", json!({"name": KEY, "action": "delete-version", "version": 1})).await;
+    fake.control("key", json!({"name": KEY, "action": "rotate"}))
+        .await;
+    fake.control(
+        "key",
+        json!({"name": KEY, "action": "delete-version", "version": 1}),
+    )
+    .await;
     let e = backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err();
     assert!(matches!(e, BackendError::KeyNotFound(_)), "{e}");
 }
@@ -377,10 +520,16 @@ async fn encryption_context_is_bound() {
     args.encryption_context = vec![("cluster".into(), "a".into())];
     let a = connect(&args).await;
     let w = a.wrap(b"ctx").await.unwrap();
-    assert_eq!(&a.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..], b"ctx");
+    assert_eq!(
+        &a.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"ctx"
+    );
     args.encryption_context = vec![("cluster".into(), "b".into())];
     let b = connect(&args).await;
-    assert!(matches!(b.unwrap(&w.key_ref, &w.ciphertext).await, Err(BackendError::InvalidCiphertext(_))));
+    assert!(matches!(
+        b.unwrap(&w.key_ref, &w.ciphertext).await,
+        Err(BackendError::InvalidCiphertext(_))
+    ));
 }
 
 #[tokio::test]
@@ -392,49 +541,114 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         assert_no_secret(&format!("{e:?}"));
     };
 
-    let wrong_key = AkeylessArgs { access_key: Some(Secret::new("AK-wrong-key-value-123")), ..base.clone() };
-    let e = AkeylessBackend::connect(&wrong_key, None).await.unwrap_err();
-    assert!(matches!(&e, BackendError::Authentication(m) if m.contains("access key")), "{e}");
+    let wrong_key = AkeylessArgs {
+        access_key: Some(Secret::new("AK-wrong-key-value-123")),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&wrong_key, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("access key")),
+        "{e}"
+    );
     assert!(!e.to_string().contains("AK-wrong-key-value-123"));
     check(&e);
 
-    let unknown_id = AkeylessArgs { access_id: Some("p-nobody".into()), ..base.clone() };
-    let e = AkeylessBackend::connect(&unknown_id, None).await.unwrap_err();
-    assert!(matches!(&e, BackendError::Authentication(m) if m.contains("unknown access id")), "{e}");
+    let unknown_id = AkeylessArgs {
+        access_id: Some("p-nobody".into()),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&unknown_id, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("unknown access id")),
+        "{e}"
+    );
     check(&e);
 
-    let no_key = AkeylessArgs { key_name: Some("/no/such/key".into()), ..base.clone() };
+    let no_key = AkeylessArgs {
+        key_name: Some("/no/such/key".into()),
+        ..base.clone()
+    };
     let e = AkeylessBackend::connect(&no_key, None).await.unwrap_err();
-    assert!(matches!(&e, BackendError::KeyNotFound(m) if m.contains("/no/such/key")), "{e}");
+    assert!(
+        matches!(&e, BackendError::KeyNotFound(m) if m.contains("/no/such/key")),
+        "{e}"
+    );
     check(&e);
 
-    fake.control("key", json!({"name": "/rsa", "action": "create", "type": "RSA2048"})).await;
-    let rsa = AkeylessArgs { key_name: Some("/rsa".into()), ..base.clone() };
+    fake.control(
+        "key",
+        json!({"name": "/rsa", "action": "create", "type": "RSA2048"}),
+    )
+    .await;
+    let rsa = AkeylessArgs {
+        key_name: Some("/rsa".into()),
+        ..base.clone()
+    };
     let e = AkeylessBackend::connect(&rsa, None).await.unwrap_err();
-    assert!(matches!(&e, BackendError::Config(m) if m.contains("AES256GCM")), "{e}");
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("AES256GCM")),
+        "{e}"
+    );
 
-    fake.control("key", json!({"name": KEY, "action": "disable"})).await;
+    fake.control("key", json!({"name": KEY, "action": "disable"}))
+        .await;
     let e = AkeylessBackend::connect(&base, None).await.unwrap_err();
     assert!(matches!(e, BackendError::KeyDisabled(_)), "{e}");
-    fake.control("key", json!({"name": KEY, "action": "enable"})).await;
+    fake.control("key", json!({"name": KEY, "action": "enable"}))
+        .await;
 
-    let no_secret = AkeylessArgs { access_key: None, access_type: Some(AccessType::AccessKey), ..base.clone() };
-    let e = AkeylessBackend::connect(&no_secret, None).await.unwrap_err();
-    assert!(matches!(&e, BackendError::Config(m) if m.contains("KMS_PLUGIN_AKEYLESS_ACCESS_KEY")), "{e}");
+    let no_secret = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::AccessKey),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&no_secret, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("KMS_PLUGIN_AKEYLESS_ACCESS_KEY")),
+        "{e}"
+    );
 
-    let nothing = AkeylessArgs { access_key: None, ..base.clone() };
+    let nothing = AkeylessArgs {
+        access_key: None,
+        ..base.clone()
+    };
     let e = AkeylessBackend::connect(&nothing, None).await.unwrap_err();
-    assert!(matches!(&e, BackendError::Config(m) if m.contains("cannot tell how to authenticate")), "{e}");
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("cannot tell how to authenticate")),
+        "{e}"
+    );
 
-    let aws = AkeylessArgs { access_type: Some(AccessType::AwsIam), ..base.clone() };
-    assert!(matches!(AkeylessBackend::connect(&aws, None).await, Err(BackendError::Config(_))));
+    let aws = AkeylessArgs {
+        access_type: Some(AccessType::AwsIam),
+        ..base.clone()
+    };
+    assert!(matches!(
+        AkeylessBackend::connect(&aws, None).await,
+        Err(BackendError::Config(_))
+    ));
 
     // Unreachable URL: a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let gone = AkeylessArgs { url: format!("http://127.0.0.1:{port}"), ..base.clone() };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gone = AkeylessArgs {
+        url: format!("http://127.0.0.1:{port}"),
+        ..base.clone()
+    };
     let t = Instant::now();
     let e = AkeylessBackend::connect(&gone, None).await.unwrap_err();
-    assert!(matches!(&e, BackendError::Unavailable(m) if m.contains("cannot reach")), "{e}");
+    assert!(
+        matches!(&e, BackendError::Unavailable(m) if m.contains("cannot reach")),
+        "{e}"
+    );
     assert!(t.elapsed() < Duration::from_secs(11));
     check(&e);
 
@@ -462,8 +676,16 @@ async fn other_auth_methods_and_gateway_prefix() {
 
     let cert = dir.path().join("c.pem");
     let key = dir.path().join("k.pem");
-    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
-    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n").unwrap();
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     let c = AkeylessArgs {
         access_key: None,
         access_type: Some(AccessType::Cert),
@@ -475,11 +697,20 @@ async fn other_auth_methods_and_gateway_prefix() {
 
     let akf = dir.path().join("access-key");
     std::fs::write(&akf, format!("{ACCESS_KEY}\n")).unwrap();
-    let from_file = AkeylessArgs { access_key: None, access_key_file: Some(akf), ..fake.args() };
+    let from_file = AkeylessArgs {
+        access_key: None,
+        access_key_file: Some(akf),
+        ..fake.args()
+    };
     connect(&from_file).await.wrap(b"file").await.unwrap();
 
     let records = fake.control("stats", json!({})).await["auth_records"].clone();
-    let types: Vec<&str> = records.as_array().unwrap().iter().map(|r| r["access_type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["access_type"].as_str().unwrap())
+        .collect();
     assert_eq!(types, ["k8s", "cert", "access_key"]);
     assert_eq!(records[0]["k8s_auth_config_name"], "cluster-a");
 }
@@ -501,5 +732,8 @@ async fn drop_in_environment_of_the_original_plugin() {
     .unwrap();
     let backend = connect(&args).await;
     let w = backend.wrap(b"legacy").await.unwrap();
-    assert_eq!(&backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..], b"legacy");
+    assert_eq!(
+        &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"legacy"
+    );
 }

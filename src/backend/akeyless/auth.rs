@@ -82,10 +82,21 @@ pub fn default_cloud_id_provider() -> Arc<dyn CloudIdProvider> {
 pub(crate) enum Method {
     AccessKey(Secret),
     Uid(Arc<UidState>),
-    K8s { config_name: String, token_file: PathBuf },
-    Cert { cert_file: PathBuf, key_file: PathBuf },
-    Jwt { file: PathBuf },
-    Cloud { provider: Arc<dyn CloudIdProvider>, req: CloudIdRequest },
+    K8s {
+        config_name: String,
+        token_file: PathBuf,
+    },
+    Cert {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+    Jwt {
+        file: PathBuf,
+    },
+    Cloud {
+        provider: Arc<dyn CloudIdProvider>,
+        req: CloudIdRequest,
+    },
 }
 
 impl Method {
@@ -109,11 +120,17 @@ impl fmt::Debug for Method {
 
 fn read_secret_file(path: &PathBuf, what: &str) -> Result<Zeroizing<String>, BackendError> {
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-        BackendError::Config(format!("cannot read the {what} file {}: {e}", path.display()))
+        BackendError::Config(format!(
+            "cannot read the {what} file {}: {e}",
+            path.display()
+        ))
     })?);
     let trimmed = Zeroizing::new(text.trim().to_string());
     if trimmed.is_empty() {
-        return Err(BackendError::Config(format!("the {what} file {} is empty", path.display())));
+        return Err(BackendError::Config(format!(
+            "the {what} file {} is empty",
+            path.display()
+        )));
     }
     Ok(trimmed)
 }
@@ -214,7 +231,11 @@ impl TokenManager {
         if now < s.refresh_at {
             return Some((s.token.clone(), s.generation));
         }
-        let recent_failure = self.last_failure.lock().unwrap().is_some_and(|t| now < t + self.retry_pause());
+        let recent_failure = self
+            .last_failure
+            .lock()
+            .unwrap()
+            .is_some_and(|t| now < t + self.retry_pause());
         recent_failure.then(|| (s.token.clone(), s.generation))
     }
 
@@ -240,7 +261,9 @@ impl TokenManager {
         let failure = *self.last_failure.lock().unwrap();
         match slot.as_ref() {
             None => now + self.retry_pause(),
-            Some(s) if now >= s.refresh_at => failure.map_or(now, |f| f + self.retry_pause()).max(now),
+            Some(s) if now >= s.refresh_at => {
+                failure.map_or(now, |f| f + self.retry_pause()).max(now)
+            }
             Some(s) => s.refresh_at,
         }
     }
@@ -249,25 +272,33 @@ impl TokenManager {
     async fn authenticate(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
         let body = self.auth_body().await?;
         self.auth_calls.fetch_add(1, Ordering::Relaxed);
-        let reply = self.client.call(Op::Auth, "auth", &body, deadline).await.map_err(|e| match e {
-            CallError::Failed(e) => e,
-            CallError::TokenRejected(m) => BackendError::Authentication(m),
-        })?;
-        let token = match reply.get("token") {
-            Some(Value::String(t)) if !t.is_empty() => Secret::new(t.clone()),
-            _ => {
-                return Err(BackendError::Authentication(
+        let reply = self
+            .client
+            .call(Op::Auth, "auth", &body, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Failed(e) => e,
+                CallError::TokenRejected(m) => BackendError::Authentication(m),
+            })?;
+        let token =
+            match reply.get("token") {
+                Some(Value::String(t)) if !t.is_empty() => Secret::new(t.clone()),
+                _ => return Err(BackendError::Authentication(
                     "/auth answered without a token (an auth method needing a second factor or a \
                      browser cannot be used by the plugin)"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         let expiration = expiration_of(&reply);
         let (refresh_at, expires_at) = schedule(Instant::now(), SystemTime::now(), expiration);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.slot.write().unwrap() =
-            Some(Slot { token: token.clone(), generation, refresh_at, expires_at, rejected: false });
+        *self.slot.write().unwrap() = Some(Slot {
+            token: token.clone(),
+            generation,
+            refresh_at,
+            expires_at,
+            rejected: false,
+        });
         *self.last_failure.lock().unwrap() = None;
         tracing::info!(
             access_type = %self.method.access_type(),
@@ -280,7 +311,10 @@ impl TokenManager {
     async fn auth_body(&self) -> Result<Map<String, Value>, BackendError> {
         let mut b = Map::new();
         let s = |v: &str| Value::String(v.to_string());
-        b.insert("access-type".into(), s(self.method.access_type().wire_name()));
+        b.insert(
+            "access-type".into(),
+            s(self.method.access_type().wire_name()),
+        );
         if let Some(id) = &self.access_id {
             b.insert("access-id".into(), s(id));
         }
@@ -291,15 +325,27 @@ impl TokenManager {
             Method::Uid(uid) => {
                 b.insert("uid-token".into(), s(uid.current().expose()));
             }
-            Method::K8s { config_name, token_file } => {
+            Method::K8s {
+                config_name,
+                token_file,
+            } => {
                 let jwt = read_secret_file(token_file, "Kubernetes service account token")?;
                 b.insert("k8s-auth-config-name".into(), s(config_name));
-                b.insert("k8s-service-account-token".into(), Value::String(B64.encode(jwt.as_bytes())));
+                b.insert(
+                    "k8s-service-account-token".into(),
+                    Value::String(B64.encode(jwt.as_bytes())),
+                );
             }
-            Method::Cert { cert_file, key_file } => {
+            Method::Cert {
+                cert_file,
+                key_file,
+            } => {
                 let cert = read_secret_file(cert_file, "client certificate")?;
                 let key = read_secret_file(key_file, "client key")?;
-                b.insert("cert-data".into(), Value::String(B64.encode(cert.as_bytes())));
+                b.insert(
+                    "cert-data".into(),
+                    Value::String(B64.encode(cert.as_bytes())),
+                );
                 b.insert("key-data".into(), Value::String(B64.encode(key.as_bytes())));
             }
             Method::Jwt { file } => {
@@ -319,15 +365,25 @@ impl TokenManager {
 }
 
 /// When to renew a token issued at `now` (monotonic and wall clock) that expires at `expiration`.
-pub(crate) fn schedule(now: Instant, wall: SystemTime, expiration: Option<SystemTime>) -> (Instant, Instant) {
-    match expiration.and_then(|e| e.duration_since(wall).ok()).filter(|l| !l.is_zero()) {
+pub(crate) fn schedule(
+    now: Instant,
+    wall: SystemTime,
+    expiration: Option<SystemTime>,
+) -> (Instant, Instant) {
+    match expiration
+        .and_then(|e| e.duration_since(wall).ok())
+        .filter(|l| !l.is_zero())
+    {
         Some(lifetime) => {
             let refresh = (lifetime * 3 / 4).min(DEFAULT_REFRESH);
             // Stop handing the token out a little before the server's expiry.
             let margin = (lifetime / 10).min(Duration::from_secs(5));
             (now + refresh, now + (lifetime - margin).max(refresh))
         }
-        None => (now + DEFAULT_REFRESH, now + DEFAULT_REFRESH.max(DEFAULT_ASSUMED_LIFETIME)),
+        None => (
+            now + DEFAULT_REFRESH,
+            now + DEFAULT_REFRESH.max(DEFAULT_ASSUMED_LIFETIME),
+        ),
     }
 }
 
@@ -340,7 +396,11 @@ pub(crate) fn expiration_of(reply: &Map<String, Value>) -> Option<SystemTime> {
         _ => None,
     };
     reply.get("expiration").and_then(from_value).or_else(|| {
-        reply.get("creds").and_then(|c| c.get("expiry")).and_then(|v| v.as_u64()).and_then(unix_any)
+        reply
+            .get("creds")
+            .and_then(|c| c.get("expiry"))
+            .and_then(|v| v.as_u64())
+            .and_then(unix_any)
     })
 }
 
@@ -363,13 +423,24 @@ pub(crate) fn parse_time(s: &str) -> Option<SystemTime> {
     // Go appends a monotonic clock reading ("m=+1.2") to time.String(); drop it.
     let s = s.split(" m=").next()?;
     let b = s.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ' || b[10] == b't') {
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b' ' || b[10] == b't')
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if b[13] != b':' || b[16] != b':' || !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+    if b[13] != b':'
+        || b[16] != b':'
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || min > 59
+        || sec > 60
+    {
         return None;
     }
     let mut rest = &s[19..];
@@ -381,25 +452,27 @@ pub(crate) fn parse_time(s: &str) -> Option<SystemTime> {
         nanos = padded.parse().ok()?;
     }
     let rest = rest.trim();
-    let offset_secs: i64 = if rest.is_empty() || rest.eq_ignore_ascii_case("z") || rest.eq_ignore_ascii_case("utc") {
-        0
-    } else {
-        let tz = rest.split_whitespace().next()?; // "+0000 UTC" → "+0000"
-        if tz.eq_ignore_ascii_case("z") {
+    let offset_secs: i64 =
+        if rest.is_empty() || rest.eq_ignore_ascii_case("z") || rest.eq_ignore_ascii_case("utc") {
             0
         } else {
-            let sign = match tz.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let digits: String = tz[1..].chars().filter(|c| c.is_ascii_digit()).collect();
-            if digits.len() != 4 {
-                return None;
+            let tz = rest.split_whitespace().next()?; // "+0000 UTC" → "+0000"
+            if tz.eq_ignore_ascii_case("z") {
+                0
+            } else {
+                let sign = match tz.as_bytes()[0] {
+                    b'+' => 1,
+                    b'-' => -1,
+                    _ => return None,
+                };
+                let digits: String = tz[1..].chars().filter(|c| c.is_ascii_digit()).collect();
+                if digits.len() != 4 {
+                    return None;
+                }
+                sign * (digits[0..2].parse::<i64>().ok()? * 3600
+                    + digits[2..4].parse::<i64>().ok()? * 60)
             }
-            sign * (digits[0..2].parse::<i64>().ok()? * 3600 + digits[2..4].parse::<i64>().ok()? * 60)
-        }
-    };
+        };
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset_secs;
     let secs = u64::try_from(secs).ok()?;
@@ -439,10 +512,17 @@ mod tests {
         ] {
             assert_eq!(parse_time(s).map(unix), Some(want), "{s}");
         }
-        for s in ["", "tomorrow", "2026-13-02T03:04:05Z", "2026-01-02T03:04:05+0", "12"] {
+        for s in [
+            "",
+            "tomorrow",
+            "2026-13-02T03:04:05Z",
+            "2026-01-02T03:04:05+0",
+            "12",
+        ] {
             assert_eq!(parse_time(s), None, "{s}");
         }
-        let m: Map<String, Value> = serde_json::from_str(r#"{"token":"t","creds":{"expiry":1767323045}}"#).unwrap();
+        let m: Map<String, Value> =
+            serde_json::from_str(r#"{"token":"t","creds":{"expiry":1767323045}}"#).unwrap();
         assert_eq!(expiration_of(&m).map(unix), Some(want));
     }
 

@@ -58,8 +58,15 @@ impl From<BackendError> for CallError {
 /// One raw failure before classification.
 #[derive(Debug)]
 enum Raw {
-    Transport { timed_out: bool, text: String },
-    Http { status: u16, text: String, retry_after: Option<Duration> },
+    Transport {
+        timed_out: bool,
+        text: String,
+    },
+    Http {
+        status: u16,
+        text: String,
+        retry_after: Option<Duration>,
+    },
     BadBody(String),
 }
 
@@ -71,7 +78,10 @@ pub(crate) struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("base", &self.base).field("budget", &self.budget).finish()
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("budget", &self.budget)
+            .finish()
     }
 }
 
@@ -79,8 +89,9 @@ impl Client {
     /// `base` is the API URL (path prefixes such as `/api/v2` are kept). `budget` is the time one
     /// operation may take including retries.
     pub(crate) fn new(base: &str, budget: Duration) -> Result<Self, BackendError> {
-        let parsed = reqwest::Url::parse(base.trim())
-            .map_err(|e| BackendError::Config(format!("--akeyless-url {base:?} is not a URL: {e}")))?;
+        let parsed = reqwest::Url::parse(base.trim()).map_err(|e| {
+            BackendError::Config(format!("--akeyless-url {base:?} is not a URL: {e}"))
+        })?;
         match parsed.scheme() {
             "https" => {}
             "http" => tracing::warn!(
@@ -95,10 +106,14 @@ impl Client {
             }
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(BackendError::Config("--akeyless-url must not contain user credentials".into()));
+            return Err(BackendError::Config(
+                "--akeyless-url must not contain user credentials".into(),
+            ));
         }
         if budget < Duration::from_millis(50) {
-            return Err(BackendError::Config("--akeyless-timeout must be at least 50ms".into()));
+            return Err(BackendError::Config(
+                "--akeyless-timeout must be at least 50ms".into(),
+            ));
         }
         let http = reqwest::Client::builder()
             .user_agent(concat!("kms-plugin/", env!("CARGO_PKG_VERSION")))
@@ -106,7 +121,11 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Client { http, base: parsed.as_str().trim_end_matches('/').to_string(), budget })
+        Ok(Client {
+            http,
+            base: parsed.as_str().trim_end_matches('/').to_string(),
+            budget,
+        })
     }
 
     pub(crate) fn base(&self) -> &str {
@@ -139,7 +158,9 @@ impl Client {
                 Err(raw) => raw,
             };
             let class = classify(op, &raw, body, &self.base, command, per_attempt);
-            let CallError::Failed(err) = class else { return Err(class) };
+            let CallError::Failed(err) = class else {
+                return Err(class);
+            };
             if !err.is_transient() || attempt >= MAX_ATTEMPTS {
                 return Err(CallError::Failed(err));
             }
@@ -147,7 +168,8 @@ impl Client {
                 Raw::Http { retry_after, .. } => *retry_after,
                 _ => None,
             };
-            let delay = retry_after.unwrap_or_else(|| backoff(attempt, matches!(err, BackendError::Throttled(_))));
+            let delay = retry_after
+                .unwrap_or_else(|| backoff(attempt, matches!(err, BackendError::Throttled(_))));
             // Only wait if a retry still has a useful amount of time left after the pause.
             let left = deadline.saturating_duration_since(Instant::now());
             if delay + Duration::from_millis(20) >= left {
@@ -183,12 +205,18 @@ impl Client {
             .map(Duration::from_secs);
         let bytes = resp.bytes().await.map_err(|e| transport(&e))?;
         if !(200..300).contains(&status) {
-            return Err(Raw::Http { status, text: error_text(&bytes), retry_after });
+            return Err(Raw::Http {
+                status,
+                text: error_text(&bytes),
+                retry_after,
+            });
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(map),
             // Never echo the body of a success: it may carry a token.
-            Ok(_) => Err(Raw::BadBody(format!("/{command} answered with JSON that is not an object"))),
+            Ok(_) => Err(Raw::BadBody(format!(
+                "/{command} answered with JSON that is not an object"
+            ))),
             Err(_) => Err(Raw::BadBody(format!(
                 "/{command} answered HTTP {status} with a body that is not JSON ({} bytes); is \
                  --akeyless-url the API (or gateway /api/v2) address?",
@@ -205,7 +233,9 @@ fn attempt_timeout(budget: Duration) -> Duration {
 
 fn backoff(attempt: u32, throttled: bool) -> Duration {
     let base_ms: u64 = if throttled { 150 } else { 50 };
-    let exp = base_ms.saturating_mul(3u64.saturating_pow(attempt.saturating_sub(1))).min(600);
+    let exp = base_ms
+        .saturating_mul(3u64.saturating_pow(attempt.saturating_sub(1)))
+        .min(600);
     // Jitter in [0.5, 1.5) spreads the retries of many callers.
     let factor: f64 = rand::thread_rng().gen_range(0.5..1.5);
     Duration::from_millis((exp as f64 * factor) as u64)
@@ -220,7 +250,10 @@ fn transport(e: &reqwest::Error) -> Raw {
         text.push_str(&s.to_string());
         src = s.source();
     }
-    Raw::Transport { timed_out: e.is_timeout(), text }
+    Raw::Transport {
+        timed_out: e.is_timeout(),
+        text,
+    }
 }
 
 /// The server's error text from a body in any of the shapes seen: `{"error": ...}`,
@@ -252,7 +285,10 @@ pub(crate) fn error_text(body: &[u8]) -> String {
 
 /// Shortens server text and removes anything we sent as a credential, in case the server echoed it.
 fn sanitize(text: &str, sent: &Map<String, Value>) -> String {
-    let mut t: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let mut t: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     for field in SECRET_FIELDS {
         if let Some(Value::String(s)) = sent.get(*field) {
             if s.len() >= 4 {
@@ -281,11 +317,18 @@ fn key_name_of(sent: &Map<String, Value>) -> String {
     }
 }
 
-fn classify(op: Op, raw: &Raw, sent: &Map<String, Value>, base: &str, command: &str, waited: Duration) -> CallError {
+fn classify(
+    op: Op,
+    raw: &Raw,
+    sent: &Map<String, Value>,
+    base: &str,
+    command: &str,
+    waited: Duration,
+) -> CallError {
     let (status, text) = match raw {
-        Raw::Transport { timed_out: true, .. } => {
-            return CallError::Failed(BackendError::Timeout(waited))
-        }
+        Raw::Transport {
+            timed_out: true, ..
+        } => return CallError::Failed(BackendError::Timeout(waited)),
         Raw::Transport { text, .. } => {
             return CallError::Failed(BackendError::Unavailable(format!(
                 "cannot reach Akeyless at {base}: {}",
@@ -297,13 +340,30 @@ fn classify(op: Op, raw: &Raw, sent: &Map<String, Value>, base: &str, command: &
     };
     let lower = text.to_ascii_lowercase();
     let what = format!("/{command} HTTP {status}: {text}");
-    if status == 429 || (status >= 500 && any(&lower, &["rate limit", "too many requests", "throttl"])) {
+    if status == 429
+        || (status >= 500 && any(&lower, &["rate limit", "too many requests", "throttl"]))
+    {
         return CallError::Failed(BackendError::Throttled(what));
     }
     let token_hint = any(
         &lower,
-        &["token expired", "token is expired", "expired token", "invalid token", "token is invalid", "token not valid", "token revoked", "token is not valid", "malformed token", "auth token"],
-    ) || (lower.contains("token") && any(&lower, &["expired", "revoked", "invalid", "not valid", "unauthorized"]));
+        &[
+            "token expired",
+            "token is expired",
+            "expired token",
+            "invalid token",
+            "token is invalid",
+            "token not valid",
+            "token revoked",
+            "token is not valid",
+            "malformed token",
+            "auth token",
+        ],
+    ) || (lower.contains("token")
+        && any(
+            &lower,
+            &["expired", "revoked", "invalid", "not valid", "unauthorized"],
+        ));
     if status >= 500 {
         if token_hint && op != Op::Auth && op != Op::UidRotate {
             return CallError::TokenRejected(what);
@@ -312,9 +372,24 @@ fn classify(op: Op, raw: &Raw, sent: &Map<String, Value>, base: &str, command: &
     }
     match op {
         Op::Auth => {
-            let msg = if any(&lower, &["access id", "access-id", "accessid", "auth method"]) && any(&lower, &["not found", "does not exist", "not exist", "unknown", "invalid"]) {
+            let msg = if any(
+                &lower,
+                &["access id", "access-id", "accessid", "auth method"],
+            ) && any(
+                &lower,
+                &[
+                    "not found",
+                    "does not exist",
+                    "not exist",
+                    "unknown",
+                    "invalid",
+                ],
+            ) {
                 format!("unknown access id (the auth method does not exist): {what}")
-            } else if any(&lower, &["access key", "access-key", "signature", "credential"]) {
+            } else if any(
+                &lower,
+                &["access key", "access-key", "signature", "credential"],
+            ) {
                 format!("wrong access key or credentials: {what}")
             } else {
                 format!("credentials rejected: {what}")
@@ -326,19 +401,54 @@ fn classify(op: Op, raw: &Raw, sent: &Map<String, Value>, base: &str, command: &
         ))),
         Op::Describe | Op::Encrypt | Op::Decrypt => {
             let key = key_name_of(sent);
-            if token_hint || (status == 401 && !any(&lower, &["permission", "access denied", "not allowed"])) {
+            if token_hint
+                || (status == 401 && !any(&lower, &["permission", "access denied", "not allowed"]))
+            {
                 return CallError::TokenRejected(what);
             }
-            if any(&lower, &["disabled", "not enabled", "is not active", "inactive", "suspended"]) {
-                return CallError::Failed(BackendError::KeyDisabled(format!("Akeyless key {key:?}: {what}")));
+            if any(
+                &lower,
+                &[
+                    "disabled",
+                    "not enabled",
+                    "is not active",
+                    "inactive",
+                    "suspended",
+                ],
+            ) {
+                return CallError::Failed(BackendError::KeyDisabled(format!(
+                    "Akeyless key {key:?}: {what}"
+                )));
             }
             if status == 404
-                || any(&lower, &["not found", "does not exist", "not exist", "no such", "deleted", "no item"])
+                || any(
+                    &lower,
+                    &[
+                        "not found",
+                        "does not exist",
+                        "not exist",
+                        "no such",
+                        "deleted",
+                        "no item",
+                    ],
+                )
             {
-                return CallError::Failed(BackendError::KeyNotFound(format!("Akeyless key {key:?}: {what}")));
+                return CallError::Failed(BackendError::KeyNotFound(format!(
+                    "Akeyless key {key:?}: {what}"
+                )));
             }
             if status == 403
-                || any(&lower, &["permission", "access denied", "not allowed", "forbidden", "unauthorized", "not authorized"])
+                || any(
+                    &lower,
+                    &[
+                        "permission",
+                        "access denied",
+                        "not allowed",
+                        "forbidden",
+                        "unauthorized",
+                        "not authorized",
+                    ],
+                )
             {
                 return CallError::Failed(BackendError::PermissionDenied(format!(
                     "Akeyless key {key:?}: {what}; the auth method needs encrypt, decrypt and read (describe) on this key"
@@ -357,11 +467,18 @@ mod tests {
     use super::*;
 
     fn http(status: u16, text: &str) -> Raw {
-        Raw::Http { status, text: text.into(), retry_after: None }
+        Raw::Http {
+            status,
+            text: text.into(),
+            retry_after: None,
+        }
     }
 
     fn body(pairs: &[(&str, &str)]) -> Map<String, Value> {
-        pairs.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect()
     }
 
     fn failed(c: CallError) -> BackendError {
@@ -374,7 +491,10 @@ mod tests {
     #[test]
     fn parses_error_bodies_tolerantly() {
         assert_eq!(error_text(br#"{"error":"boom"}"#), "boom");
-        assert_eq!(error_text(br#"{"error":"boom","message":"more"}"#), "boom: more");
+        assert_eq!(
+            error_text(br#"{"error":"boom","message":"more"}"#),
+            "boom: more"
+        );
         assert_eq!(error_text(br#"{"error":"same","message":"same"}"#), "same");
         assert_eq!(error_text(br#"{"message":"only"}"#), "only");
         assert_eq!(error_text(b"plain text\n"), "plain text");
@@ -387,27 +507,68 @@ mod tests {
     fn classifies_key_states_and_status_codes() {
         let b = body(&[("key-name", "/k"), ("token", "t-secret-token-value")]);
         let c = |op, raw| classify(op, &raw, &b, "https://x", "encrypt", Duration::from_secs(1));
-        assert!(matches!(failed(c(Op::Encrypt, http(400, "key is disabled"))), BackendError::KeyDisabled(_)));
-        assert!(matches!(failed(c(Op::Encrypt, http(404, ""))), BackendError::KeyNotFound(_)));
-        assert!(matches!(failed(c(Op::Encrypt, http(400, "Item not found"))), BackendError::KeyNotFound(_)));
-        assert!(matches!(failed(c(Op::Encrypt, http(403, ""))), BackendError::PermissionDenied(_)));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(400, "key is disabled"))),
+            BackendError::KeyDisabled(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(404, ""))),
+            BackendError::KeyNotFound(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(400, "Item not found"))),
+            BackendError::KeyNotFound(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(403, ""))),
+            BackendError::PermissionDenied(_)
+        ));
         assert!(matches!(
             failed(c(Op::Encrypt, http(401, "permission denied on item"))),
             BackendError::PermissionDenied(_)
         ));
-        assert!(matches!(c(Op::Encrypt, http(401, "")), CallError::TokenRejected(_)));
-        assert!(matches!(c(Op::Describe, http(400, "token expired")), CallError::TokenRejected(_)));
-        assert!(matches!(c(Op::Describe, http(500, "Token is expired")), CallError::TokenRejected(_)));
-        assert!(matches!(failed(c(Op::Encrypt, http(503, "down"))), BackendError::Unavailable(_)));
-        assert!(matches!(failed(c(Op::Encrypt, http(429, ""))), BackendError::Throttled(_)));
-        assert!(matches!(failed(c(Op::Decrypt, http(400, "failed to decrypt"))), BackendError::InvalidCiphertext(_)));
-        assert!(matches!(failed(c(Op::Auth, http(401, "access id not found"))), BackendError::Authentication(m) if m.contains("unknown access id")));
         assert!(matches!(
-            failed(c(Op::Encrypt, Raw::Transport { timed_out: true, text: String::new() })),
+            c(Op::Encrypt, http(401, "")),
+            CallError::TokenRejected(_)
+        ));
+        assert!(matches!(
+            c(Op::Describe, http(400, "token expired")),
+            CallError::TokenRejected(_)
+        ));
+        assert!(matches!(
+            c(Op::Describe, http(500, "Token is expired")),
+            CallError::TokenRejected(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(503, "down"))),
+            BackendError::Unavailable(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(429, ""))),
+            BackendError::Throttled(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Decrypt, http(400, "failed to decrypt"))),
+            BackendError::InvalidCiphertext(_)
+        ));
+        assert!(
+            matches!(failed(c(Op::Auth, http(401, "access id not found"))), BackendError::Authentication(m) if m.contains("unknown access id"))
+        );
+        assert!(matches!(
+            failed(c(
+                Op::Encrypt,
+                Raw::Transport {
+                    timed_out: true,
+                    text: String::new()
+                }
+            )),
             BackendError::Timeout(_)
         ));
         // A server that echoes our token gets it redacted.
-        let e = failed(c(Op::Encrypt, http(400, "bad token t-secret-token-value here, item not found")));
+        let e = failed(c(
+            Op::Encrypt,
+            http(400, "bad token t-secret-token-value here, item not found"),
+        ));
         assert!(!e.to_string().contains("t-secret-token-value"), "{e}");
     }
 

@@ -50,7 +50,11 @@ pub enum AccessType {
     AzureAd,
     #[value(name = "gcp")]
     Gcp,
-    #[value(name = "universal_identity", alias = "universal-identity", alias = "uid")]
+    #[value(
+        name = "universal_identity",
+        alias = "universal-identity",
+        alias = "uid"
+    )]
     UniversalIdentity,
     #[value(name = "k8s", alias = "kubernetes")]
     K8s,
@@ -119,7 +123,11 @@ pub struct AkeylessArgs {
 
     /// Auth method type. When absent: access key given → access_key, UID token given →
     /// universal_identity, otherwise the cloud the plugin runs in is detected.
-    #[arg(long = "akeyless-access-type", env = "KMS_PLUGIN_AKEYLESS_ACCESS_TYPE", value_enum)]
+    #[arg(
+        long = "akeyless-access-type",
+        env = "KMS_PLUGIN_AKEYLESS_ACCESS_TYPE",
+        value_enum
+    )]
     pub access_type: Option<AccessType>,
 
     /// Name of the AES256GCM key that wraps the plugin's local KEKs (e.g. /k8s/kms-kek).
@@ -127,12 +135,18 @@ pub struct AkeylessArgs {
     pub key_name: Option<String>,
 
     /// File holding the access key (access_key auth). Or env KMS_PLUGIN_AKEYLESS_ACCESS_KEY.
-    #[arg(long = "akeyless-access-key-file", env = "KMS_PLUGIN_AKEYLESS_ACCESS_KEY_FILE")]
+    #[arg(
+        long = "akeyless-access-key-file",
+        env = "KMS_PLUGIN_AKEYLESS_ACCESS_KEY_FILE"
+    )]
     pub access_key_file: Option<PathBuf>,
 
     /// File holding the initial Universal Identity token. Or env KMS_PLUGIN_AKEYLESS_UID_TOKEN.
     /// Rotated tokens are kept in <state-dir>/akeyless-uid-token and preferred on restart.
-    #[arg(long = "akeyless-uid-token-file", env = "KMS_PLUGIN_AKEYLESS_UID_TOKEN_FILE")]
+    #[arg(
+        long = "akeyless-uid-token-file",
+        env = "KMS_PLUGIN_AKEYLESS_UID_TOKEN_FILE"
+    )]
     pub uid_token_file: Option<PathBuf>,
 
     /// How long a Universal Identity token lives; the plugin rotates it at half this time.
@@ -140,7 +154,10 @@ pub struct AkeylessArgs {
     pub uid_ttl: Duration,
 
     /// Object ID of the Azure managed identity (azure_ad auth, optional).
-    #[arg(long = "akeyless-azure-object-id", env = "KMS_PLUGIN_AKEYLESS_AZURE_OBJECT_ID")]
+    #[arg(
+        long = "akeyless-azure-object-id",
+        env = "KMS_PLUGIN_AKEYLESS_AZURE_OBJECT_ID"
+    )]
     pub azure_object_id: Option<String>,
 
     /// Audience of the GCP identity token (gcp auth).
@@ -148,7 +165,10 @@ pub struct AkeylessArgs {
     pub gcp_audience: String,
 
     /// Name of the Akeyless Kubernetes auth config (k8s auth).
-    #[arg(long = "akeyless-k8s-auth-config-name", env = "KMS_PLUGIN_AKEYLESS_K8S_AUTH_CONFIG_NAME")]
+    #[arg(
+        long = "akeyless-k8s-auth-config-name",
+        env = "KMS_PLUGIN_AKEYLESS_K8S_AUTH_CONFIG_NAME"
+    )]
     pub k8s_auth_config_name: Option<String>,
 
     /// Service-account token presented for k8s auth (re-read at every authentication).
@@ -262,10 +282,9 @@ impl AkeylessArgs {
         }
         if self.access_type.is_none() {
             if let Some(v) = non_empty(env("AKEYLESS_ACCESS_TYPE")) {
-                self.access_type = Some(
-                    AccessType::parse_loose(&v)
-                        .ok_or_else(|| format!("AKEYLESS_ACCESS_TYPE={v:?} is not a known access type"))?,
-                );
+                self.access_type = Some(AccessType::parse_loose(&v).ok_or_else(|| {
+                    format!("AKEYLESS_ACCESS_TYPE={v:?} is not a known access type")
+                })?);
             }
         }
         if self.azure_object_id.is_none() {
@@ -316,16 +335,24 @@ mod tests {
         assert_eq!(a.timeout, Duration::from_secs(2));
         assert_eq!(
             a.encryption_context,
-            vec![("cluster".into(), "prod".into()), ("team".into(), "a=b".into())]
+            vec![
+                ("cluster".into(), "prod".into()),
+                ("team".into(), "a=b".into())
+            ]
         );
-        a.load_secrets_with(|k| (k == "KMS_PLUGIN_AKEYLESS_ACCESS_KEY").then(|| "SECRETKEY".into()));
+        a.load_secrets_with(|k| {
+            (k == "KMS_PLUGIN_AKEYLESS_ACCESS_KEY").then(|| "SECRETKEY".into())
+        });
         assert!(!format!("{a:?}").contains("SECRETKEY"));
         assert_eq!(a.access_key.as_ref().unwrap().expose(), "SECRETKEY");
     }
 
     #[test]
     fn legacy_env_fills_only_unset() {
-        let mut a = AkeylessArgs { key_name: Some("explicit".into()), ..Default::default() };
+        let mut a = AkeylessArgs {
+            key_name: Some("explicit".into()),
+            ..Default::default()
+        };
         a.apply_legacy_env(|k| {
             Some(
                 match k {
@@ -349,6 +376,8 @@ mod tests {
         assert_eq!(a.gcp_audience, "aud");
         assert_eq!(a.uid_token.as_ref().unwrap().expose(), "u-1");
         let mut b = AkeylessArgs::default();
-        assert!(b.apply_legacy_env(|k| (k == "AKEYLESS_ACCESS_TYPE").then(|| "bogus".into())).is_err());
+        assert!(b
+            .apply_legacy_env(|k| (k == "AKEYLESS_ACCESS_TYPE").then(|| "bogus".into()))
+            .is_err());
     }
 }

@@ -71,20 +71,28 @@ fn missing(what: &str, flag: &str, env: &str) -> BackendError {
 }
 
 fn read_file_secret(path: &PathBuf, what: &str) -> Result<Secret, BackendError> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| BackendError::Config(format!("cannot read the {what} file {}: {e}", path.display())))?,
-    );
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        BackendError::Config(format!(
+            "cannot read the {what} file {}: {e}",
+            path.display()
+        ))
+    })?);
     let s = Secret::new(text.trim());
     if s.is_empty() {
-        return Err(BackendError::Config(format!("the {what} file {} is empty", path.display())));
+        return Err(BackendError::Config(format!(
+            "the {what} file {} is empty",
+            path.display()
+        )));
     }
     Ok(s)
 }
 
 impl AkeylessBackend {
     /// Connects with the default cloud identity provider. See [`AkeylessBackend::connect_with`].
-    pub async fn connect(args: &AkeylessArgs, state_dir: Option<PathBuf>) -> Result<Self, BackendError> {
+    pub async fn connect(
+        args: &AkeylessArgs,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self, BackendError> {
         Self::connect_with(args, state_dir, auth::default_cloud_id_provider()).await
     }
 
@@ -99,9 +107,17 @@ impl AkeylessBackend {
             .key_name
             .clone()
             .filter(|k| !k.trim().is_empty())
-            .ok_or_else(|| missing("the Akeyless key name", "--akeyless-key-name", "KMS_PLUGIN_AKEYLESS_KEY_NAME"))?;
+            .ok_or_else(|| {
+                missing(
+                    "the Akeyless key name",
+                    "--akeyless-key-name",
+                    "KMS_PLUGIN_AKEYLESS_KEY_NAME",
+                )
+            })?;
         if key_name.len() > MAX_KEY_NAME {
-            return Err(BackendError::Config(format!("Akeyless key name is longer than {MAX_KEY_NAME} bytes")));
+            return Err(BackendError::Config(format!(
+                "Akeyless key name is longer than {MAX_KEY_NAME} bytes"
+            )));
         }
         let client = Arc::new(Client::new(&args.url, args.timeout)?);
         let slow = || Instant::now() + SLOW_BUDGET.max(args.timeout);
@@ -132,8 +148,17 @@ impl AkeylessBackend {
             })?,
         };
         let needs_id = access_type != AccessType::UniversalIdentity;
-        if needs_id && args.access_id.as_deref().is_none_or(|s| s.trim().is_empty()) {
-            return Err(missing("the Akeyless access id", "--akeyless-access-id", "KMS_PLUGIN_AKEYLESS_ACCESS_ID"));
+        if needs_id
+            && args
+                .access_id
+                .as_deref()
+                .is_none_or(|s| s.trim().is_empty())
+        {
+            return Err(missing(
+                "the Akeyless access id",
+                "--akeyless-access-id",
+                "KMS_PLUGIN_AKEYLESS_ACCESS_ID",
+            ));
         }
         let mut uid_state = None;
         let method = match access_type {
@@ -183,12 +208,25 @@ impl AkeylessBackend {
                 },
             },
         };
-        let tokens = Arc::new(TokenManager::new(client.clone(), args.access_id.clone(), method));
+        let tokens = Arc::new(TokenManager::new(
+            client.clone(),
+            args.access_id.clone(),
+            method,
+        ));
         let context = (!args.encryption_context.is_empty()).then(|| {
-            args.encryption_context.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()
+            args.encryption_context
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect()
         });
-        let mut backend =
-            AkeylessBackend { key_name, client: client.clone(), tokens: tokens.clone(), uid: uid_state, context, tasks: Vec::new() };
+        let mut backend = AkeylessBackend {
+            key_name,
+            client: client.clone(),
+            tokens: tokens.clone(),
+            uid: uid_state,
+            context,
+            tasks: Vec::new(),
+        };
 
         // 1. authenticate
         tokens.get(slow()).await?;
@@ -202,7 +240,10 @@ impl AkeylessBackend {
                 )))
             }
             Some(t) if !t.to_ascii_uppercase().contains("GCM") => {
-                tracing::warn!(item_type = t, "the Akeyless key is not AES-GCM; AES256GCM is recommended")
+                tracing::warn!(
+                    item_type = t,
+                    "the Akeyless key is not AES-GCM; AES256GCM is recommended"
+                )
             }
             _ => {}
         }
@@ -210,16 +251,27 @@ impl AkeylessBackend {
         // 3. one round trip
         let probe = Zeroizing::new(rand::random::<[u8; 32]>());
         let wrapped = backend.encrypt(&probe[..], slow()).await?;
-        let back = backend.decrypt(&backend.key_name.clone(), &wrapped, slow()).await?;
+        let back = backend
+            .decrypt(&backend.key_name.clone(), &wrapped, slow())
+            .await?;
         if back[..] != probe[..] {
-            return Err(BackendError::Other("the start-up round trip through Akeyless returned different data".into()));
+            return Err(BackendError::Other(
+                "the start-up round trip through Akeyless returned different data".into(),
+            ));
         }
         tracing::info!(url = backend.client.base(), key_id = %id.key_id, "Akeyless backend ready");
 
-        backend.tasks.push(tokio::spawn(renew_tokens(Arc::downgrade(&tokens))).abort_handle());
+        backend
+            .tasks
+            .push(tokio::spawn(renew_tokens(Arc::downgrade(&tokens))).abort_handle());
         if let Some(uid) = &backend.uid {
             backend.tasks.push(
-                tokio::spawn(rotate_uid(Arc::downgrade(uid), Arc::downgrade(&tokens), client.clone())).abort_handle(),
+                tokio::spawn(rotate_uid(
+                    Arc::downgrade(uid),
+                    Arc::downgrade(&tokens),
+                    client.clone(),
+                ))
+                .abort_handle(),
             );
         }
         Ok(backend)
@@ -232,7 +284,10 @@ impl AkeylessBackend {
 
     /// Rotates the Universal Identity token now (for tests and an operator endpoint).
     pub async fn rotate_uid_token(&self) -> Result<(), BackendError> {
-        let uid = self.uid.as_ref().ok_or_else(|| BackendError::Config("not using Universal Identity".into()))?;
+        let uid = self
+            .uid
+            .as_ref()
+            .ok_or_else(|| BackendError::Config("not using Universal Identity".into()))?;
         let _flight = self.tokens.flight().lock().await;
         uid.rotate(&self.client, Instant::now() + SLOW_BUDGET).await
     }
@@ -260,7 +315,9 @@ impl AkeylessBackend {
                     reauthenticated = true;
                 }
                 Err(CallError::TokenRejected(msg)) => {
-                    return Err(BackendError::Authentication(format!("Akeyless rejected a fresh token: {msg}")))
+                    return Err(BackendError::Authentication(format!(
+                        "Akeyless rejected a fresh token: {msg}"
+                    )))
                 }
             }
         }
@@ -269,7 +326,9 @@ impl AkeylessBackend {
     async fn describe(&self, deadline: Instant) -> Result<Map<String, Value>, BackendError> {
         let mut body = Map::new();
         body.insert("name".into(), Value::String(self.key_name.clone()));
-        let item = self.authed(Op::Describe, "describe-item", body, deadline).await?;
+        let item = self
+            .authed(Op::Describe, "describe-item", body, deadline)
+            .await?;
         check_state(&self.key_name, &item)?;
         Ok(item)
     }
@@ -287,13 +346,21 @@ impl AkeylessBackend {
         let reply = reply?;
         match reply.get("result") {
             Some(Value::String(c)) if !c.is_empty() => Ok(c.as_bytes().to_vec()),
-            _ => Err(BackendError::Other("/encrypt answered without a ciphertext".into())),
+            _ => Err(BackendError::Other(
+                "/encrypt answered without a ciphertext".into(),
+            )),
         }
     }
 
-    async fn decrypt(&self, key_name: &str, ciphertext: &[u8], deadline: Instant) -> Result<SecretBytes, BackendError> {
-        let text = std::str::from_utf8(ciphertext)
-            .map_err(|_| BackendError::InvalidCiphertext("not an Akeyless ciphertext (not text)".into()))?;
+    async fn decrypt(
+        &self,
+        key_name: &str,
+        ciphertext: &[u8],
+        deadline: Instant,
+    ) -> Result<SecretBytes, BackendError> {
+        let text = std::str::from_utf8(ciphertext).map_err(|_| {
+            BackendError::InvalidCiphertext("not an Akeyless ciphertext (not text)".into())
+        })?;
         if text.trim().is_empty() {
             return Err(BackendError::InvalidCiphertext("empty ciphertext".into()));
         }
@@ -307,11 +374,15 @@ impl AkeylessBackend {
         let mut reply = self.authed(Op::Decrypt, "decrypt", body, deadline).await?;
         let result = match reply.remove("result") {
             Some(Value::String(s)) => Zeroizing::new(s),
-            _ => return Err(BackendError::Other("/decrypt answered without a result".into())),
+            _ => {
+                return Err(BackendError::Other(
+                    "/decrypt answered without a result".into(),
+                ))
+            }
         };
-        let plain = B64
-            .decode(result.trim())
-            .map_err(|_| BackendError::Other("/decrypt answered with a result that is not base64".into()))?;
+        let plain = B64.decode(result.trim()).map_err(|_| {
+            BackendError::Other("/decrypt answered with a result that is not base64".into())
+        })?;
         Ok(Zeroizing::new(plain))
     }
 
@@ -323,15 +394,21 @@ impl AkeylessBackend {
 /// Disabled or deleted keys, as `/describe-item` reports them.
 fn check_state(name: &str, item: &Map<String, Value>) -> Result<(), BackendError> {
     if item.get("is_enabled").and_then(Value::as_bool) == Some(false) {
-        return Err(BackendError::KeyDisabled(format!("Akeyless key {name:?} is disabled")));
+        return Err(BackendError::KeyDisabled(format!(
+            "Akeyless key {name:?} is disabled"
+        )));
     }
     if let Some(state) = item.get("item_state").and_then(Value::as_str) {
         let s = state.to_ascii_lowercase();
         if s.contains("delet") || s.contains("destroy") {
-            return Err(BackendError::KeyNotFound(format!("Akeyless key {name:?} is {state}")));
+            return Err(BackendError::KeyNotFound(format!(
+                "Akeyless key {name:?} is {state}"
+            )));
         }
         if s.contains("disabled") || s.contains("suspend") {
-            return Err(BackendError::KeyDisabled(format!("Akeyless key {name:?} is {state}")));
+            return Err(BackendError::KeyDisabled(format!(
+                "Akeyless key {name:?} is {state}"
+            )));
         }
     }
     Ok(())
@@ -339,26 +416,46 @@ fn check_state(name: &str, item: &Map<String, Value>) -> Result<(), BackendError
 
 /// key_id = `<name>@<item_id>:v<last_version>`; the name is cut to keep the id bounded.
 fn identity(name: &str, item: &Map<String, Value>) -> Result<KeyIdentity, BackendError> {
-    let version = item.get("last_version").and_then(Value::as_u64).or_else(|| {
-        item.get("item_versions")?.as_array()?.iter().filter_map(|v| v.get("version")?.as_u64()).max()
+    let version = item
+        .get("last_version")
+        .and_then(Value::as_u64)
+        .or_else(|| {
+            item.get("item_versions")?
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.get("version")?.as_u64())
+                .max()
+        });
+    let item_id = item.get("item_id").and_then(|v| {
+        v.as_u64()
+            .map(|n| n.to_string())
+            .or(v.as_str().map(String::from))
     });
-    let item_id = item.get("item_id").and_then(|v| v.as_u64().map(|n| n.to_string()).or(v.as_str().map(String::from)));
     let short: String = name.chars().take(200).collect();
     let mut key_id = short;
     if let Some(id) = item_id {
         key_id.push('@');
-        key_id.extend(id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40));
+        key_id.extend(
+            id.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(40),
+        );
     }
     if let Some(v) = version {
         key_id.push_str(&format!(":v{v}"));
     }
-    Ok(KeyIdentity { key_id, key_ref: name.to_string() })
+    Ok(KeyIdentity {
+        key_id,
+        key_ref: name.to_string(),
+    })
 }
 
 /// Background: renew the token before it expires.
 async fn renew_tokens(tokens: Weak<TokenManager>) {
     loop {
-        let Some(at) = tokens.upgrade().map(|t| t.next_check()) else { return };
+        let Some(at) = tokens.upgrade().map(|t| t.next_check()) else {
+            return;
+        };
         tokio::time::sleep_until(at).await;
         let Some(t) = tokens.upgrade() else { return };
         if let Err(e) = t.get(Instant::now() + SLOW_BUDGET).await {
@@ -372,7 +469,9 @@ async fn rotate_uid(uid: Weak<UidState>, tokens: Weak<TokenManager>, client: Arc
     let mut wait = uid.upgrade().map(|u| u.interval()).unwrap_or_default();
     loop {
         tokio::time::sleep(wait).await;
-        let (Some(u), Some(t)) = (uid.upgrade(), tokens.upgrade()) else { return };
+        let (Some(u), Some(t)) = (uid.upgrade(), tokens.upgrade()) else {
+            return;
+        };
         let _flight = t.flight().lock().await;
         wait = match u.rotate(&client, Instant::now() + SLOW_BUDGET).await {
             Ok(()) => u.interval(),
@@ -397,12 +496,17 @@ impl Backend for AkeylessBackend {
 
     async fn wrap(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
         let ciphertext = self.encrypt(plaintext, self.deadline()).await?;
-        Ok(WrappedKey { key_ref: self.key_name.clone(), ciphertext })
+        Ok(WrappedKey {
+            key_ref: self.key_name.clone(),
+            ciphertext,
+        })
     }
 
     async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError> {
         if key_ref.is_empty() || key_ref.len() > MAX_KEY_NAME {
-            return Err(BackendError::KeyNotFound("invalid Akeyless key name in the ciphertext".into()));
+            return Err(BackendError::KeyNotFound(
+                "invalid Akeyless key name in the ciphertext".into(),
+            ));
         }
         self.decrypt(key_ref, ciphertext, self.deadline()).await
     }
@@ -421,18 +525,38 @@ mod tests {
         let id = identity("/k8s/kek", &map(r#"{"item_id": 1234, "last_version": 3}"#)).unwrap();
         assert_eq!(id.key_id, "/k8s/kek@1234:v3");
         assert_eq!(id.key_ref, "/k8s/kek");
-        let id = identity("k", &map(r#"{"item_versions": [{"version": 1}, {"version": 2}]}"#)).unwrap();
+        let id = identity(
+            "k",
+            &map(r#"{"item_versions": [{"version": 1}, {"version": 2}]}"#),
+        )
+        .unwrap();
         assert_eq!(id.key_id, "k:v2");
         let long = "n".repeat(255);
-        assert!(identity(&long, &map(r#"{"item_id": 1, "last_version": 1}"#)).unwrap().key_id.len() < 260);
+        assert!(
+            identity(&long, &map(r#"{"item_id": 1, "last_version": 1}"#))
+                .unwrap()
+                .key_id
+                .len()
+                < 260
+        );
     }
 
     #[test]
     fn key_states() {
-        assert!(check_state("k", &map(r#"{"is_enabled": true, "item_state": "Enabled"}"#)).is_ok());
-        assert!(matches!(check_state("k", &map(r#"{"is_enabled": false}"#)), Err(BackendError::KeyDisabled(_))));
+        assert!(check_state(
+            "k",
+            &map(r#"{"is_enabled": true, "item_state": "Enabled"}"#)
+        )
+        .is_ok());
         assert!(matches!(
-            check_state("k", &map(r#"{"is_enabled": true, "item_state": "PendingDeletion"}"#)),
+            check_state("k", &map(r#"{"is_enabled": false}"#)),
+            Err(BackendError::KeyDisabled(_))
+        ));
+        assert!(matches!(
+            check_state(
+                "k",
+                &map(r#"{"is_enabled": true, "item_state": "PendingDeletion"}"#)
+            ),
             Err(BackendError::KeyNotFound(_))
         ));
     }

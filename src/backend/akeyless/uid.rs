@@ -31,7 +31,10 @@ pub(crate) struct UidState {
 
 impl std::fmt::Debug for UidState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UidState").field("path", &self.path).field("ttl", &self.ttl).finish_non_exhaustive()
+        f.debug_struct("UidState")
+            .field("path", &self.path)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,7 +54,11 @@ impl UidState {
     }
 
     /// Rotates now and persists the new token. On failure the old token stays.
-    pub(crate) async fn rotate(&self, client: &Client, deadline: Instant) -> Result<(), BackendError> {
+    pub(crate) async fn rotate(
+        &self,
+        client: &Client,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
         let old = self.current();
         let new = rotate_token(client, &old, deadline).await?;
         self.install(new);
@@ -61,7 +68,9 @@ impl UidState {
     fn install(&self, new: Secret) {
         if let Some(path) = &self.path {
             match persist(path, &new) {
-                Ok(()) => tracing::info!(path = %path.display(), "rotated the Akeyless Universal Identity token and saved it"),
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "rotated the Akeyless Universal Identity token and saved it")
+                }
                 Err(e) => tracing::error!(
                     path = %path.display(),
                     error = %e,
@@ -115,7 +124,11 @@ impl UidState {
         for (source, token) in candidates {
             match rotate_token(client, &token, deadline).await {
                 Ok(new) => {
-                    let state = UidState { current: Mutex::new(token), path, ttl };
+                    let state = UidState {
+                        current: Mutex::new(token),
+                        path,
+                        ttl,
+                    };
                     state.install(new);
                     return Ok(state);
                 }
@@ -135,13 +148,23 @@ impl UidState {
 }
 
 /// Calls `/uid-rotate-token` and returns the new token.
-async fn rotate_token(client: &Client, token: &Secret, deadline: Instant) -> Result<Secret, BackendError> {
+async fn rotate_token(
+    client: &Client,
+    token: &Secret,
+    deadline: Instant,
+) -> Result<Secret, BackendError> {
     let mut body = Map::new();
-    body.insert("uid-token".into(), Value::String(token.expose().to_string()));
-    let reply = client.call(Op::UidRotate, "uid-rotate-token", &body, deadline).await.map_err(|e| match e {
-        CallError::Failed(e) => e,
-        CallError::TokenRejected(m) => BackendError::Authentication(m),
-    })?;
+    body.insert(
+        "uid-token".into(),
+        Value::String(token.expose().to_string()),
+    );
+    let reply = client
+        .call(Op::UidRotate, "uid-rotate-token", &body, deadline)
+        .await
+        .map_err(|e| match e {
+            CallError::Failed(e) => e,
+            CallError::TokenRejected(m) => BackendError::Authentication(m),
+        })?;
     // Current servers answer `token`; accept the spellings older ones used too.
     ["token", "uid-token", "uid_token"]
         .iter()
@@ -159,7 +182,10 @@ fn load(path: &Path) -> Result<Option<Secret>, BackendError> {
             Ok((!t.is_empty()).then_some(t))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(BackendError::Config(format!("cannot read the saved UID token {}: {e}", path.display()))),
+        Err(e) => Err(BackendError::Config(format!(
+            "cannot read the saved UID token {}: {e}",
+            path.display()
+        ))),
     }
 }
 
