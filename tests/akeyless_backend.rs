@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest};
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
 use kms_plugin::backend::{Backend, BackendError};
 use serde_json::{json, Value};
@@ -736,4 +737,46 @@ async fn drop_in_environment_of_the_original_plugin() {
         &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
         b"legacy"
     );
+}
+
+/// Stands in for the cloud-identity module: fixed cloud-ids, detection says GCP.
+#[derive(Debug)]
+struct TestCloud;
+
+#[async_trait::async_trait]
+impl CloudIdProvider for TestCloud {
+    async fn cloud_id(&self, req: &CloudIdRequest) -> Result<String, BackendError> {
+        Ok(format!("cloud-id-for-{}-{}", req.kind, req.gcp_audience))
+    }
+    async fn detect(&self) -> Option<AccessType> {
+        Some(AccessType::Gcp)
+    }
+}
+
+#[tokio::test]
+async fn cloud_identities_go_through_the_provider_hook() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let aws = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::AwsIam),
+        ..fake.args()
+    };
+    AkeylessBackend::connect_with(&aws, None, Arc::new(TestCloud))
+        .await
+        .expect("aws_iam via the hook");
+    // Nothing configured: detection picks the cloud.
+    let detect = AkeylessArgs {
+        access_key: None,
+        gcp_audience: "my-aud".into(),
+        ..fake.args()
+    };
+    AkeylessBackend::connect_with(&detect, None, Arc::new(TestCloud))
+        .await
+        .expect("detected gcp");
+    let records = fake.control("stats", json!({})).await["auth_records"].clone();
+    assert_eq!(records[0]["access_type"], "aws_iam");
+    assert_eq!(records[0]["cloud_id"], "cloud-id-for-aws_iam-akeyless.io");
+    assert_eq!(records[1]["access_type"], "gcp");
+    assert_eq!(records[1]["gcp_audience"], "my-aud");
+    assert_eq!(records[1]["cloud_id"], "cloud-id-for-gcp-my-aud");
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::client::{CallError, Client, Op};
-use super::config::{AccessType, Secret};
+use super::config::{AccessType, AkeylessArgs, Secret};
 use super::uid::UidState;
 use crate::backend::BackendError;
 
@@ -46,7 +46,10 @@ pub struct CloudIdRequest {
 /// GetCallerIdentity request; Azure: a managed-identity token from IMDS; GCP: an identity token from
 /// the metadata server), and detects which cloud the plugin runs in.
 ///
-/// Implemented in `cloud_id.rs`; [`default_cloud_id_provider`] returns it once it exists.
+/// Implemented over `cloud_id.rs`; [`default_cloud_id_provider`] returns it once it exists. The
+/// provider is built from [`AkeylessArgs`] and so knows the endpoint overrides
+/// (`--akeyless-aws-sts-url`, `--akeyless-aws-imds-url`, `--akeyless-azure-imds-url`,
+/// `--akeyless-gcp-metadata-url`).
 #[async_trait]
 pub trait CloudIdProvider: Send + Sync + fmt::Debug + 'static {
     /// The base64 cloud-id for `req.kind`. Must not put the credential into errors.
@@ -74,7 +77,7 @@ impl CloudIdProvider for NoCloudId {
 }
 
 /// The provider used by [`super::AkeylessBackend::connect`].
-pub fn default_cloud_id_provider() -> Arc<dyn CloudIdProvider> {
+pub fn default_cloud_id_provider(_args: &AkeylessArgs) -> Arc<dyn CloudIdProvider> {
     Arc::new(NoCloudId)
 }
 

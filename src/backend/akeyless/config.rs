@@ -164,6 +164,32 @@ pub struct AkeylessArgs {
     #[arg(long = "akeyless-gcp-audience", env = "KMS_PLUGIN_AKEYLESS_GCP_AUDIENCE", default_value = DEFAULT_GCP_AUDIENCE)]
     pub gcp_audience: String,
 
+    /// AWS STS endpoint named in the signed GetCallerIdentity request (aws_iam auth); default: the
+    /// cloud-identity module's default. Set it to the regional endpoint your auth method expects.
+    #[arg(long = "akeyless-aws-sts-url", env = "KMS_PLUGIN_AKEYLESS_AWS_STS_URL")]
+    pub aws_sts_url: Option<String>,
+
+    /// AWS instance metadata base URL (credentials and cloud detection); for tests and unusual clouds.
+    #[arg(
+        long = "akeyless-aws-imds-url",
+        env = "KMS_PLUGIN_AKEYLESS_AWS_IMDS_URL"
+    )]
+    pub aws_imds_url: Option<String>,
+
+    /// Azure instance metadata base URL (azure_ad auth and cloud detection).
+    #[arg(
+        long = "akeyless-azure-imds-url",
+        env = "KMS_PLUGIN_AKEYLESS_AZURE_IMDS_URL"
+    )]
+    pub azure_imds_url: Option<String>,
+
+    /// GCP metadata server base URL (gcp auth and cloud detection).
+    #[arg(
+        long = "akeyless-gcp-metadata-url",
+        env = "KMS_PLUGIN_AKEYLESS_GCP_METADATA_URL"
+    )]
+    pub gcp_metadata_url: Option<String>,
+
     /// Name of the Akeyless Kubernetes auth config (k8s auth).
     #[arg(
         long = "akeyless-k8s-auth-config-name",
@@ -227,6 +253,10 @@ impl Default for AkeylessArgs {
             uid_ttl: Duration::from_secs(3600),
             azure_object_id: None,
             gcp_audience: DEFAULT_GCP_AUDIENCE.to_string(),
+            aws_sts_url: None,
+            aws_imds_url: None,
+            azure_imds_url: None,
+            gcp_metadata_url: None,
             k8s_auth_config_name: None,
             k8s_service_account_token_file: PathBuf::from(DEFAULT_K8S_SA_TOKEN_FILE),
             cert_file: None,

@@ -93,7 +93,7 @@ impl AkeylessBackend {
         args: &AkeylessArgs,
         state_dir: Option<PathBuf>,
     ) -> Result<Self, BackendError> {
-        Self::connect_with(args, state_dir, auth::default_cloud_id_provider()).await
+        Self::connect_with(args, state_dir, auth::default_cloud_id_provider(args)).await
     }
 
     /// Authenticates, checks the key (exists, enabled, AES) and does one encryption round trip, then
