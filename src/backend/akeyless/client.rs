@@ -158,9 +158,13 @@ impl Client {
                 Err(raw) => raw,
             };
             let class = classify(op, &raw, body, &self.base, command, per_attempt);
-            let CallError::Failed(err) = class else {
+            let CallError::Failed(mut err) = class else {
                 return Err(class);
             };
+            if matches!(err, BackendError::Timeout(_)) && attempt > 1 {
+                // After retries the caller's whole budget is what ran out.
+                err = BackendError::Timeout(total);
+            }
             if !err.is_transient() || attempt >= MAX_ATTEMPTS {
                 return Err(CallError::Failed(err));
             }
