@@ -15,6 +15,8 @@ use crate::backend::BackendError;
 
 /// Most attempts for one operation, whatever the remaining time.
 const MAX_ATTEMPTS: u32 = 4;
+/// Largest response body read; Akeyless answers for these commands are a few kilobytes.
+const MAX_BODY: usize = 1 << 20;
 /// Longest server error text kept in an error message.
 const MAX_ERROR_TEXT: usize = 300;
 /// Request fields whose values are credentials; they are removed from any server text we repeat.
@@ -191,7 +193,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<Map<String, Value>, Raw> {
         let url = format!("{}/{}", self.base, command);
-        let resp = self
+        let mut resp = self
             .http
             .post(&url)
             .timeout(timeout)
@@ -207,7 +209,16 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let bytes = resp.bytes().await.map_err(|e| transport(&e))?;
+        // Bounded read; the buffer may hold a token, so it is wiped when dropped.
+        let mut bytes = zeroize::Zeroizing::new(Vec::new());
+        while let Some(chunk) = resp.chunk().await.map_err(|e| transport(&e))? {
+            if bytes.len() + chunk.len() > MAX_BODY {
+                return Err(Raw::BadBody(format!(
+                    "/{command} answered with more than {MAX_BODY} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if !(200..300).contains(&status) {
             return Err(Raw::Http {
                 status,
