@@ -859,3 +859,38 @@ async fn engine_over_akeyless_keeps_remote_calls_in_single_digits_and_follows_ro
     }
     assert!(fake.calls("decrypt").await - before < 10);
 }
+
+#[tokio::test]
+async fn a_token_rejected_after_reauthentication_is_an_error_not_a_loop() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend = connect(&fake.args()).await;
+    // From now on every issued token is dead on arrival.
+    fake.control("token-ttl", json!({"seconds": -1})).await;
+    fake.control("expire-tokens", json!({})).await;
+    let before = fake.calls("auth").await;
+    let err = backend.wrap(b"x").await.unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Authentication(m) if m.contains("fresh token")),
+        "{err}"
+    );
+    assert_eq!(
+        fake.calls("auth").await - before,
+        1,
+        "exactly one re-authentication"
+    );
+    assert_eq!(
+        fake.calls("encrypt").await,
+        1 + 2,
+        "start-up + two attempts"
+    );
+    assert_no_secret(&err.to_string());
+
+    // Wrong credentials at start-up: /auth is not retried.
+    let wrong = AkeylessArgs {
+        access_key: Some(Secret::new("AK-wrong")),
+        ..fake.args()
+    };
+    let before = fake.calls("auth").await;
+    AkeylessBackend::connect(&wrong, None).await.unwrap_err();
+    assert_eq!(fake.calls("auth").await - before, 1);
+}
