@@ -321,6 +321,24 @@ fn sanitize(text: &str, sent: &Map<String, Value>) -> String {
     }
 }
 
+/// Lowercase words for matching: `ItemNotFound`, `item_not_found` and `item-not-found` all become
+/// `item not found`.
+fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut prev_lower = false;
+    for c in text.chars() {
+        if c.is_ascii_uppercase() && prev_lower {
+            out.push(' ');
+        }
+        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        out.push(match c {
+            '_' | '-' => ' ',
+            c => c.to_ascii_lowercase(),
+        });
+    }
+    out
+}
+
 fn any(hay: &str, needles: &[&str]) -> bool {
     needles.iter().any(|n| hay.contains(n))
 }
@@ -353,7 +371,7 @@ fn classify(
         Raw::BadBody(t) => return CallError::Failed(BackendError::Other(t.clone())),
         Raw::Http { status, text, .. } => (*status, sanitize(text, sent)),
     };
-    let lower = text.to_ascii_lowercase();
+    let lower = normalize(&text);
     let what = format!("/{command} HTTP {status}: {text}");
     if status == 429
         || (status >= 500 && any(&lower, &["rate limit", "too many requests", "throttl"]))
@@ -525,6 +543,18 @@ mod tests {
         assert!(matches!(
             failed(c(Op::Encrypt, http(400, "key is disabled"))),
             BackendError::KeyDisabled(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(400, "ItemNotFound"))),
+            BackendError::KeyNotFound(_)
+        ));
+        assert!(matches!(
+            failed(c(Op::Encrypt, http(400, "AccessDenied: no rule"))),
+            BackendError::PermissionDenied(_)
+        ));
+        assert!(matches!(
+            c(Op::Encrypt, http(400, "TokenExpired")),
+            CallError::TokenRejected(_)
         ));
         assert!(matches!(
             failed(c(Op::Encrypt, http(404, ""))),

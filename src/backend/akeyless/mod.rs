@@ -88,6 +88,20 @@ fn read_file_secret(path: &PathBuf, what: &str) -> Result<Secret, BackendError> 
 }
 
 impl AkeylessBackend {
+    /// What `kms-plugin serve` calls: secrets from `KMS_PLUGIN_AKEYLESS_ACCESS_KEY` /
+    /// `KMS_PLUGIN_AKEYLESS_UID_TOKEN`, then whatever is still unset from the original plugin's
+    /// `AKEYLESS_*` variables (explicit options win), then [`AkeylessBackend::connect`].
+    pub async fn connect_from_env(
+        args: &AkeylessArgs,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self, BackendError> {
+        let mut args = args.clone();
+        args.load_secrets_from_env();
+        args.apply_legacy_env(|k| std::env::var(k).ok())
+            .map_err(BackendError::Config)?;
+        Self::connect(&args, state_dir).await
+    }
+
     /// Connects with the default cloud identity provider. See [`AkeylessBackend::connect_with`].
     pub async fn connect(
         args: &AkeylessArgs,
