@@ -894,3 +894,37 @@ async fn a_token_rejected_after_reauthentication_is_an_error_not_a_loop() {
     AkeylessBackend::connect(&wrong, None).await.unwrap_err();
     assert_eq!(fake.calls("auth").await - before, 1);
 }
+
+#[tokio::test]
+async fn uid_start_up_survives_a_failing_rotation_and_rotates_later() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let saved = state.path().join("akeyless-uid-token");
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A server where rotation is (for now) unavailable or not implemented.
+    fake.control(
+        "fail",
+        json!({"command": "uid-rotate-token", "status": 404, "count": 1000, "body": "unknown command"}),
+    )
+    .await;
+    let args = AkeylessArgs {
+        url: fake.url.clone(),
+        key_name: Some(KEY.into()),
+        uid_token: Some(Secret::new(init.clone())),
+        uid_ttl: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("start-up needs only a working auth");
+    backend.wrap(b"x").await.unwrap();
+    assert!(!saved.exists());
+    fake.control("clear-faults", json!({})).await;
+    let rotated = eventually(Duration::from_secs(5), || async { saved.exists() }).await;
+    assert!(rotated, "rotation retried in the background");
+    let now = std::fs::read_to_string(&saved).unwrap();
+    assert_ne!(now.trim(), init);
+}

@@ -183,7 +183,14 @@ impl AkeylessBackend {
             })?),
             AccessType::UniversalIdentity => {
                 let state =
-                    Arc::new(UidState::start(&client, uid_init, state_dir.as_deref(), args.uid_ttl, slow()).await?);
+                    Arc::new(UidState::start(
+                    &client,
+                    args.access_id.as_deref(),
+                    uid_init,
+                    state_dir.as_deref(),
+                    args.uid_ttl,
+                    slow(),
+                ).await?);
                 uid_state = Some(state.clone());
                 Method::Uid(state)
             }
@@ -480,7 +487,7 @@ async fn renew_tokens(tokens: Weak<TokenManager>) {
 
 /// Background: rotate the UID token at half its TTL; retry sooner after a failure.
 async fn rotate_uid(uid: Weak<UidState>, tokens: Weak<TokenManager>, client: Arc<Client>) {
-    let mut wait = uid.upgrade().map(|u| u.interval()).unwrap_or_default();
+    let mut wait = uid.upgrade().map(|u| u.first_wait()).unwrap_or_default();
     loop {
         tokio::time::sleep(wait).await;
         let (Some(u), Some(t)) = (uid.upgrade(), tokens.upgrade()) else {

@@ -6,9 +6,12 @@
 //! half), and writes every new token atomically (mode 0600) to `<state-dir>/akeyless-uid-token` so a
 //! restart uses the newest token rather than the consumed init token. At start-up the persisted
 //! token is preferred; if the server refuses it, the init token is tried (an operator who had to
-//! issue a new init token after a long outage needs no manual clean-up).
+//! issue a new init token after a long outage needs no manual clean-up). Start-up only needs the
+//! chosen token to authenticate; it is then rotated at once (its age is unknown), and a failed
+//! rotation is retried in the background rather than failing the start.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,6 +30,7 @@ pub(crate) struct UidState {
     current: Mutex<Secret>,
     path: Option<PathBuf>,
     ttl: Duration,
+    rotated_at_start: AtomicBool,
 }
 
 impl std::fmt::Debug for UidState {
@@ -88,16 +92,14 @@ impl UidState {
     /// once (its age is unknown). A refused persisted token falls back to the init token.
     pub(crate) async fn start(
         client: &Client,
+        access_id: Option<&str>,
         init: Option<Secret>,
         state_dir: Option<&Path>,
         ttl: Duration,
         deadline: Instant,
     ) -> Result<UidState, BackendError> {
         let path = state_dir.map(|d| d.join(UID_TOKEN_FILE));
-        let persisted = match &path {
-            Some(p) => load(p)?,
-            None => None,
-        };
+        let persisted = path.as_deref().and_then(load);
         if path.is_none() {
             tracing::warn!(
                 "no --state-dir: rotated Universal Identity tokens cannot be saved, and a restart after \
@@ -122,14 +124,23 @@ impl UidState {
         }
         let mut refused = Vec::new();
         for (source, token) in candidates {
-            match rotate_token(client, &token, deadline).await {
-                Ok(new) => {
+            // Authenticating proves the token; start-up depends on nothing else.
+            match accepted(client, access_id, &token, deadline).await {
+                Ok(()) => {
                     let state = UidState {
                         current: Mutex::new(token),
                         path,
                         ttl,
+                        rotated_at_start: AtomicBool::new(false),
                     };
-                    state.install(new);
+                    // Rotate at once (the token's age is unknown); a failure is retried later.
+                    match state.rotate(client, deadline).await {
+                        Ok(()) => state.rotated_at_start.store(true, Ordering::Relaxed),
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "could not rotate the Akeyless Universal Identity token at start-up; retrying soon"
+                        ),
+                    }
                     return Ok(state);
                 }
                 Err(BackendError::Authentication(msg)) => {
@@ -145,6 +156,44 @@ impl UidState {
             refused.join("; ")
         )))
     }
+
+    /// Time until the first background rotation.
+    pub(crate) fn first_wait(&self) -> Duration {
+        if self.rotated_at_start.load(Ordering::Relaxed) {
+            self.interval()
+        } else {
+            self.retry_pause()
+        }
+    }
+}
+
+/// `/auth` with the UID token: is it alive?
+async fn accepted(
+    client: &Client,
+    access_id: Option<&str>,
+    token: &Secret,
+    deadline: Instant,
+) -> Result<(), BackendError> {
+    let mut body = Map::new();
+    body.insert(
+        "access-type".into(),
+        Value::String("universal_identity".into()),
+    );
+    if let Some(id) = access_id {
+        body.insert("access-id".into(), Value::String(id.to_string()));
+    }
+    body.insert(
+        "uid-token".into(),
+        Value::String(token.expose().to_string()),
+    );
+    client
+        .call(Op::Auth, "auth", &body, deadline)
+        .await
+        .map(|_| ())
+        .map_err(|e| match e {
+            CallError::Failed(e) => e,
+            CallError::TokenRejected(m) => BackendError::Authentication(m),
+        })
 }
 
 /// Calls `/uid-rotate-token` and returns the new token.
@@ -175,17 +224,19 @@ async fn rotate_token(
         .ok_or_else(|| BackendError::Other("/uid-rotate-token answered without a token".into()))
 }
 
-fn load(path: &Path) -> Result<Option<Secret>, BackendError> {
+/// The saved token, if there is a readable one. An unreadable file is reported and skipped: the init
+/// token may still work.
+fn load(path: &Path) -> Option<Secret> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let t = Secret::new(text.trim());
-            Ok((!t.is_empty()).then_some(t))
+            (!t.is_empty()).then_some(t)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(BackendError::Config(format!(
-            "cannot read the saved UID token {}: {e}",
-            path.display()
-        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the saved UID token");
+            None
+        }
     }
 }
 
