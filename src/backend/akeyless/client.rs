@@ -484,7 +484,7 @@ fn classify(
                 )
             {
                 return CallError::Failed(BackendError::PermissionDenied(format!(
-                    "Akeyless key {key:?}: {what}; the auth method needs encrypt, decrypt and read (describe) on this key"
+                    "Akeyless key {key:?}: {what}; the auth method's role needs read on this key (describe, encrypt, decrypt)"
                 )));
             }
             if op == Op::Decrypt && (400..500).contains(&status) {

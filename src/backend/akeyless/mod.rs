@@ -70,6 +70,14 @@ fn missing(what: &str, flag: &str, env: &str) -> BackendError {
     BackendError::Config(format!("{what} is required: set {flag} (env {env})"))
 }
 
+const CERT_ENV: &str = "KMS_PLUGIN_AKEYLESS_CERT_FILE";
+const KEY_ENV: &str = "KMS_PLUGIN_AKEYLESS_KEY_FILE";
+const JWT_ENV: &str = "KMS_PLUGIN_AKEYLESS_JWT_FILE";
+
+fn saved_uid_token(state_dir: Option<&std::path::Path>) -> bool {
+    state_dir.is_some_and(|d| d.join(uid::UID_TOKEN_FILE).exists())
+}
+
 fn read_file_secret(path: &PathBuf, what: &str) -> Result<Secret, BackendError> {
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
         BackendError::Config(format!(
@@ -149,7 +157,7 @@ impl AkeylessBackend {
         let access_type = match args.access_type {
             Some(t) => t,
             None if access_key.is_some() => AccessType::AccessKey,
-            None if uid_init.is_some() || state_dir.as_ref().is_some_and(|d| d.join(uid::UID_TOKEN_FILE).exists()) => {
+            None if uid_init.is_some() || saved_uid_token(state_dir.as_deref()) => {
                 AccessType::UniversalIdentity
             }
             None => cloud.detect().await.ok_or_else(|| {
@@ -178,19 +186,23 @@ impl AkeylessBackend {
         let method = match access_type {
             AccessType::AccessKey => Method::AccessKey(access_key.ok_or_else(|| {
                 BackendError::Config(
-                    "access_key auth needs the access key: env KMS_PLUGIN_AKEYLESS_ACCESS_KEY or --akeyless-access-key-file".into(),
+                    "access_key auth needs the access key: env KMS_PLUGIN_AKEYLESS_ACCESS_KEY or \
+                     --akeyless-access-key-file"
+                        .into(),
                 )
             })?),
             AccessType::UniversalIdentity => {
-                let state =
-                    Arc::new(UidState::start(
-                    &client,
-                    args.access_id.as_deref(),
-                    uid_init,
-                    state_dir.as_deref(),
-                    args.uid_ttl,
-                    slow(),
-                ).await?);
+                let state = Arc::new(
+                    UidState::start(
+                        &client,
+                        args.access_id.as_deref(),
+                        uid_init,
+                        state_dir.as_deref(),
+                        args.uid_ttl,
+                        slow(),
+                    )
+                    .await?,
+                );
                 uid_state = Some(state.clone());
                 Method::Uid(state)
             }
@@ -205,20 +217,19 @@ impl AkeylessBackend {
                 token_file: args.k8s_service_account_token_file.clone(),
             },
             AccessType::Cert => Method::Cert {
-                cert_file: args
-                    .cert_file
-                    .clone()
-                    .ok_or_else(|| missing("the client certificate", "--akeyless-cert-file", "KMS_PLUGIN_AKEYLESS_CERT_FILE"))?,
+                cert_file: args.cert_file.clone().ok_or_else(|| {
+                    missing("the client certificate", "--akeyless-cert-file", CERT_ENV)
+                })?,
                 key_file: args
                     .key_file
                     .clone()
-                    .ok_or_else(|| missing("the client key", "--akeyless-key-file", "KMS_PLUGIN_AKEYLESS_KEY_FILE"))?,
+                    .ok_or_else(|| missing("the client key", "--akeyless-key-file", KEY_ENV))?,
             },
             AccessType::Jwt => Method::Jwt {
                 file: args
                     .jwt_file
                     .clone()
-                    .ok_or_else(|| missing("the JWT file", "--akeyless-jwt-file", "KMS_PLUGIN_AKEYLESS_JWT_FILE"))?,
+                    .ok_or_else(|| missing("the JWT file", "--akeyless-jwt-file", JWT_ENV))?,
             },
             kind @ (AccessType::AwsIam | AccessType::AzureAd | AccessType::Gcp) => Method::Cloud {
                 provider: cloud,
