@@ -1,0 +1,1 @@
+//! PKCS#11 (placeholder while being written).
