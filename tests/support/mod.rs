@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod external;
 pub mod faulty;
 pub mod plugin;
 
