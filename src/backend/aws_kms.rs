@@ -42,15 +42,27 @@ fn parse_context(s: &str) -> Result<(String, String), String> {
 pub struct AwsKmsArgs {
     /// The KMS key: key id, key ARN, alias name (`alias/NAME`) or alias ARN. Re-pointing an alias
     /// rotates to another key; data wrapped under the old key keeps decrypting.
-    #[arg(long = "aws-kms-key-id", env = "KMS_PLUGIN_AWS_KMS_KEY_ID", value_name = "ID|ARN|ALIAS")]
+    #[arg(
+        long = "aws-kms-key-id",
+        env = "KMS_PLUGIN_AWS_KMS_KEY_ID",
+        value_name = "ID|ARN|ALIAS"
+    )]
     pub aws_kms_key_id: Option<String>,
     /// AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, the shared config file, or the region
     /// of an ARN given as key).
-    #[arg(long = "aws-region", env = "KMS_PLUGIN_AWS_REGION", value_name = "REGION")]
+    #[arg(
+        long = "aws-region",
+        env = "KMS_PLUGIN_AWS_REGION",
+        value_name = "REGION"
+    )]
     pub aws_region: Option<String>,
     /// KMS endpoint URL (VPC endpoints, FIPS endpoints, test servers). Default
     /// `https://kms.REGION.amazonaws.com`.
-    #[arg(long = "aws-endpoint-url", env = "KMS_PLUGIN_AWS_ENDPOINT_URL", value_name = "URL")]
+    #[arg(
+        long = "aws-endpoint-url",
+        env = "KMS_PLUGIN_AWS_ENDPOINT_URL",
+        value_name = "URL"
+    )]
     pub aws_endpoint_url: Option<String>,
     /// Encryption context pair bound to every wrapped key (repeatable; comma-separated in the
     /// environment). Must stay the same for as long as the data must decrypt.
@@ -97,7 +109,10 @@ impl std::fmt::Debug for AwsKmsBackend {
             .field("key", &self.key)
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
-            .field("encryption_context_keys", &self.context.keys().collect::<Vec<_>>())
+            .field(
+                "encryption_context_keys",
+                &self.context.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -115,25 +130,36 @@ impl AwsKmsBackend {
             .aws_kms_key_id
             .clone()
             .filter(|k| !k.trim().is_empty())
-            .ok_or_else(|| BackendError::Config("--aws-kms-key-id is required for --backend aws-kms".into()))?;
+            .ok_or_else(|| {
+                BackendError::Config("--aws-kms-key-id is required for --backend aws-kms".into())
+            })?;
         let key = key.trim().to_string();
         let region = args
             .aws_region
             .clone()
             .or_else(|| chain.resolve_region())
             .or_else(|| region_of_arn(&key))
-            .ok_or_else(|| BackendError::Config("no AWS region: pass --aws-region or set AWS_REGION".into()))?;
-        let endpoint = args.aws_endpoint_url.clone().unwrap_or_else(|| format!("https://kms.{region}.amazonaws.com"));
+            .ok_or_else(|| {
+                BackendError::Config("no AWS region: pass --aws-region or set AWS_REGION".into())
+            })?;
+        let endpoint = args
+            .aws_endpoint_url
+            .clone()
+            .unwrap_or_else(|| format!("https://kms.{region}.amazonaws.com"));
         let endpoint = endpoint.trim_end_matches('/').to_string() + "/";
-        let parsed: http::Uri = endpoint
-            .parse()
-            .map_err(|e| BackendError::Config(format!("--aws-endpoint-url {endpoint:?} is not a URL: {e}")))?;
+        let parsed: http::Uri = endpoint.parse().map_err(|e| {
+            BackendError::Config(format!("--aws-endpoint-url {endpoint:?} is not a URL: {e}"))
+        })?;
         match parsed.scheme_str() {
             Some("https") => {}
             Some("http") => {
                 tracing::warn!(endpoint = %endpoint, "AWS KMS endpoint uses plain http")
             }
-            _ => return Err(BackendError::Config(format!("--aws-endpoint-url {endpoint:?} must be http(s)"))),
+            _ => {
+                return Err(BackendError::Config(format!(
+                    "--aws-endpoint-url {endpoint:?} must be http(s)"
+                )))
+            }
         }
         let mut chain = chain;
         if chain.region.is_none() {
@@ -171,11 +197,16 @@ impl AwsKmsBackend {
     pub async fn call_api(&self, action: &str, body: &Value) -> Result<Value, BackendError> {
         let payload = serde_json::to_vec(body).expect("JSON value serializes");
         let resp = self.call_raw(action, &payload).await?;
-        serde_json::from_slice(&resp)
-            .map_err(|e| BackendError::Other(format!("AWS KMS {action} returned invalid JSON: {e}")))
+        serde_json::from_slice(&resp).map_err(|e| {
+            BackendError::Other(format!("AWS KMS {action} returned invalid JSON: {e}"))
+        })
     }
 
-    async fn call_raw(&self, action: &str, payload: &[u8]) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+    async fn call_raw(
+        &self,
+        action: &str,
+        payload: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
         let deadline = Instant::now() + self.budget;
         let mut attempt: u32 = 0;
         let mut reauthenticated = false;
@@ -200,8 +231,11 @@ impl AwsKmsBackend {
             if !err.is_transient() {
                 return Err(err);
             }
-            let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(5)).min(BACKOFF_CAP);
-            let sleep = Duration::from_millis(rand::thread_rng().gen_range(0..=exp.as_millis() as u64));
+            let exp = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(5))
+                .min(BACKOFF_CAP);
+            let sleep =
+                Duration::from_millis(rand::thread_rng().gen_range(0..=exp.as_millis() as u64));
             if Instant::now() + sleep >= deadline {
                 tracing::debug!(action, attempt, error = %err, "AWS KMS retry budget exhausted");
                 return Err(err);
@@ -217,10 +251,22 @@ impl AwsKmsBackend {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        let creds = self.creds.credentials().await.map_err(|e| BackendError::Authentication(e.to_string()))?;
+        let creds = self
+            .creds
+            .credentials()
+            .await
+            .map_err(|e| BackendError::Authentication(e.to_string()))?;
         let target = format!("TrentService.{action}");
-        let headers = [("content-type", "application/x-amz-json-1.1"), ("x-amz-target", target.as_str())];
-        let req = sigv4::Request { method: "POST", url: &self.endpoint, headers: &headers, body: payload };
+        let headers = [
+            ("content-type", "application/x-amz-json-1.1"),
+            ("x-amz-target", target.as_str()),
+        ];
+        let req = sigv4::Request {
+            method: "POST",
+            url: &self.endpoint,
+            headers: &headers,
+            body: payload,
+        };
         let signed = sigv4::sign(&req, &creds, &self.region, "kms", SystemTime::now())
             .map_err(|e| BackendError::Config(e.to_string()))?;
         let mut builder = self
@@ -239,24 +285,40 @@ impl AwsKmsBackend {
             if e.is_timeout() {
                 BackendError::Timeout(timeout)
             } else {
-                BackendError::Unavailable(format!("AWS KMS at {}: {}", self.endpoint, redact_reqwest(&e)))
+                BackendError::Unavailable(format!(
+                    "AWS KMS at {}: {}",
+                    self.endpoint,
+                    redact_reqwest(&e)
+                ))
             }
         })?;
         let status = resp.status().as_u16();
-        let error_type_header =
-            resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let error_type_header = resp
+            .headers()
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = Zeroizing::new(
             resp.bytes()
                 .await
-                .map_err(|e| BackendError::Unavailable(format!("reading AWS KMS response: {}", redact_reqwest(&e))))?
+                .map_err(|e| {
+                    BackendError::Unavailable(format!(
+                        "reading AWS KMS response: {}",
+                        redact_reqwest(&e)
+                    ))
+                })?
                 .to_vec(),
         );
         if (200..300).contains(&status) {
             return Ok(body);
         }
         let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let typ =
-            parsed.get("__type").and_then(Value::as_str).map(str::to_string).or(error_type_header).unwrap_or_default();
+        let typ = parsed
+            .get("__type")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or(error_type_header)
+            .unwrap_or_default();
         let msg = parsed
             .get("message")
             .or_else(|| parsed.get("Message"))
@@ -276,18 +338,28 @@ impl AwsKmsBackend {
 /// Maps a KMS error response to a [`BackendError`].
 pub fn map_error(action: &str, status: u16, error_type: &str, message: &str) -> BackendError {
     // `__type` may be namespaced (`com.amazonaws.kms#NotFoundException`) or carry a suffix after ':'.
-    let typ = error_type.rsplit('#').next().unwrap_or("").split(':').next().unwrap_or("");
+    let typ = error_type
+        .rsplit('#')
+        .next()
+        .unwrap_or("")
+        .split(':')
+        .next()
+        .unwrap_or("");
     let detail = if message.is_empty() {
         format!("AWS KMS {action}: {typ} (HTTP {status})")
     } else {
         format!("AWS KMS {action}: {typ}: {message}")
     };
     match typ {
-        "ThrottlingException" | "LimitExceededException" | "RequestLimitExceeded" => BackendError::Throttled(detail),
+        "ThrottlingException" | "LimitExceededException" | "RequestLimitExceeded" => {
+            BackendError::Throttled(detail)
+        }
         "AccessDeniedException" => BackendError::PermissionDenied(detail),
         "DisabledException" | "KMSInvalidStateException" => BackendError::KeyDisabled(detail),
         "NotFoundException" => BackendError::KeyNotFound(detail),
-        "InvalidCiphertextException" | "IncorrectKeyException" => BackendError::InvalidCiphertext(detail),
+        "InvalidCiphertextException" | "IncorrectKeyException" => {
+            BackendError::InvalidCiphertext(detail)
+        }
         "UnrecognizedClientException"
         | "InvalidSignatureException"
         | "IncompleteSignature"
@@ -296,9 +368,10 @@ pub fn map_error(action: &str, status: u16, error_type: &str, message: &str) -> 
         | "InvalidClientTokenId"
         | "SignatureDoesNotMatch" => BackendError::Authentication(detail),
         "InvalidKeyUsageException" | "InvalidGrantTokenException" => BackendError::Config(detail),
-        "KMSInternalException" | "DependencyTimeoutException" | "KeyUnavailableException" | "ServiceUnavailable" => {
-            BackendError::Unavailable(detail)
-        }
+        "KMSInternalException"
+        | "DependencyTimeoutException"
+        | "KeyUnavailableException"
+        | "ServiceUnavailable" => BackendError::Unavailable(detail),
         _ if status == 429 => BackendError::Throttled(detail),
         _ if status >= 500 => BackendError::Unavailable(detail),
         _ if status == 403 => BackendError::PermissionDenied(detail),
@@ -326,22 +399,29 @@ impl Backend for AwsKmsBackend {
     }
 
     async fn current_key(&self) -> Result<KeyIdentity, BackendError> {
-        let resp = self.call_api("DescribeKey", &json!({ "KeyId": self.key })).await?;
-        let meta = resp
-            .get("KeyMetadata")
-            .ok_or_else(|| BackendError::Other("AWS KMS DescribeKey answer lacks KeyMetadata".into()))?;
+        let resp = self
+            .call_api("DescribeKey", &json!({ "KeyId": self.key }))
+            .await?;
+        let meta = resp.get("KeyMetadata").ok_or_else(|| {
+            BackendError::Other("AWS KMS DescribeKey answer lacks KeyMetadata".into())
+        })?;
         let arn = meta
             .get("Arn")
             .and_then(Value::as_str)
             .filter(|a| !a.is_empty())
-            .ok_or_else(|| BackendError::Other("AWS KMS DescribeKey answer lacks the key ARN".into()))?;
-        let state = meta.get("KeyState").and_then(Value::as_str).unwrap_or_else(|| {
-            if meta.get("Enabled").and_then(Value::as_bool) == Some(false) {
-                "Disabled"
-            } else {
-                "Enabled"
-            }
-        });
+            .ok_or_else(|| {
+                BackendError::Other("AWS KMS DescribeKey answer lacks the key ARN".into())
+            })?;
+        let state = meta
+            .get("KeyState")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| {
+                if meta.get("Enabled").and_then(Value::as_bool) == Some(false) {
+                    "Disabled"
+                } else {
+                    "Enabled"
+                }
+            });
         if let Some(e) = key_state_error(arn, state) {
             return Err(e);
         }
@@ -352,12 +432,21 @@ impl Backend for AwsKmsBackend {
                 )));
             }
         }
-        if let Some(spec) = meta.get("KeySpec").or_else(|| meta.get("CustomerMasterKeySpec")).and_then(Value::as_str) {
+        if let Some(spec) = meta
+            .get("KeySpec")
+            .or_else(|| meta.get("CustomerMasterKeySpec"))
+            .and_then(Value::as_str)
+        {
             if spec != "SYMMETRIC_DEFAULT" {
-                return Err(BackendError::Config(format!("AWS KMS key {arn} is {spec}, need a SYMMETRIC_DEFAULT key")));
+                return Err(BackendError::Config(format!(
+                    "AWS KMS key {arn} is {spec}, need a SYMMETRIC_DEFAULT key"
+                )));
             }
         }
-        Ok(KeyIdentity { key_id: arn.to_string(), key_ref: arn.to_string() })
+        Ok(KeyIdentity {
+            key_id: arn.to_string(),
+            key_ref: arn.to_string(),
+        })
     }
 
     async fn wrap(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
@@ -371,15 +460,21 @@ impl Backend for AwsKmsBackend {
             .expect("request serializes"),
         );
         let resp = self.call_raw("Encrypt", &body).await?;
-        let resp: EncryptResponse = serde_json::from_slice(&resp)
-            .map_err(|e| BackendError::Other(format!("AWS KMS Encrypt answer is not as expected: {e}")))?;
+        let resp: EncryptResponse = serde_json::from_slice(&resp).map_err(|e| {
+            BackendError::Other(format!("AWS KMS Encrypt answer is not as expected: {e}"))
+        })?;
         let ciphertext = B64
             .decode(&resp.ciphertext_blob)
             .map_err(|_| BackendError::Other("AWS KMS Encrypt answer has invalid base64".into()))?;
         if resp.key_id.is_empty() {
-            return Err(BackendError::Other("AWS KMS Encrypt answer lacks KeyId".into()));
+            return Err(BackendError::Other(
+                "AWS KMS Encrypt answer lacks KeyId".into(),
+            ));
         }
-        Ok(WrappedKey { key_ref: resp.key_id, ciphertext })
+        Ok(WrappedKey {
+            key_ref: resp.key_id,
+            ciphertext,
+        })
     }
 
     async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError> {
@@ -394,8 +489,9 @@ impl Backend for AwsKmsBackend {
         })
         .expect("request serializes");
         let resp = self.call_raw("Decrypt", &body).await?;
-        let resp: DecryptResponse = serde_json::from_slice(&resp)
-            .map_err(|e| BackendError::Other(format!("AWS KMS Decrypt answer is not as expected: {e}")))?;
+        let resp: DecryptResponse = serde_json::from_slice(&resp).map_err(|e| {
+            BackendError::Other(format!("AWS KMS Decrypt answer is not as expected: {e}"))
+        })?;
         let secret = B64
             .decode(&resp.plaintext)
             .map_err(|_| BackendError::Other("AWS KMS Decrypt answer has invalid base64".into()))?;
@@ -441,20 +537,53 @@ mod tests {
     #[test]
     fn error_mapping() {
         let m = |status, typ| map_error("Decrypt", status, typ, "m");
-        assert!(matches!(m(400, "ThrottlingException"), BackendError::Throttled(_)));
+        assert!(matches!(
+            m(400, "ThrottlingException"),
+            BackendError::Throttled(_)
+        ));
         assert!(matches!(m(429, ""), BackendError::Throttled(_)));
         assert!(matches!(m(500, "Whatever"), BackendError::Unavailable(_)));
         assert!(matches!(m(503, ""), BackendError::Unavailable(_)));
-        assert!(matches!(m(500, "KMSInternalException"), BackendError::Unavailable(_)));
-        assert!(matches!(m(400, "AccessDeniedException"), BackendError::PermissionDenied(_)));
-        assert!(matches!(m(400, "DisabledException"), BackendError::KeyDisabled(_)));
-        assert!(matches!(m(400, "com.amazonaws.kms#KMSInvalidStateException"), BackendError::KeyDisabled(_)));
-        assert!(matches!(m(400, "NotFoundException"), BackendError::KeyNotFound(_)));
-        assert!(matches!(m(400, "InvalidCiphertextException"), BackendError::InvalidCiphertext(_)));
-        assert!(matches!(m(400, "IncorrectKeyException"), BackendError::InvalidCiphertext(_)));
-        assert!(matches!(m(400, "UnrecognizedClientException"), BackendError::Authentication(_)));
-        assert!(matches!(m(400, "ExpiredTokenException:"), BackendError::Authentication(_)));
-        assert!(matches!(m(400, "ValidationException"), BackendError::Other(_)));
+        assert!(matches!(
+            m(500, "KMSInternalException"),
+            BackendError::Unavailable(_)
+        ));
+        assert!(matches!(
+            m(400, "AccessDeniedException"),
+            BackendError::PermissionDenied(_)
+        ));
+        assert!(matches!(
+            m(400, "DisabledException"),
+            BackendError::KeyDisabled(_)
+        ));
+        assert!(matches!(
+            m(400, "com.amazonaws.kms#KMSInvalidStateException"),
+            BackendError::KeyDisabled(_)
+        ));
+        assert!(matches!(
+            m(400, "NotFoundException"),
+            BackendError::KeyNotFound(_)
+        ));
+        assert!(matches!(
+            m(400, "InvalidCiphertextException"),
+            BackendError::InvalidCiphertext(_)
+        ));
+        assert!(matches!(
+            m(400, "IncorrectKeyException"),
+            BackendError::InvalidCiphertext(_)
+        ));
+        assert!(matches!(
+            m(400, "UnrecognizedClientException"),
+            BackendError::Authentication(_)
+        ));
+        assert!(matches!(
+            m(400, "ExpiredTokenException:"),
+            BackendError::Authentication(_)
+        ));
+        assert!(matches!(
+            m(400, "ValidationException"),
+            BackendError::Other(_)
+        ));
         assert!(m(400, "ThrottlingException").is_transient());
         assert!(m(400, "AccessDeniedException").is_revocation());
         assert_eq!(
@@ -466,9 +595,18 @@ mod tests {
     #[test]
     fn key_states() {
         assert!(key_state_error("a", "Enabled").is_none());
-        assert!(matches!(key_state_error("a", "Disabled"), Some(BackendError::KeyDisabled(_))));
-        assert!(matches!(key_state_error("a", "PendingDeletion"), Some(BackendError::KeyNotFound(_))));
-        assert!(matches!(key_state_error("a", "Creating"), Some(BackendError::Unavailable(_))));
+        assert!(matches!(
+            key_state_error("a", "Disabled"),
+            Some(BackendError::KeyDisabled(_))
+        ));
+        assert!(matches!(
+            key_state_error("a", "PendingDeletion"),
+            Some(BackendError::KeyNotFound(_))
+        ));
+        assert!(matches!(
+            key_state_error("a", "Creating"),
+            Some(BackendError::Unavailable(_))
+        ));
     }
 
     #[test]
@@ -490,14 +628,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.aws.aws_kms_encryption_context.len(), 2);
-        let chain = ChainConfig { imds_disabled: true, ..Default::default() };
+        let chain = ChainConfig {
+            imds_disabled: true,
+            ..Default::default()
+        };
         let b = AwsKmsBackend::new(&cli.aws, chain.clone()).unwrap();
         assert_eq!(b.region, "eu-central-1");
         assert_eq!(b.endpoint, "https://kms.eu-central-1.amazonaws.com/");
         assert!(Cli::try_parse_from(["x", "--aws-kms-encryption-context", "novalue"]).is_err());
         let err = AwsKmsBackend::new(&AwsKmsArgs::default(), chain.clone()).unwrap_err();
         assert!(matches!(err, BackendError::Config(_)));
-        let no_region = AwsKmsArgs { aws_kms_key_id: Some("alias/x".into()), ..Default::default() };
-        assert!(AwsKmsBackend::new(&no_region, chain).unwrap_err().to_string().contains("--aws-region"));
+        let no_region = AwsKmsArgs {
+            aws_kms_key_id: Some("alias/x".into()),
+            ..Default::default()
+        };
+        assert!(AwsKmsBackend::new(&no_region, chain)
+            .unwrap_err()
+            .to_string()
+            .contains("--aws-region"));
     }
 }

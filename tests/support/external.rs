@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 /// True when KMS_TEST_OPT_OUT (comma-separated) names `name`: the caller then skips its test.
 pub fn opted_out(name: &str) -> bool {
-    let opted = std::env::var("KMS_TEST_OPT_OUT").unwrap_or_default().split(',').any(|n| n.trim() == name);
+    let opted = std::env::var("KMS_TEST_OPT_OUT")
+        .unwrap_or_default()
+        .split(',')
+        .any(|n| n.trim() == name);
     if opted {
         eprintln!("SKIPPED: KMS_TEST_OPT_OUT names {name:?}");
     }
@@ -29,12 +32,20 @@ pub fn venv_program(name: &str) -> Option<PathBuf> {
 
 /// A program on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.is_file())
 }
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
@@ -85,10 +96,14 @@ pub fn start_moto() -> Option<Moto> {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let mut guard = ChildGuard(child);
         let up = wait_until(Duration::from_secs(60), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || guard.0.try_wait().ok().flatten().is_some()
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || guard.0.try_wait().ok().flatten().is_some()
         });
         if up && guard.0.try_wait().ok().flatten().is_none() {
-            return Some(Moto { url: format!("http://127.0.0.1:{port}"), _child: guard });
+            return Some(Moto {
+                url: format!("http://127.0.0.1:{port}"),
+                _child: guard,
+            });
         }
         // Lost the port race or moto died: try another port.
     }

@@ -45,7 +45,11 @@ pub enum CloudIdError {
     #[error("cannot sign the STS request: {0}")]
     Sign(String),
     #[error("{service} at {url}: {detail}")]
-    Metadata { service: &'static str, url: String, detail: String },
+    Metadata {
+        service: &'static str,
+        url: String,
+        detail: String,
+    },
 }
 
 /// The region whose STS endpoint `url` names (`sts.<region>.amazonaws.com`), else `us-east-1`.
@@ -69,9 +73,18 @@ pub fn aws_iam_cloud_id_at(
     time: SystemTime,
 ) -> Result<Zeroizing<String>, CloudIdError> {
     let content_length = STS_BODY.len().to_string();
-    let headers = [("Content-Length", content_length.as_str()), ("Content-Type", STS_CONTENT_TYPE)];
-    let req = sigv4::Request { method: "POST", url: sts_url, headers: &headers, body: STS_BODY.as_bytes() };
-    let signed = sigv4::sign(&req, creds, region, "sts", time).map_err(|e| CloudIdError::Sign(e.to_string()))?;
+    let headers = [
+        ("Content-Length", content_length.as_str()),
+        ("Content-Type", STS_CONTENT_TYPE),
+    ];
+    let req = sigv4::Request {
+        method: "POST",
+        url: sts_url,
+        headers: &headers,
+        body: STS_BODY.as_bytes(),
+    };
+    let signed = sigv4::sign(&req, creds, region, "sts", time)
+        .map_err(|e| CloudIdError::Sign(e.to_string()))?;
 
     // Canonical Go header names, values as arrays, as Akeyless's server reads them. The Host header
     // is not listed: the replaying client derives it from the URL.
@@ -110,7 +123,10 @@ pub async fn aws_iam_cloud_id_from_chain(
     sts_url: &str,
     region: &str,
 ) -> Result<Zeroizing<String>, CloudIdError> {
-    let creds = provider.credentials().await.map_err(|e| CloudIdError::Credentials(e.to_string()))?;
+    let creds = provider
+        .credentials()
+        .await
+        .map_err(|e| CloudIdError::Credentials(e.to_string()))?;
     aws_iam_cloud_id(&creds, sts_url, region).await
 }
 
@@ -130,10 +146,21 @@ async fn fetch(
     req: reqwest::RequestBuilder,
     url: &str,
 ) -> Result<Zeroizing<String>, CloudIdError> {
-    let err = |detail: String| CloudIdError::Metadata { service, url: url.to_string(), detail };
-    let resp = req.send().await.map_err(|e| err(crate::backend::aws::redact_reqwest(&e)))?;
+    let err = |detail: String| CloudIdError::Metadata {
+        service,
+        url: url.to_string(),
+        detail,
+    };
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| err(crate::backend::aws::redact_reqwest(&e)))?;
     let status = resp.status();
-    let body = Zeroizing::new(resp.text().await.map_err(|e| err(format!("reading response: {e}")))?);
+    let body = Zeroizing::new(
+        resp.text()
+            .await
+            .map_err(|e| err(format!("reading response: {e}")))?,
+    );
     if !status.is_success() {
         // Error bodies of metadata services carry no secrets; keep a bounded excerpt.
         let excerpt: String = body.chars().take(200).collect();
@@ -144,13 +171,22 @@ async fn fetch(
 
 /// The Azure cloud-id (`access-type: azure_ad`): base64 of a managed-identity access token for
 /// [`AZURE_RESOURCE`] from IMDS at `imds_url` (base URL), optionally for the identity `object_id`.
-pub async fn azure_ad_cloud_id(imds_url: &str, object_id: Option<&str>) -> Result<Zeroizing<String>, CloudIdError> {
-    let url = format!("{}/metadata/identity/oauth2/token", imds_url.trim_end_matches('/'));
+pub async fn azure_ad_cloud_id(
+    imds_url: &str,
+    object_id: Option<&str>,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let url = format!(
+        "{}/metadata/identity/oauth2/token",
+        imds_url.trim_end_matches('/')
+    );
     let mut query = vec![("api-version", "2018-02-01"), ("resource", AZURE_RESOURCE)];
     if let Some(id) = object_id.filter(|s| !s.is_empty()) {
         query.push(("object_id", id));
     }
-    let req = client(METADATA_TIMEOUT).get(&url).query(&query).header("Metadata", "true");
+    let req = client(METADATA_TIMEOUT)
+        .get(&url)
+        .query(&query)
+        .header("Metadata", "true");
     let body = fetch("Azure IMDS", req, &url).await?;
     #[derive(serde::Deserialize, zeroize::ZeroizeOnDrop)]
     struct Token {
@@ -162,17 +198,28 @@ pub async fn azure_ad_cloud_id(imds_url: &str, object_id: Option<&str>) -> Resul
         detail: format!("unexpected token response: {e}"),
     })?;
     if tok.access_token.is_empty() {
-        return Err(CloudIdError::Metadata { service: "Azure IMDS", url, detail: "empty access_token".into() });
+        return Err(CloudIdError::Metadata {
+            service: "Azure IMDS",
+            url,
+            detail: "empty access_token".into(),
+        });
     }
     Ok(Zeroizing::new(B64.encode(tok.access_token.as_bytes())))
 }
 
 /// The GCP cloud-id (`access-type: gcp`): base64 of the metadata server's identity token for
 /// `audience` (default [`DEFAULT_GCP_AUDIENCE`]); `metadata_url` is the server's base URL.
-pub async fn gcp_cloud_id(metadata_url: &str, audience: Option<&str>) -> Result<Zeroizing<String>, CloudIdError> {
-    let url =
-        format!("{}/computeMetadata/v1/instance/service-accounts/default/identity", metadata_url.trim_end_matches('/'));
-    let audience = audience.filter(|a| !a.is_empty()).unwrap_or(DEFAULT_GCP_AUDIENCE);
+pub async fn gcp_cloud_id(
+    metadata_url: &str,
+    audience: Option<&str>,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/default/identity",
+        metadata_url.trim_end_matches('/')
+    );
+    let audience = audience
+        .filter(|a| !a.is_empty())
+        .unwrap_or(DEFAULT_GCP_AUDIENCE);
     let req = client(METADATA_TIMEOUT)
         .get(&url)
         .query(&[("audience", audience), ("format", "full")])
@@ -230,23 +277,49 @@ impl Default for DetectConfig {
 }
 
 async fn probe_aws(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
-    crate::backend::aws::credentials::imds_token(http, cfg.aws_imds_url.trim_end_matches('/'), cfg.timeout)
-        .await
-        .is_ok()
+    crate::backend::aws::credentials::imds_token(
+        http,
+        cfg.aws_imds_url.trim_end_matches('/'),
+        cfg.timeout,
+    )
+    .await
+    .is_ok()
 }
 
 async fn probe_gcp(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
-    let url = format!("{}/computeMetadata/v1/", cfg.gcp_metadata_url.trim_end_matches('/'));
-    match http.get(url).header("Metadata-Flavor", "Google").send().await {
+    let url = format!(
+        "{}/computeMetadata/v1/",
+        cfg.gcp_metadata_url.trim_end_matches('/')
+    );
+    match http
+        .get(url)
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+    {
         // The real server marks its answers; a random HTTP server on the address does not.
-        Ok(r) => r.status().is_success() && r.headers().get("metadata-flavor").is_some_and(|v| v == "Google"),
+        Ok(r) => {
+            r.status().is_success()
+                && r.headers()
+                    .get("metadata-flavor")
+                    .is_some_and(|v| v == "Google")
+        }
         Err(_) => false,
     }
 }
 
 async fn probe_azure(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
-    let url = format!("{}/metadata/instance", cfg.azure_imds_url.trim_end_matches('/'));
-    match http.get(url).query(&[("api-version", "2021-02-01")]).header("Metadata", "true").send().await {
+    let url = format!(
+        "{}/metadata/instance",
+        cfg.azure_imds_url.trim_end_matches('/')
+    );
+    match http
+        .get(url)
+        .query(&[("api-version", "2021-02-01")])
+        .header("Metadata", "true")
+        .send()
+        .await
+    {
         Ok(r) => r.status().is_success(),
         Err(_) => false,
     }
@@ -256,7 +329,11 @@ async fn probe_azure(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
 /// names the cloud that answered (AWS, then GCP, then Azure when several do), or `None`.
 pub async fn detect_cloud(cfg: &DetectConfig) -> Option<Cloud> {
     let http = client(cfg.timeout);
-    let (aws, gcp, azure) = tokio::join!(probe_aws(&http, cfg), probe_gcp(&http, cfg), probe_azure(&http, cfg));
+    let (aws, gcp, azure) = tokio::join!(
+        probe_aws(&http, cfg),
+        probe_gcp(&http, cfg),
+        probe_azure(&http, cfg)
+    );
     tracing::debug!(aws, gcp, azure, "cloud metadata probes");
     match (aws, gcp, azure) {
         (true, _, _) => Some(Cloud::Aws),
@@ -272,8 +349,14 @@ mod tests {
 
     #[test]
     fn region_from_sts_url() {
-        assert_eq!(sts_region_from_url("https://sts.amazonaws.com/"), "us-east-1");
-        assert_eq!(sts_region_from_url("https://sts.eu-west-1.amazonaws.com"), "eu-west-1");
+        assert_eq!(
+            sts_region_from_url("https://sts.amazonaws.com/"),
+            "us-east-1"
+        );
+        assert_eq!(
+            sts_region_from_url("https://sts.eu-west-1.amazonaws.com"),
+            "eu-west-1"
+        );
         assert_eq!(sts_region_from_url("http://127.0.0.1:9/"), "us-east-1");
     }
 }

@@ -32,7 +32,10 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("source", &self.source)
             .field("temporary", &self.session_token.is_some())
-            .field("expires", &self.expires.map(humantime::format_rfc3339_seconds))
+            .field(
+                "expires",
+                &self.expires.map(humantime::format_rfc3339_seconds),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -79,7 +82,10 @@ impl Credentials {
     fn fresh(&self, now: SystemTime) -> bool {
         match self.expires {
             None => true,
-            Some(exp) => exp.duration_since(now).map(|left| left > REFRESH_MARGIN).unwrap_or(false),
+            Some(exp) => exp
+                .duration_since(now)
+                .map(|left| left > REFRESH_MARGIN)
+                .unwrap_or(false),
         }
     }
 }
@@ -143,7 +149,10 @@ impl fmt::Debug for ChainConfig {
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 fn home_file(rel: &str) -> Option<PathBuf> {
@@ -161,14 +170,17 @@ impl ChainConfig {
             credentials_file: env_nonempty("AWS_SHARED_CREDENTIALS_FILE")
                 .map(PathBuf::from)
                 .or_else(|| home_file(".aws/credentials")),
-            config_file: env_nonempty("AWS_CONFIG_FILE").map(PathBuf::from).or_else(|| home_file(".aws/config")),
+            config_file: env_nonempty("AWS_CONFIG_FILE")
+                .map(PathBuf::from)
+                .or_else(|| home_file(".aws/config")),
             web_identity_token_file: env_nonempty("AWS_WEB_IDENTITY_TOKEN_FILE").map(PathBuf::from),
             role_arn: env_nonempty("AWS_ROLE_ARN"),
             role_session_name: env_nonempty("AWS_ROLE_SESSION_NAME"),
             sts_endpoint: env_nonempty("AWS_ENDPOINT_URL_STS"),
             region: env_nonempty("AWS_REGION").or_else(|| env_nonempty("AWS_DEFAULT_REGION")),
             imds_endpoint: env_nonempty("AWS_EC2_METADATA_SERVICE_ENDPOINT"),
-            imds_disabled: env_nonempty("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            imds_disabled: env_nonempty("AWS_EC2_METADATA_DISABLED")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
             imds_timeout: None,
         }
     }
@@ -186,11 +198,22 @@ impl ChainConfig {
         let text = std::fs::read_to_string(path).ok()?;
         let sections = parse_ini(&text);
         let name = self.profile_name();
-        let section = if name == "default" { "default".to_string() } else { format!("profile {name}") };
-        sections.get(&section).and_then(|s| s.get("region")).cloned().or_else(|| {
-            // Some tools write `[default]` as `[profile default]`.
-            sections.get(&format!("profile {name}")).and_then(|s| s.get("region")).cloned()
-        })
+        let section = if name == "default" {
+            "default".to_string()
+        } else {
+            format!("profile {name}")
+        };
+        sections
+            .get(&section)
+            .and_then(|s| s.get("region"))
+            .cloned()
+            .or_else(|| {
+                // Some tools write `[default]` as `[profile default]`.
+                sections
+                    .get(&format!("profile {name}"))
+                    .and_then(|s| s.get("region"))
+                    .cloned()
+            })
     }
 }
 
@@ -208,7 +231,9 @@ fn parse_ini(text: &str) -> HashMap<String, HashMap<String, String>> {
             out.entry(name.clone()).or_default();
             current = Some(name);
         } else if let (Some(sec), Some((k, v))) = (&current, line.split_once('=')) {
-            out.entry(sec.clone()).or_default().insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            out.entry(sec.clone())
+                .or_default()
+                .insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
     out
@@ -221,14 +246,23 @@ fn profile_credentials(cfg: &ChainConfig) -> Result<Option<Credentials>, Credent
         candidates.push((p.clone(), name.to_string()));
     }
     if let Some(p) = &cfg.config_file {
-        let section = if name == "default" { "default".to_string() } else { format!("profile {name}") };
+        let section = if name == "default" {
+            "default".to_string()
+        } else {
+            format!("profile {name}")
+        };
         candidates.push((p.clone(), section));
     }
     for (path, section) in candidates {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => Zeroizing::new(t),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(CredentialsError::Config(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(CredentialsError::Config(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )))
+            }
         };
         let sections = parse_ini(&text);
         let Some(s) = sections.get(&section) else {
@@ -261,7 +295,11 @@ fn xml_tag<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&")
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }
 
 fn parse_expiration(s: &str) -> Option<SystemTime> {
@@ -271,7 +309,13 @@ fn parse_expiration(s: &str) -> Option<SystemTime> {
 fn form_encode(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
-        .map(|(k, v)| format!("{}={}", super::sigv4::uri_encode(k, false), super::sigv4::uri_encode(v, false)))
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                super::sigv4::uri_encode(k, false),
+                super::sigv4::uri_encode(v, false)
+            )
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -293,7 +337,9 @@ pub struct CredentialsProvider {
 
 impl fmt::Debug for CredentialsProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CredentialsProvider").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("CredentialsProvider")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -304,12 +350,19 @@ impl CredentialsProvider {
             .timeout(Duration::from_secs(10))
             .build()
             .expect("HTTP client builds with static settings");
-        CredentialsProvider { cfg, http, cache: tokio::sync::Mutex::new(None) }
+        CredentialsProvider {
+            cfg,
+            http,
+            cache: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// Always returns these credentials (tests, or credentials handed over by the caller).
     pub fn fixed(creds: Credentials) -> Self {
-        let p = Self::new(ChainConfig { imds_disabled: true, ..Default::default() });
+        let p = Self::new(ChainConfig {
+            imds_disabled: true,
+            ..Default::default()
+        });
         *p.cache.try_lock().expect("new mutex is free") = Some(creds);
         p
     }
@@ -326,12 +379,19 @@ impl CredentialsProvider {
         }
         match self.resolve().await {
             Ok(c) => {
-                tracing::debug!(source = c.source, temporary = c.session_token.is_some(), "resolved AWS credentials");
+                tracing::debug!(
+                    source = c.source,
+                    temporary = c.session_token.is_some(),
+                    "resolved AWS credentials"
+                );
                 *cache = Some(c.clone());
                 Ok(c)
             }
             // Still-valid (though soon expiring) credentials beat none when a refresh fails.
-            Err(e) => match cache.as_ref().filter(|c| c.expires.is_some_and(|x| x > SystemTime::now())) {
+            Err(e) => match cache
+                .as_ref()
+                .filter(|c| c.expires.is_some_and(|x| x > SystemTime::now()))
+            {
                 Some(c) => {
                     tracing::warn!(error = %e, "refreshing AWS credentials failed; using the current ones until they expire");
                     Ok(c.clone())
@@ -352,7 +412,8 @@ impl CredentialsProvider {
         match (&cfg.env_access_key_id, &cfg.env_secret_access_key) {
             (Some(id), Some(secret)) => {
                 let token = cfg.env_session_token.as_ref().map(|t| t.to_string());
-                return Ok(Credentials::new(id.clone(), secret.to_string(), token).with_source("environment", None));
+                return Ok(Credentials::new(id.clone(), secret.to_string(), token)
+                    .with_source("environment", None));
             }
             (Some(_), None) | (None, Some(_)) => {
                 return Err(CredentialsError::Config(
@@ -376,16 +437,24 @@ impl CredentialsProvider {
         Err(CredentialsError::NotFound(tried.join(", ")))
     }
 
-    async fn web_identity(&self, token_file: &Path, role_arn: &str) -> Result<Credentials, CredentialsError> {
+    async fn web_identity(
+        &self,
+        token_file: &Path,
+        role_arn: &str,
+    ) -> Result<Credentials, CredentialsError> {
         let err = CredentialsError::WebIdentity;
         // The token file is rotated by the kubelet: read it on every refresh.
-        let token = Zeroizing::new(
-            tokio::fs::read_to_string(token_file)
-                .await
-                .map_err(|e| err(format!("cannot read token file {}: {e}", token_file.display())))?,
-        );
+        let token = Zeroizing::new(tokio::fs::read_to_string(token_file).await.map_err(|e| {
+            err(format!(
+                "cannot read token file {}: {e}",
+                token_file.display()
+            ))
+        })?);
         let session = self.cfg.role_session_name.clone().unwrap_or_else(|| {
-            let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let secs = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             format!("kms-plugin-{secs}")
         });
         let body = Zeroizing::new(form_encode(&[
@@ -395,45 +464,84 @@ impl CredentialsProvider {
             ("RoleSessionName", &session),
             ("WebIdentityToken", token.trim()),
         ]));
-        let endpoint =
-            self.cfg.sts_endpoint.clone().unwrap_or_else(|| default_sts_endpoint(self.cfg.region.as_deref()));
+        let endpoint = self
+            .cfg
+            .sts_endpoint
+            .clone()
+            .unwrap_or_else(|| default_sts_endpoint(self.cfg.region.as_deref()));
         let resp = self
             .http
             .post(&endpoint)
-            .header("content-type", "application/x-www-form-urlencoded; charset=utf-8")
+            .header(
+                "content-type",
+                "application/x-www-form-urlencoded; charset=utf-8",
+            )
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| err(format!("cannot reach {endpoint}: {}", super::redact_reqwest(&e))))?;
+            .map_err(|e| {
+                err(format!(
+                    "cannot reach {endpoint}: {}",
+                    super::redact_reqwest(&e)
+                ))
+            })?;
         let status = resp.status();
-        let text = Zeroizing::new(resp.text().await.map_err(|e| err(format!("reading STS response: {e}")))?);
+        let text = Zeroizing::new(
+            resp.text()
+                .await
+                .map_err(|e| err(format!("reading STS response: {e}")))?,
+        );
         if !status.is_success() {
             let code = xml_tag(&text, "Code").unwrap_or("unknown");
-            let msg = xml_tag(&text, "Message").map(xml_unescape).unwrap_or_default();
+            let msg = xml_tag(&text, "Message")
+                .map(xml_unescape)
+                .unwrap_or_default();
             return Err(err(format!("HTTP {status}: {code}: {msg}")));
         }
-        let get = |tag: &str| xml_tag(&text, tag).map(xml_unescape).ok_or_else(|| err(format!("response lacks {tag}")));
+        let get = |tag: &str| {
+            xml_tag(&text, tag)
+                .map(xml_unescape)
+                .ok_or_else(|| err(format!("response lacks {tag}")))
+        };
         let expires = xml_tag(&text, "Expiration").and_then(parse_expiration);
-        Ok(Credentials::new(get("AccessKeyId")?, get("SecretAccessKey")?, Some(get("SessionToken")?))
-            .with_source("web-identity", expires))
+        Ok(Credentials::new(
+            get("AccessKeyId")?,
+            get("SecretAccessKey")?,
+            Some(get("SessionToken")?),
+        )
+        .with_source("web-identity", expires))
     }
 
     async fn imds(&self) -> Result<Credentials, CredentialsError> {
         let err = CredentialsError::Imds;
-        let base = self.cfg.imds_endpoint.as_deref().unwrap_or(DEFAULT_IMDS_ENDPOINT).trim_end_matches('/');
+        let base = self
+            .cfg
+            .imds_endpoint
+            .as_deref()
+            .unwrap_or(DEFAULT_IMDS_ENDPOINT)
+            .trim_end_matches('/');
         let timeout = self.cfg.imds_timeout.unwrap_or(Duration::from_secs(1));
         let token = Zeroizing::new(imds_token(&self.http, base, timeout).await.map_err(err)?);
         let list_url = format!("{base}/latest/meta-data/iam/security-credentials/");
         let get = |url: String| {
-            let req = self.http.get(url).header("x-aws-ec2-metadata-token", token.as_str()).timeout(timeout);
+            let req = self
+                .http
+                .get(url)
+                .header("x-aws-ec2-metadata-token", token.as_str())
+                .timeout(timeout);
             async move {
-                let resp =
-                    req.send().await.map_err(|e| err(format!("request failed: {}", super::redact_reqwest(&e))))?;
+                let resp = req
+                    .send()
+                    .await
+                    .map_err(|e| err(format!("request failed: {}", super::redact_reqwest(&e))))?;
                 let status = resp.status();
                 if !status.is_success() {
                     return Err(err(format!("HTTP {status} (no instance role attached?)")));
                 }
-                resp.text().await.map(Zeroizing::new).map_err(|e| err(format!("reading response: {e}")))
+                resp.text()
+                    .await
+                    .map(Zeroizing::new)
+                    .map_err(|e| err(format!("reading response: {e}")))
             }
         };
         let roles = get(list_url.clone()).await?;
@@ -443,7 +551,10 @@ impl CredentialsProvider {
             .map(str::trim)
             .filter(|r| !r.is_empty())
             .ok_or_else(|| err("no instance role".into()))?;
-        if !role.bytes().all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b)) {
+        if !role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+        {
             return Err(err("instance role name has unexpected characters".into()));
         }
         let doc = get(format!("{list_url}{role}")).await?;
@@ -456,19 +567,27 @@ impl CredentialsProvider {
             token: String,
             expiration: Option<String>,
         }
-        let c: ImdsCreds =
-            serde_json::from_str(&doc).map_err(|e| err(format!("unexpected credentials document: {e}")))?;
+        let c: ImdsCreds = serde_json::from_str(&doc)
+            .map_err(|e| err(format!("unexpected credentials document: {e}")))?;
         if let Some(code) = c.code.as_deref().filter(|c| *c != "Success") {
             return Err(err(format!("credentials document has Code {code}")));
         }
         let expires = c.expiration.as_deref().and_then(parse_expiration);
-        Ok(Credentials::new(c.access_key_id.clone(), c.secret_access_key.clone(), Some(c.token.clone()))
-            .with_source("imds", expires))
+        Ok(Credentials::new(
+            c.access_key_id.clone(),
+            c.secret_access_key.clone(),
+            Some(c.token.clone()),
+        )
+        .with_source("imds", expires))
     }
 }
 
 /// IMDSv2 session token (PUT `/latest/api/token`).
-pub(crate) async fn imds_token(http: &reqwest::Client, base: &str, timeout: Duration) -> Result<String, String> {
+pub(crate) async fn imds_token(
+    http: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+) -> Result<String, String> {
     let resp = http
         .put(format!("{base}/latest/api/token"))
         .header("x-aws-ec2-metadata-token-ttl-seconds", "21600")
@@ -480,7 +599,10 @@ pub(crate) async fn imds_token(http: &reqwest::Client, base: &str, timeout: Dura
     if !status.is_success() {
         return Err(format!("token request answered HTTP {status}"));
     }
-    let token = resp.text().await.map_err(|e| format!("reading token: {e}"))?;
+    let token = resp
+        .text()
+        .await
+        .map_err(|e| format!("reading token: {e}"))?;
     if token.trim().is_empty() {
         return Err("empty IMDSv2 token".into());
     }
@@ -495,14 +617,20 @@ mod tests {
     fn debug_never_shows_secrets() {
         let c = Credentials::new("AKIDSECRETID", "topsecret", Some("sessiontok".into()));
         let d = format!("{c:?}");
-        assert!(!d.contains("topsecret") && !d.contains("sessiontok") && !d.contains("AKIDSECRETID"), "{d}");
+        assert!(
+            !d.contains("topsecret") && !d.contains("sessiontok") && !d.contains("AKIDSECRETID"),
+            "{d}"
+        );
         let cfg = ChainConfig {
             env_access_key_id: Some("AKIDSECRETID".into()),
             env_secret_access_key: Some(Zeroizing::new("topsecret".into())),
             ..Default::default()
         };
         let d = format!("{cfg:?}");
-        assert!(!d.contains("topsecret") && !d.contains("AKIDSECRETID"), "{d}");
+        assert!(
+            !d.contains("topsecret") && !d.contains("AKIDSECRETID"),
+            "{d}"
+        );
     }
 
     #[tokio::test]
@@ -535,20 +663,44 @@ mod tests {
         let c = CredentialsProvider::new(env).credentials().await.unwrap();
         assert_eq!((c.access_key_id(), c.source()), ("AKIDENV", "environment"));
 
-        let c = CredentialsProvider::new(base.clone()).credentials().await.unwrap();
-        assert_eq!((c.access_key_id(), c.secret_access_key(), c.session_token()), ("AKIDDEFAULT", "s1", None));
+        let c = CredentialsProvider::new(base.clone())
+            .credentials()
+            .await
+            .unwrap();
+        assert_eq!(
+            (c.access_key_id(), c.secret_access_key(), c.session_token()),
+            ("AKIDDEFAULT", "s1", None)
+        );
 
-        let other = ChainConfig { profile: Some("other".into()), ..base.clone() };
+        let other = ChainConfig {
+            profile: Some("other".into()),
+            ..base.clone()
+        };
         let c = CredentialsProvider::new(other).credentials().await.unwrap();
-        assert_eq!((c.access_key_id(), c.session_token()), ("AKIDOTHER", Some("t2")));
+        assert_eq!(
+            (c.access_key_id(), c.session_token()),
+            ("AKIDOTHER", Some("t2"))
+        );
 
-        let cfgonly = ChainConfig { profile: Some("cfgonly".into()), ..base.clone() };
+        let cfgonly = ChainConfig {
+            profile: Some("cfgonly".into()),
+            ..base.clone()
+        };
         assert_eq!(cfgonly.resolve_region().as_deref(), Some("eu-north-1"));
-        let c = CredentialsProvider::new(cfgonly).credentials().await.unwrap();
+        let c = CredentialsProvider::new(cfgonly)
+            .credentials()
+            .await
+            .unwrap();
         assert_eq!(c.access_key_id(), "AKIDCFG");
 
-        let none = ChainConfig { profile: Some("missing".into()), ..base };
-        let e = CredentialsProvider::new(none).credentials().await.unwrap_err();
+        let none = ChainConfig {
+            profile: Some("missing".into()),
+            ..base
+        };
+        let e = CredentialsProvider::new(none)
+            .credentials()
+            .await
+            .unwrap_err();
         assert!(matches!(e, CredentialsError::NotFound(_)), "{e}");
     }
 

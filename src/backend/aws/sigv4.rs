@@ -44,14 +44,21 @@ pub struct SignError(String);
 /// `YYYYMMDDTHHMMSSZ` for `t`.
 pub fn amz_date(t: SystemTime) -> String {
     // humantime renders RFC 3339 in UTC: "2015-08-30T12:36:00Z".
-    humantime::format_rfc3339_seconds(t).to_string().chars().filter(|c| *c != '-' && *c != ':').collect()
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect()
 }
 
 /// Percent-encodes everything except the RFC 3986 unreserved characters (and `/` when asked).
 pub fn uri_encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (keep_slash && b == b'/') {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~')
+            || (keep_slash && b == b'/')
+        {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -97,11 +104,18 @@ fn canonical_query(query: &str) -> String {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (uri_encode(&percent_decode(k), false), uri_encode(&percent_decode(v), false))
+            (
+                uri_encode(&percent_decode(k), false),
+                uri_encode(&percent_decode(v), false),
+            )
         })
         .collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Signs `req` for `region`/`service` at `time`.
@@ -112,8 +126,13 @@ pub fn sign(
     service: &str,
     time: SystemTime,
 ) -> Result<Signed, SignError> {
-    let uri: http::Uri = req.url.parse().map_err(|e| SignError(format!("invalid URL: {e}")))?;
-    let authority = uri.authority().ok_or_else(|| SignError("URL has no host".into()))?;
+    let uri: http::Uri = req
+        .url
+        .parse()
+        .map_err(|e| SignError(format!("invalid URL: {e}")))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| SignError("URL has no host".into()))?;
     let default_port = match uri.scheme_str() {
         Some("https") => Some(443),
         Some("http") => Some(80),
@@ -123,7 +142,11 @@ pub fn sign(
         Some(p) if Some(p) != default_port => format!("{}:{p}", authority.host()),
         _ => authority.host().to_string(),
     };
-    let path = if uri.path().is_empty() { "/" } else { uri.path() };
+    let path = if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    };
     // Non-S3 services expect each path segment encoded once more on top of the URL's own encoding.
     let canonical_uri = uri_encode(path, true);
     let canonical_query = canonical_query(uri.query().unwrap_or(""));
@@ -135,7 +158,12 @@ pub fn sign(
     let mut headers: Vec<(String, String)> = req
         .headers
         .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .map(|(k, v)| {
+            (
+                k.to_ascii_lowercase(),
+                v.split_whitespace().collect::<Vec<_>>().join(" "),
+            )
+        })
         .collect();
     headers.push(("host".into(), host.clone()));
     headers.push(("x-amz-date".into(), amz_date.clone()));
@@ -155,7 +183,11 @@ pub fn sign(
         }
     }
     let canonical_headers: String = merged.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
-    let signed_headers = merged.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(";");
+    let signed_headers = merged
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
 
     let canonical_request = format!(
         "{}\n{canonical_uri}\n{canonical_query}\n{canonical_headers}\n{signed_headers}\n{}",
@@ -163,7 +195,10 @@ pub fn sign(
         sha256_hex(req.body)
     );
     let scope = format!("{date}/{region}/{service}/aws4_request");
-    let string_to_sign = format!("{ALGORITHM}\n{amz_date}\n{scope}\n{}", sha256_hex(canonical_request.as_bytes()));
+    let string_to_sign = format!(
+        "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
+        sha256_hex(canonical_request.as_bytes())
+    );
 
     let secret = Zeroizing::new(format!("AWS4{}", creds.secret_access_key()));
     let k_date = hmac(secret.as_bytes(), date.as_bytes());
@@ -191,7 +226,11 @@ mod tests {
 
     // Values of AWS's published SigV4 test suite (example credentials, 2015-08-30T12:36:00Z).
     fn suite_creds() -> Credentials {
-        Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None)
+        Credentials::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            None,
+        )
     }
     fn suite_time() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_440_938_160)
@@ -205,13 +244,21 @@ mod tests {
 
     #[test]
     fn suite_get_vanilla() {
-        let req = Request { method: "GET", url: "https://example.amazonaws.com/", headers: &[], body: b"" };
+        let req = Request {
+            method: "GET",
+            url: "https://example.amazonaws.com/",
+            headers: &[],
+            body: b"",
+        };
         let s = sign(&req, &suite_creds(), "us-east-1", "service", suite_time()).unwrap();
         assert_eq!(s.amz_date, "20150830T123600Z");
         assert_eq!(s.host, "example.amazonaws.com");
         assert_eq!(
             s.authorization,
-            auth("5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31", "host;x-amz-date")
+            auth(
+                "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
+                "host;x-amz-date"
+            )
         );
     }
 
@@ -226,7 +273,10 @@ mod tests {
         let s = sign(&req, &suite_creds(), "us-east-1", "service", suite_time()).unwrap();
         assert_eq!(
             s.authorization,
-            auth("b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500", "host;x-amz-date")
+            auth(
+                "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500",
+                "host;x-amz-date"
+            )
         );
     }
 
@@ -241,14 +291,22 @@ mod tests {
         let s = sign(&req, &suite_creds(), "us-east-1", "service", suite_time()).unwrap();
         assert_eq!(
             s.authorization,
-            auth("ff11897932ad3f4e8b18135d722051e5ac45fc38421b1da7b9d196a0fe09473a", "content-type;host;x-amz-date")
+            auth(
+                "ff11897932ad3f4e8b18135d722051e5ac45fc38421b1da7b9d196a0fe09473a",
+                "content-type;host;x-amz-date"
+            )
         );
     }
 
     #[test]
     fn session_token_is_signed_and_port_kept() {
         let creds = Credentials::new("AKIDEXAMPLE", "secret", Some("TOKEN".into()));
-        let req = Request { method: "POST", url: "http://127.0.0.1:4566/", headers: &[], body: b"{}" };
+        let req = Request {
+            method: "POST",
+            url: "http://127.0.0.1:4566/",
+            headers: &[],
+            body: b"{}",
+        };
         let s = sign(&req, &creds, "eu-west-1", "kms", suite_time()).unwrap();
         assert_eq!(s.host, "127.0.0.1:4566");
         assert_eq!(s.signed_headers, "host;x-amz-date;x-amz-security-token");
