@@ -333,6 +333,7 @@ pub struct CredentialsProvider {
     cfg: ChainConfig,
     http: reqwest::Client,
     cache: tokio::sync::Mutex<Option<Credentials>>,
+    fixed: bool,
 }
 
 impl fmt::Debug for CredentialsProvider {
@@ -354,16 +355,18 @@ impl CredentialsProvider {
             cfg,
             http,
             cache: tokio::sync::Mutex::new(None),
+            fixed: false,
         }
     }
 
     /// Always returns these credentials (tests, or credentials handed over by the caller).
     pub fn fixed(creds: Credentials) -> Self {
-        let p = Self::new(ChainConfig {
+        let mut p = Self::new(ChainConfig {
             imds_disabled: true,
             ..Default::default()
         });
-        *p.cache.try_lock().expect("new mutex is free") = Some(creds);
+        *p.cache.get_mut() = Some(creds);
+        p.fixed = true;
         p
     }
 
@@ -403,6 +406,9 @@ impl CredentialsProvider {
 
     /// Forgets cached credentials (after the service rejected them).
     pub async fn invalidate(&self) {
+        if self.fixed {
+            return;
+        }
         *self.cache.lock().await = None;
     }
 
