@@ -5,7 +5,7 @@
 #![cfg(feature = "pkcs11")]
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
@@ -37,9 +37,9 @@ fn module_path() -> Option<PathBuf> {
     .find(|p| p.is_file())
 }
 
-fn args(module: &PathBuf, key: &str, mech: Pkcs11Mechanism) -> Pkcs11Args {
+fn args(module: &Path, key: &str, mech: Pkcs11Mechanism) -> Pkcs11Args {
     Pkcs11Args {
-        pkcs11_module: Some(module.clone()),
+        pkcs11_module: Some(module.to_path_buf()),
         pkcs11_token_label: Some(TOKEN.into()),
         pkcs11_key_label: Some(key.into()),
         pkcs11_pin_file: None,

@@ -4,6 +4,7 @@
 pub mod conformance;
 pub mod external;
 pub mod faulty;
+pub mod http_fake;
 pub mod plugin;
 
 use std::time::Duration;

@@ -332,6 +332,8 @@ pub fn default_sts_endpoint(region: Option<&str>) -> String {
 pub struct CredentialsProvider {
     cfg: ChainConfig,
     http: reqwest::Client,
+    /// IMDS is link-local: never through a proxy, never redirected.
+    imds_http: reqwest::Client,
     cache: tokio::sync::Mutex<Option<Credentials>>,
     fixed: bool,
 }
@@ -351,9 +353,17 @@ impl CredentialsProvider {
             .timeout(Duration::from_secs(10))
             .build()
             .expect("HTTP client builds with static settings");
+        let imds_http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5))
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("HTTP client builds with static settings");
         CredentialsProvider {
             cfg,
             http,
+            imds_http,
             cache: tokio::sync::Mutex::new(None),
             fixed: false,
         }
@@ -527,11 +537,11 @@ impl CredentialsProvider {
             .unwrap_or(DEFAULT_IMDS_ENDPOINT)
             .trim_end_matches('/');
         let timeout = self.cfg.imds_timeout.unwrap_or(Duration::from_secs(1));
-        let token = Zeroizing::new(imds_token(&self.http, base, timeout).await.map_err(err)?);
+        let token = Zeroizing::new(imds_token(&self.imds_http, base, timeout).await.map_err(err)?);
         let list_url = format!("{base}/latest/meta-data/iam/security-credentials/");
         let get = |url: String| {
             let req = self
-                .http
+                .imds_http
                 .get(url)
                 .header("x-aws-ec2-metadata-token", token.as_str())
                 .timeout(timeout);
