@@ -52,7 +52,9 @@ impl Req {
         form_param(&self.query, name)
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -64,7 +66,11 @@ pub struct Resp {
 
 impl Resp {
     pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Resp { status, headers: Vec::new(), body: body.into() }
+        Resp {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
     }
     pub fn header(mut self, k: &str, v: &str) -> Self {
         self.headers.push((k.to_string(), v.to_string()));
@@ -98,13 +104,17 @@ pub async fn start(handler: impl Fn(&Req) -> Resp + Send + Sync + 'static) -> Fa
     let (reqs, handler) = (requests.clone(), Arc::new(handler));
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let (reqs, handler) = (reqs.clone(), handler.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 let (head_end, len) = loop {
-                    let Ok(n) = sock.read(&mut chunk).await else { return };
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -140,7 +150,11 @@ pub async fn start(handler: impl Fn(&Req) -> Resp + Send + Sync + 'static) -> Fa
                 };
                 let resp = handler(&req);
                 reqs.lock().unwrap().push(req);
-                let mut out = format!("HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n", resp.status, resp.body.len());
+                let mut out = format!(
+                    "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+                    resp.status,
+                    resp.body.len()
+                );
                 for (k, v) in &resp.headers {
                     out.push_str(&format!("{k}: {v}\r\n"));
                 }

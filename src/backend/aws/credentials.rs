@@ -537,7 +537,11 @@ impl CredentialsProvider {
             .unwrap_or(DEFAULT_IMDS_ENDPOINT)
             .trim_end_matches('/');
         let timeout = self.cfg.imds_timeout.unwrap_or(Duration::from_secs(1));
-        let token = Zeroizing::new(imds_token(&self.imds_http, base, timeout).await.map_err(err)?);
+        let token = Zeroizing::new(
+            imds_token(&self.imds_http, base, timeout)
+                .await
+                .map_err(err)?,
+        );
         let list_url = format!("{base}/latest/meta-data/iam/security-credentials/");
         let get = |url: String| {
             let req = self
