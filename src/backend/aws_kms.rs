@@ -345,7 +345,12 @@ pub fn map_error(action: &str, status: u16, error_type: &str, message: &str) -> 
         .split(':')
         .next()
         .unwrap_or("");
-    let detail = if message.is_empty() {
+    // Signature errors may echo the canonical request, which holds the session token: drop them.
+    let auth_error = matches!(
+        typ,
+        "InvalidSignatureException" | "IncompleteSignature" | "SignatureDoesNotMatch"
+    );
+    let detail = if message.is_empty() || auth_error {
         format!("AWS KMS {action}: {typ} (HTTP {status})")
     } else {
         format!("AWS KMS {action}: {typ}: {message}")
@@ -584,6 +589,13 @@ mod tests {
             m(400, "ValidationException"),
             BackendError::Other(_)
         ));
+        let e = map_error(
+            "Encrypt",
+            400,
+            "InvalidSignatureException",
+            "x-amz-security-token:SECRET",
+        );
+        assert!(matches!(e, BackendError::Authentication(_)) && !e.to_string().contains("SECRET"));
         assert!(m(400, "ThrottlingException").is_transient());
         assert!(m(400, "AccessDeniedException").is_revocation());
         assert_eq!(

@@ -10,6 +10,18 @@
 //! - GCP: base64 of a metadata-server identity token for the audience.
 //!
 //! Every endpoint is a parameter so that tests and unusual clouds can point elsewhere.
+//!
+//! Typical use by the Akeyless backend:
+//! - `aws_iam`: keep one `CredentialsProvider::new(ChainConfig::from_env())` (it caches and
+//!   refreshes temporary credentials) and call [`aws_iam_cloud_id_from_chain`] before each `/auth`,
+//!   with [`DEFAULT_STS_URL`] (region `us-east-1`) or a regional `https://sts.REGION.amazonaws.com/`
+//!   ([`sts_region_from_url`] gives the signing region).
+//! - `azure_ad`: [`azure_ad_cloud_id`]`(DEFAULT_AZURE_IMDS_URL, object_id)`.
+//! - `gcp`: [`gcp_cloud_id`]`(DEFAULT_GCP_METADATA_URL, audience)`.
+//! - no access type and no secret given: [`detect_cloud`] then [`Cloud::access_type`].
+//!
+//! The returned strings are secrets (bearer credentials for Akeyless): they are wiped on drop and
+//! must not be logged.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
