@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest};
+use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
 use kms_plugin::backend::{Backend, BackendError};
 use serde_json::{json, Value};
@@ -632,7 +632,10 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         access_key: None,
         ..base.clone()
     };
-    let e = AkeylessBackend::connect(&nothing, None).await.unwrap_err();
+    // A provider that finds no cloud (the real one would probe metadata services off loopback).
+    let e = AkeylessBackend::connect_with(&nothing, None, Arc::new(NoCloudId))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, BackendError::Config(m) if m.contains("cannot tell how to authenticate")),
         "{e}"
@@ -643,7 +646,7 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         ..base.clone()
     };
     assert!(matches!(
-        AkeylessBackend::connect(&aws, None).await,
+        AkeylessBackend::connect_with(&aws, None, Arc::new(NoCloudId)).await,
         Err(BackendError::Config(_))
     ));
 
@@ -927,4 +930,67 @@ async fn uid_start_up_survives_a_failing_rotation_and_rotates_later() {
     assert!(rotated, "rotation retried in the background");
     let now = std::fs::read_to_string(&saved).unwrap();
     assert_ne!(now.trim(), init);
+}
+
+/// The real cloud-identity provider, against loopback fakes of the metadata services.
+#[tokio::test]
+async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
+    use support::http_fake::{closed_url, start, Resp};
+    let Some(fake) = Fake::start(&[]) else { return };
+    let gcp = start(|req| {
+        if req.header("metadata-flavor") != Some("Google") {
+            return Resp::new(403, "");
+        }
+        let body = if req.path.ends_with("/service-accounts/default/identity") {
+            format!(
+                "jwt-for-{}",
+                req.query_param("audience").unwrap_or_default()
+            )
+        } else {
+            String::new()
+        };
+        Resp::new(200, body).header("metadata-flavor", "Google")
+    })
+    .await;
+    let azure = start(|req| {
+        if req.header("metadata") != Some("true") {
+            return Resp::new(400, "");
+        }
+        if req.path == "/metadata/identity/oauth2/token" {
+            let oid = req.query_param("object_id").unwrap_or_default();
+            Resp::new(200, format!(r#"{{"access_token":"azure-token-{oid}"}}"#))
+        } else {
+            Resp::new(404, "")
+        }
+    })
+    .await;
+    let base = AkeylessArgs {
+        access_key: None,
+        aws_imds_url: Some(closed_url()),
+        azure_imds_url: Some(closed_url()),
+        gcp_metadata_url: Some(gcp.url.clone()),
+        gcp_audience: "aud-x".into(),
+        ..fake.args()
+    };
+    // No access type and no credentials: the GCP metadata server answers, so gcp.
+    connect(&base).await.wrap(b"gcp").await.unwrap();
+    let azure_args = AkeylessArgs {
+        access_type: Some(AccessType::AzureAd),
+        azure_imds_url: Some(azure.url.clone()),
+        azure_object_id: Some("oid-1".into()),
+        ..base.clone()
+    };
+    connect(&azure_args).await.wrap(b"azure").await.unwrap();
+    let records = fake.control("stats", json!({})).await["auth_records"].clone();
+    let decoded = |i: usize| {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(records[i]["cloud_id"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    assert_eq!(records[0]["access_type"], "gcp");
+    assert_eq!(decoded(0), "jwt-for-aud-x");
+    assert_eq!(records[1]["access_type"], "azure_ad");
+    assert_eq!(decoded(1), "azure-token-oid-1");
 }

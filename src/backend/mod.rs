@@ -14,8 +14,14 @@ use zeroize::Zeroizing;
 mod aead;
 #[cfg(feature = "akeyless")]
 pub mod akeyless;
+#[cfg(any(feature = "aws-kms", feature = "akeyless"))]
+pub mod aws;
+#[cfg(feature = "aws-kms")]
+pub mod aws_kms;
 pub mod local;
 pub mod memory;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 
 /// A secret returned by [`Backend::unwrap`]; wiped from memory when dropped.
 pub type SecretBytes = Zeroizing<Vec<u8>>;

@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod external;
 pub mod faulty;
+pub mod http_fake;
 pub mod plugin;
 pub mod raw_h2;
 

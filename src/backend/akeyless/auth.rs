@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::client::{CallError, Client, Op};
+use super::cloud_id;
 use super::config::{AccessType, AkeylessArgs, Secret};
 use super::uid::UidState;
 use crate::backend::BackendError;
@@ -76,9 +77,88 @@ impl CloudIdProvider for NoCloudId {
     }
 }
 
-/// The provider used by [`super::AkeylessBackend::connect`].
-pub fn default_cloud_id_provider(_args: &AkeylessArgs) -> Arc<dyn CloudIdProvider> {
-    Arc::new(NoCloudId)
+/// The provider used by [`super::AkeylessBackend::connect`]: the metadata services and the AWS
+/// credentials chain, with the endpoint overrides from `args`.
+pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider> {
+    use crate::backend::aws::credentials::{ChainConfig, CredentialsProvider};
+    let mut chain = ChainConfig::from_env();
+    if let Some(url) = &args.aws_imds_url {
+        chain.imds_endpoint = Some(url.clone());
+    }
+    let mut detect = cloud_id::DetectConfig::default();
+    if let Some(url) = &args.aws_imds_url {
+        detect.aws_imds_url = url.clone();
+    }
+    if let Some(url) = &args.azure_imds_url {
+        detect.azure_imds_url = url.clone();
+    }
+    if let Some(url) = &args.gcp_metadata_url {
+        detect.gcp_metadata_url = url.clone();
+    }
+    Arc::new(MetadataCloudId {
+        aws: CredentialsProvider::new(chain),
+        sts_url: args
+            .aws_sts_url
+            .clone()
+            .unwrap_or_else(|| cloud_id::DEFAULT_STS_URL.to_string()),
+        detect,
+    })
+}
+
+/// [`CloudIdProvider`] over [`cloud_id`]: signed STS request, Azure IMDS, GCP metadata server.
+struct MetadataCloudId {
+    aws: crate::backend::aws::credentials::CredentialsProvider,
+    sts_url: String,
+    detect: cloud_id::DetectConfig,
+}
+
+impl fmt::Debug for MetadataCloudId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetadataCloudId")
+            .field("sts_url", &self.sts_url)
+            .field("detect", &self.detect)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl CloudIdProvider for MetadataCloudId {
+    async fn cloud_id(&self, req: &CloudIdRequest) -> Result<String, BackendError> {
+        let result = match req.kind {
+            AccessType::AwsIam => {
+                let region = cloud_id::sts_region_from_url(&self.sts_url);
+                cloud_id::aws_iam_cloud_id_from_chain(&self.aws, &self.sts_url, &region).await
+            }
+            AccessType::AzureAd => {
+                cloud_id::azure_ad_cloud_id(
+                    &self.detect.azure_imds_url,
+                    req.azure_object_id.as_deref(),
+                )
+                .await
+            }
+            AccessType::Gcp => {
+                cloud_id::gcp_cloud_id(&self.detect.gcp_metadata_url, Some(&req.gcp_audience)).await
+            }
+            other => {
+                return Err(BackendError::Config(format!(
+                    "access type {other} has no cloud identity"
+                )))
+            }
+        };
+        // Cloud identity failures are usually "not on that cloud" or "no role attached": not transient
+        // for our retry logic, and reported as authentication problems with their cause.
+        result.map(|id| id.to_string()).map_err(|e| {
+            BackendError::Authentication(format!(
+                "cannot build the {} cloud identity: {e}",
+                req.kind
+            ))
+        })
+    }
+
+    async fn detect(&self) -> Option<AccessType> {
+        let cloud = cloud_id::detect_cloud(&self.detect).await?;
+        AccessType::parse_loose(cloud.access_type())
+    }
 }
 
 /// How `/auth` proves who we are.

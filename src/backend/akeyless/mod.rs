@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub(crate) mod client;
+pub mod cloud_id;
 pub mod config;
 pub mod uid;
 

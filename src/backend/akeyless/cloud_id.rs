@@ -1,0 +1,374 @@
+//! Cloud identities for Akeyless authentication (`access-type` `aws_iam`, `azure_ad`, `gcp`), and
+//! detection of the cloud we run on.
+//!
+//! Wire formats (as the official Akeyless clients produce them):
+//! - AWS: base64 of JSON `{sts_request_method, sts_request_url, sts_request_body,
+//!   sts_request_headers}`, the last three base64 too; the headers are the SigV4-signed headers of an
+//!   STS `GetCallerIdentity` call as a JSON map of arrays. Akeyless replays the request to STS to learn
+//!   who we are; we sign it but never send it.
+//! - Azure: base64 of a managed-identity access token for `https://management.azure.com/` from IMDS.
+//! - GCP: base64 of a metadata-server identity token for the audience.
+//!
+//! Every endpoint is a parameter so that tests and unusual clouds can point elsewhere.
+//!
+//! Typical use by the Akeyless backend:
+//! - `aws_iam`: keep one `CredentialsProvider::new(ChainConfig::from_env())` (it caches and
+//!   refreshes temporary credentials) and call [`aws_iam_cloud_id_from_chain`] before each `/auth`,
+//!   with [`DEFAULT_STS_URL`] (region `us-east-1`) or a regional `https://sts.REGION.amazonaws.com/`
+//!   ([`sts_region_from_url`] gives the signing region).
+//! - `azure_ad`: [`azure_ad_cloud_id`]`(DEFAULT_AZURE_IMDS_URL, object_id)`.
+//! - `gcp`: [`gcp_cloud_id`]`(DEFAULT_GCP_METADATA_URL, audience)`.
+//! - no access type and no secret given: [`detect_cloud`] then [`Cloud::access_type`].
+//!
+//! The returned strings are secrets (bearer credentials for Akeyless): they are wiped on drop and
+//! must not be logged.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use crate::backend::aws::credentials::{Credentials, CredentialsProvider};
+use crate::backend::aws::sigv4;
+
+/// STS endpoint used by older Akeyless clients; current ones sign for a regional endpoint.
+pub const DEFAULT_STS_URL: &str = "https://sts.amazonaws.com/";
+/// Base URL of the AWS and Azure instance metadata services.
+pub const DEFAULT_AWS_IMDS_URL: &str = "http://169.254.169.254";
+pub const DEFAULT_AZURE_IMDS_URL: &str = "http://169.254.169.254";
+/// Base URL of the GCP metadata server.
+pub const DEFAULT_GCP_METADATA_URL: &str = "http://metadata.google.internal";
+/// Default audience of GCP identity tokens for Akeyless.
+pub const DEFAULT_GCP_AUDIENCE: &str = "akeyless.io";
+/// Resource of the Azure managed-identity token Akeyless expects.
+pub const AZURE_RESOURCE: &str = "https://management.azure.com/";
+
+const STS_BODY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
+const STS_CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
+const METADATA_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A cloud identity could not be produced. Messages never contain tokens or credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloudIdError {
+    #[error("AWS credentials: {0}")]
+    Credentials(String),
+    #[error("cannot sign the STS request: {0}")]
+    Sign(String),
+    #[error("{service} at {url}: {detail}")]
+    Metadata {
+        service: &'static str,
+        url: String,
+        detail: String,
+    },
+}
+
+/// The region whose STS endpoint `url` names (`sts.<region>.amazonaws.com`), else `us-east-1`.
+pub fn sts_region_from_url(url: &str) -> String {
+    url.parse::<http::Uri>()
+        .ok()
+        .and_then(|u| {
+            let host = u.host()?.to_string();
+            let rest = host.strip_prefix("sts.")?;
+            let region = rest.split('.').next()?;
+            (region != "amazonaws" && !region.is_empty()).then(|| region.to_string())
+        })
+        .unwrap_or_else(|| "us-east-1".to_string())
+}
+
+/// The AWS cloud-id for `creds`, signed at `time` for the STS endpoint `sts_url` in `region`.
+pub fn aws_iam_cloud_id_at(
+    creds: &Credentials,
+    sts_url: &str,
+    region: &str,
+    time: SystemTime,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let content_length = STS_BODY.len().to_string();
+    let headers = [
+        ("Content-Length", content_length.as_str()),
+        ("Content-Type", STS_CONTENT_TYPE),
+    ];
+    let req = sigv4::Request {
+        method: "POST",
+        url: sts_url,
+        headers: &headers,
+        body: STS_BODY.as_bytes(),
+    };
+    let signed = sigv4::sign(&req, creds, region, "sts", time)
+        .map_err(|e| CloudIdError::Sign(e.to_string()))?;
+
+    // Canonical Go header names, values as arrays, as Akeyless's server reads them. The Host header
+    // is not listed: the replaying client derives it from the URL.
+    let mut map: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    map.insert("Authorization", vec![signed.authorization.clone()]);
+    map.insert("Content-Length", vec![content_length.clone()]);
+    map.insert("Content-Type", vec![STS_CONTENT_TYPE.to_string()]);
+    map.insert("X-Amz-Date", vec![signed.amz_date.clone()]);
+    if let Some(t) = &signed.security_token {
+        map.insert("X-Amz-Security-Token", vec![t.clone()]);
+    }
+    let headers_json = Zeroizing::new(serde_json::to_vec(&map).expect("string map serializes"));
+    let doc = serde_json::json!({
+        "sts_request_method": "POST",
+        "sts_request_url": B64.encode(sts_url),
+        "sts_request_body": B64.encode(STS_BODY),
+        "sts_request_headers": B64.encode(&*headers_json),
+    });
+    let doc = Zeroizing::new(serde_json::to_vec(&doc).expect("JSON value serializes"));
+    Ok(Zeroizing::new(B64.encode(&*doc)))
+}
+
+/// The AWS cloud-id (`access-type: aws_iam`), signed now. Pure computation: nothing is sent.
+pub async fn aws_iam_cloud_id(
+    creds: &Credentials,
+    sts_url: &str,
+    region: &str,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    aws_iam_cloud_id_at(creds, sts_url, region, SystemTime::now())
+}
+
+/// Like [`aws_iam_cloud_id`], with credentials from the standard chain (env, files, web identity,
+/// IMDSv2) held by `provider`.
+pub async fn aws_iam_cloud_id_from_chain(
+    provider: &CredentialsProvider,
+    sts_url: &str,
+    region: &str,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let creds = provider
+        .credentials()
+        .await
+        .map_err(|e| CloudIdError::Credentials(e.to_string()))?;
+    aws_iam_cloud_id(&creds, sts_url, region).await
+}
+
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        // Metadata services are local; a proxy would be wrong and a redirect suspicious.
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("HTTP client builds with static settings")
+}
+
+async fn fetch(
+    service: &'static str,
+    req: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let err = |detail: String| CloudIdError::Metadata {
+        service,
+        url: url.to_string(),
+        detail,
+    };
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| err(crate::backend::aws::redact_reqwest(&e)))?;
+    let status = resp.status();
+    let body = Zeroizing::new(
+        resp.text()
+            .await
+            .map_err(|e| err(format!("reading response: {e}")))?,
+    );
+    if !status.is_success() {
+        // Error bodies of metadata services carry no secrets; keep a bounded excerpt.
+        let excerpt: String = body.chars().take(200).collect();
+        return Err(err(format!("HTTP {status}: {excerpt}")));
+    }
+    Ok(body)
+}
+
+/// The Azure cloud-id (`access-type: azure_ad`): base64 of a managed-identity access token for
+/// [`AZURE_RESOURCE`] from IMDS at `imds_url` (base URL), optionally for the identity `object_id`.
+pub async fn azure_ad_cloud_id(
+    imds_url: &str,
+    object_id: Option<&str>,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let url = format!(
+        "{}/metadata/identity/oauth2/token",
+        imds_url.trim_end_matches('/')
+    );
+    let mut query = vec![("api-version", "2018-02-01"), ("resource", AZURE_RESOURCE)];
+    if let Some(id) = object_id.filter(|s| !s.is_empty()) {
+        query.push(("object_id", id));
+    }
+    let req = client(METADATA_TIMEOUT)
+        .get(&url)
+        .query(&query)
+        .header("Metadata", "true");
+    let body = fetch("Azure IMDS", req, &url).await?;
+    #[derive(serde::Deserialize, zeroize::ZeroizeOnDrop)]
+    struct Token {
+        access_token: String,
+    }
+    let tok: Token = serde_json::from_str(&body).map_err(|e| CloudIdError::Metadata {
+        service: "Azure IMDS",
+        url: url.clone(),
+        detail: format!("unexpected token response: {e}"),
+    })?;
+    if tok.access_token.is_empty() {
+        return Err(CloudIdError::Metadata {
+            service: "Azure IMDS",
+            url,
+            detail: "empty access_token".into(),
+        });
+    }
+    Ok(Zeroizing::new(B64.encode(tok.access_token.as_bytes())))
+}
+
+/// The GCP cloud-id (`access-type: gcp`): base64 of the metadata server's identity token for
+/// `audience` (default [`DEFAULT_GCP_AUDIENCE`]); `metadata_url` is the server's base URL.
+pub async fn gcp_cloud_id(
+    metadata_url: &str,
+    audience: Option<&str>,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/default/identity",
+        metadata_url.trim_end_matches('/')
+    );
+    let audience = audience
+        .filter(|a| !a.is_empty())
+        .unwrap_or(DEFAULT_GCP_AUDIENCE);
+    let req = client(METADATA_TIMEOUT)
+        .get(&url)
+        .query(&[("audience", audience), ("format", "full")])
+        .header("Metadata-Flavor", "Google");
+    let body = fetch("GCP metadata server", req, &url).await?;
+    let token = body.trim();
+    if token.is_empty() {
+        return Err(CloudIdError::Metadata {
+            service: "GCP metadata server",
+            url,
+            detail: "empty identity token".into(),
+        });
+    }
+    Ok(Zeroizing::new(B64.encode(token)))
+}
+
+/// A cloud found by [`detect_cloud`], named by its Akeyless access type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    Aws,
+    Gcp,
+    Azure,
+}
+
+impl Cloud {
+    /// The Akeyless `access-type` for this cloud.
+    pub fn access_type(self) -> &'static str {
+        match self {
+            Cloud::Aws => "aws_iam",
+            Cloud::Gcp => "gcp",
+            Cloud::Azure => "azure_ad",
+        }
+    }
+}
+
+/// Where [`detect_cloud`] looks.
+#[derive(Debug, Clone)]
+pub struct DetectConfig {
+    pub aws_imds_url: String,
+    pub gcp_metadata_url: String,
+    pub azure_imds_url: String,
+    /// Per-probe timeout; off-cloud nothing answers, so keep it short.
+    pub timeout: Duration,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            aws_imds_url: DEFAULT_AWS_IMDS_URL.into(),
+            gcp_metadata_url: DEFAULT_GCP_METADATA_URL.into(),
+            azure_imds_url: DEFAULT_AZURE_IMDS_URL.into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+async fn probe_aws(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
+    crate::backend::aws::credentials::imds_token(
+        http,
+        cfg.aws_imds_url.trim_end_matches('/'),
+        cfg.timeout,
+    )
+    .await
+    .is_ok()
+}
+
+async fn probe_gcp(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
+    let url = format!(
+        "{}/computeMetadata/v1/",
+        cfg.gcp_metadata_url.trim_end_matches('/')
+    );
+    match http
+        .get(url)
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+    {
+        // The real server marks its answers; a random HTTP server on the address does not.
+        Ok(r) => {
+            r.status().is_success()
+                && r.headers()
+                    .get("metadata-flavor")
+                    .is_some_and(|v| v == "Google")
+        }
+        Err(_) => false,
+    }
+}
+
+async fn probe_azure(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
+    let url = format!(
+        "{}/metadata/instance",
+        cfg.azure_imds_url.trim_end_matches('/')
+    );
+    match http
+        .get(url)
+        .query(&[("api-version", "2021-02-01")])
+        .header("Metadata", "true")
+        .send()
+        .await
+    {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+/// Probes the AWS, GCP and Azure metadata services concurrently, each within `cfg.timeout`, and
+/// names the cloud that answered (AWS, then GCP, then Azure when several do), or `None`.
+pub async fn detect_cloud(cfg: &DetectConfig) -> Option<Cloud> {
+    let http = client(cfg.timeout);
+    let (aws, gcp, azure) = tokio::join!(
+        probe_aws(&http, cfg),
+        probe_gcp(&http, cfg),
+        probe_azure(&http, cfg)
+    );
+    tracing::debug!(aws, gcp, azure, "cloud metadata probes");
+    match (aws, gcp, azure) {
+        (true, _, _) => Some(Cloud::Aws),
+        (_, true, _) => Some(Cloud::Gcp),
+        (_, _, true) => Some(Cloud::Azure),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_from_sts_url() {
+        assert_eq!(
+            sts_region_from_url("https://sts.amazonaws.com/"),
+            "us-east-1"
+        );
+        assert_eq!(
+            sts_region_from_url("https://sts.eu-west-1.amazonaws.com"),
+            "eu-west-1"
+        );
+        assert_eq!(sts_region_from_url("http://127.0.0.1:9/"), "us-east-1");
+    }
+}

@@ -1,0 +1,251 @@
+//! The PKCS#11 backend against a real SoftHSM2 token created by the test.
+//!
+//! One test function on purpose: a PKCS#11 module is initialised once per process, and the
+//! scenarios below log the token out and finalise the module under the backend's feet.
+#![cfg(feature = "pkcs11")]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectClass};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use kms_plugin::backend::pkcs11::{Pkcs11Args, Pkcs11Backend, Pkcs11Mechanism};
+use kms_plugin::backend::{Backend, BackendError};
+use support::external::{opted_out, which};
+use zeroize::Zeroizing;
+
+const TOKEN: &str = "kms-plugin-test";
+const PIN: &str = "48151623";
+const SO_PIN: &str = "12345678";
+
+fn module_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("KMS_TEST_PKCS11_MODULE") {
+        return Some(PathBuf::from(p));
+    }
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+fn args(module: &Path, key: &str, mech: Pkcs11Mechanism) -> Pkcs11Args {
+    Pkcs11Args {
+        pkcs11_module: Some(module.to_path_buf()),
+        pkcs11_token_label: Some(TOKEN.into()),
+        pkcs11_key_label: Some(key.into()),
+        pkcs11_pin_file: None,
+        pkcs11_sessions: 4,
+        pkcs11_mechanism: mech,
+    }
+}
+
+fn create_key(session: &Session, label: &str, id: u8) {
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(vec![id]),
+            ],
+        )
+        .expect("generate AES key on the token");
+}
+
+fn pin(p: &str) -> Zeroizing<String> {
+    Zeroizing::new(p.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn softhsm_token() {
+    if opted_out("softhsm") {
+        return;
+    }
+    let module = module_path().expect(
+        "libsofthsm2.so not found: install softhsm2 (make deps) or set KMS_TEST_OPT_OUT=softhsm",
+    );
+    let util = which("softhsm2-util")
+        .expect("softhsm2-util not found: install softhsm2 or set KMS_TEST_OPT_OUT=softhsm");
+
+    // A private token directory; must be in place before the module is initialised.
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let out = Command::new(&util)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN,
+            "--so-pin",
+            SO_PIN,
+            "--pin",
+            PIN,
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "softhsm2-util: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Administrative access through cryptoki, as an operator's tool would have.
+    let admin_ctx = Pkcs11::new(&module).unwrap();
+    admin_ctx
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = admin_ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| admin_ctx.get_token_info(*s).unwrap().label().trim_end() == TOKEN)
+        .unwrap();
+    let admin = admin_ctx.open_rw_session(slot).unwrap();
+    admin
+        .login(UserType::User, Some(&AuthPin::new(PIN.into())))
+        .unwrap();
+    create_key(&admin, "kek-1", 1);
+    create_key(&admin, "kek-kwp", 9);
+    admin.logout().unwrap();
+
+    // A wrong PIN stops with a clear error (and leaves the token usable: SoftHSM counts failures).
+    let err = Pkcs11Backend::open(&args(&module, "kek-1", Pkcs11Mechanism::Auto), pin("0000"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("PIN") && msg.contains("not retrying"), "{msg}");
+    assert!(
+        !msg.contains("0000") && !msg.contains(PIN),
+        "PIN in error: {msg}"
+    );
+
+    // Misconfiguration is named.
+    let mut bad = args(&module, "kek-1", Pkcs11Mechanism::Auto);
+    bad.pkcs11_token_label = Some("no-such-token".into());
+    let err = Pkcs11Backend::open(&bad, pin(PIN)).await.unwrap_err();
+    assert!(err.to_string().contains("no-such-token"), "{err}");
+    let err = Pkcs11Backend::open(
+        &args(&module, "missing-key", Pkcs11Mechanism::Auto),
+        pin(PIN),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, BackendError::KeyNotFound(_)), "{err:?}");
+
+    // Conformance, rotating to a new key label mid-run.
+    let backend = Arc::new(
+        Pkcs11Backend::open(&args(&module, "kek-1", Pkcs11Mechanism::Auto), pin(PIN))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(backend.mechanism_name(), "CKM_AES_GCM");
+    let id1 = backend.current_key().await.unwrap();
+    assert_eq!(
+        (id1.key_id.as_str(), id1.key_ref.as_str()),
+        ("kek-1/01", "kek-1")
+    );
+    let old = backend.wrap(b"wrapped under kek-1").await.unwrap();
+    let admin = Arc::new(Mutex::new(admin));
+    let (a, b) = (admin.clone(), backend.clone());
+    support::conformance::run(
+        backend.clone(),
+        Some(Box::new(move || {
+            let (a, b) = (a.clone(), b.clone());
+            Box::pin(async move {
+                // The backend's login is the application's login, so the admin session may create keys.
+                create_key(&a.lock().unwrap(), "kek-2", 2);
+                b.set_key_label("kek-2");
+            })
+        })),
+    )
+    .await;
+    assert_eq!(backend.current_key().await.unwrap().key_id, "kek-2/02");
+
+    // "Restart" configured with the new label: old data still unwraps (the old key stays on the token).
+    let restarted = Pkcs11Backend::open(&args(&module, "kek-2", Pkcs11Mechanism::Auto), pin(PIN))
+        .await
+        .unwrap();
+    assert_eq!(
+        &restarted
+            .unwrap(&old.key_ref, &old.ciphertext)
+            .await
+            .unwrap()[..],
+        b"wrapped under kek-1"
+    );
+    let err = restarted
+        .unwrap("kek-unknown", &old.ciphertext)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::KeyNotFound(_)), "{err:?}");
+    // A blob is bound to its key label.
+    let err = restarted
+        .unwrap("kek-2", &old.ciphertext)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::InvalidCiphertext(_)), "{err:?}");
+
+    // The token drops the login (another user of the module logs out): the backend logs in again.
+    admin.lock().unwrap().logout().unwrap();
+    let w = backend.wrap(b"after logout").await.unwrap();
+    assert_eq!(
+        &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"after logout"
+    );
+
+    // The module is finalised under the backend (all sessions gone): it re-initialises and recovers.
+    let session = Arc::try_unwrap(admin).ok().unwrap().into_inner().unwrap();
+    drop(session);
+    admin_ctx.finalize().unwrap();
+    let w = backend.wrap(b"after finalize").await.unwrap();
+    assert_eq!(
+        &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"after finalize"
+    );
+    assert_eq!(
+        &backend.unwrap(&old.key_ref, &old.ciphertext).await.unwrap()[..],
+        b"wrapped under kek-1"
+    );
+
+    // AES key wrap with padding (for tokens without GCM), forced on SoftHSM.
+    let kwp = Arc::new(
+        Pkcs11Backend::open(
+            &args(&module, "kek-kwp", Pkcs11Mechanism::AesKeyWrapPad),
+            pin(PIN),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(kwp.mechanism_name(), "CKM_AES_KEY_WRAP_PAD");
+    support::conformance::run(kwp, None).await;
+}
