@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest};
+use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
 use kms_plugin::backend::{Backend, BackendError};
 use serde_json::{json, Value};
@@ -632,7 +632,10 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         access_key: None,
         ..base.clone()
     };
-    let e = AkeylessBackend::connect(&nothing, None).await.unwrap_err();
+    // A provider that finds no cloud (the real one would probe metadata services off loopback).
+    let e = AkeylessBackend::connect_with(&nothing, None, Arc::new(NoCloudId))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, BackendError::Config(m) if m.contains("cannot tell how to authenticate")),
         "{e}"
@@ -643,7 +646,7 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         ..base.clone()
     };
     assert!(matches!(
-        AkeylessBackend::connect(&aws, None).await,
+        AkeylessBackend::connect_with(&aws, None, Arc::new(NoCloudId)).await,
         Err(BackendError::Config(_))
     ));
 
