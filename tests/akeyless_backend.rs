@@ -426,12 +426,13 @@ async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
     backend.wrap(b"x").await.expect("slow attempt retried");
     eprintln!("measure: hung first attempt + retry took {:?}", t.elapsed());
     assert!(
-        t.elapsed() < Duration::from_millis(2500),
+        t.elapsed() < Duration::from_millis(3000),
         "{:?}",
         t.elapsed()
     );
 
-    // Persistent failures end with a transient error within the budget.
+    // Persistent failures end with a transient error within the budget (2.5 s; asserted against the
+    // apiserver's 3 s deadline to leave room for a loaded test machine).
     for (status, body) in [
         (500, json!(null)),
         (429, json!(null)),
@@ -451,7 +452,7 @@ async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
             t.elapsed()
         );
         assert!(
-            t.elapsed() < Duration::from_millis(2600),
+            t.elapsed() < Duration::from_millis(3000),
             "{status}: {:?}",
             t.elapsed()
         );
@@ -476,7 +477,7 @@ async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
         "measure: server never answering: {err} after {:?}",
         t.elapsed()
     );
-    assert!(t.elapsed() < Duration::from_millis(2600));
+    assert!(t.elapsed() < Duration::from_millis(3000));
     assert!(matches!(err, BackendError::Timeout(_)), "{err}");
     fake.control("clear-faults", json!({})).await;
 }
