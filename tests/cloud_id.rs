@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use kms_plugin::backend::akeyless_cloud_id::{
+use kms_plugin::backend::akeyless::cloud_id::{
     aws_iam_cloud_id, aws_iam_cloud_id_at, aws_iam_cloud_id_from_chain, azure_ad_cloud_id,
     detect_cloud, gcp_cloud_id, Cloud, CloudIdError, DetectConfig,
 };

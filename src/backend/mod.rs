@@ -12,6 +12,8 @@ use async_trait::async_trait;
 use zeroize::Zeroizing;
 
 mod aead;
+#[cfg(feature = "akeyless")]
+pub mod akeyless;
 #[cfg(any(feature = "aws-kms", feature = "akeyless"))]
 pub mod aws;
 #[cfg(feature = "aws-kms")]
@@ -20,11 +22,6 @@ pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
-// The Akeyless backend (its own branch) owns src/backend/akeyless/; only the cloud-identity helpers
-// live here until the merge declares `pub mod cloud_id;` in akeyless/mod.rs.
-#[cfg(feature = "akeyless")]
-#[path = "akeyless/cloud_id.rs"]
-pub mod akeyless_cloud_id;
 
 /// A secret returned by [`Backend::unwrap`]; wiped from memory when dropped.
 pub type SecretBytes = Zeroizing<Vec<u8>>;

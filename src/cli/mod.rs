@@ -167,6 +167,9 @@ pub struct ServeArgs {
     /// Audit log: a file path, or `-` for stdout (off by default). Reopened on SIGHUP.
     #[arg(long, env = "KMS_PLUGIN_AUDIT_LOG")]
     pub audit_log: Option<String>,
+    #[cfg(feature = "akeyless")]
+    #[command(flatten)]
+    pub akeyless: crate::backend::akeyless::config::AkeylessArgs,
     #[cfg(feature = "pkcs11")]
     #[command(flatten)]
     pub pkcs11: crate::backend::pkcs11::Pkcs11Args,

@@ -84,6 +84,20 @@ async fn build_backend(args: &ServeArgs) -> anyhow::Result<Arc<dyn Backend>> {
             )?;
             open_local(path)
         }
+        #[cfg(feature = "akeyless")]
+        Some(BackendKind::Akeyless) => {
+            let state_dir = args
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| args.data_dir.clone());
+            Ok(Arc::new(
+                crate::backend::akeyless::AkeylessBackend::connect_from_env(
+                    &args.akeyless,
+                    Some(state_dir),
+                )
+                .await?,
+            ))
+        }
         #[cfg(feature = "pkcs11")]
         Some(BackendKind::Pkcs11) => Ok(crate::backend::pkcs11::from_args(&args.pkcs11).await?),
         #[cfg(feature = "aws-kms")]

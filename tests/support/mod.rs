@@ -1,6 +1,8 @@
 //! Test-only helpers shared by the integration tests. Never part of the shipped binary.
 #![allow(dead_code)]
 
+#[cfg(feature = "akeyless")]
+pub mod akeyless_fake;
 pub mod conformance;
 pub mod external;
 pub mod faulty;

@@ -1,0 +1,596 @@
+//! The Akeyless backend: an AES256GCM key in Akeyless wraps the engine's local KEKs.
+//!
+//! - [`config`]: the `--akeyless-*` options and the drop-in environment of the original plugin.
+//! - [`client`]: HTTP, error parsing, retries.
+//! - [`auth`]: `/auth` for every access type, the token manager, the cloud identity hook.
+//! - [`uid`]: Universal Identity token rotation and persistence.
+//!
+//! Start-up mirrors the original plugin: authenticate, describe the key, one encryption round trip.
+//! `current_key` is `/describe-item` (cheap, no cryptography): the key_id carries the item id and
+//! last version, so "rotate key" in Akeyless is noticed by the engine's probe, while old ciphertexts
+//! keep decrypting because Akeyless puts the key version inside its ciphertext.
+
+pub mod auth;
+pub(crate) mod client;
+pub mod cloud_id;
+pub mod config;
+pub mod uid;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use self::auth::{CloudIdProvider, CloudIdRequest, Method, TokenManager};
+use self::client::{CallError, Client, Op};
+pub use self::config::{AccessType, AkeylessArgs, Secret};
+use self::uid::UidState;
+use super::{Backend, BackendError, KeyIdentity, SecretBytes, WrappedKey};
+
+/// Longest key name we accept: it is stored in clear in every ciphertext.
+const MAX_KEY_NAME: usize = 255;
+/// Time allowed for start-up calls (and background renewals), which have no apiserver waiting.
+const SLOW_BUDGET: Duration = Duration::from_secs(10);
+
+/// See the module documentation.
+pub struct AkeylessBackend {
+    key_name: String,
+    client: Arc<Client>,
+    tokens: Arc<TokenManager>,
+    uid: Option<Arc<UidState>>,
+    context: Option<Map<String, Value>>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl std::fmt::Debug for AkeylessBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AkeylessBackend")
+            .field("url", &self.client.base())
+            .field("key_name", &self.key_name)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for AkeylessBackend {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn missing(what: &str, flag: &str, env: &str) -> BackendError {
+    BackendError::Config(format!("{what} is required: set {flag} (env {env})"))
+}
+
+const CERT_ENV: &str = "KMS_PLUGIN_AKEYLESS_CERT_FILE";
+const KEY_ENV: &str = "KMS_PLUGIN_AKEYLESS_KEY_FILE";
+const JWT_ENV: &str = "KMS_PLUGIN_AKEYLESS_JWT_FILE";
+
+fn saved_uid_token(state_dir: Option<&std::path::Path>) -> bool {
+    state_dir.is_some_and(|d| d.join(uid::UID_TOKEN_FILE).exists())
+}
+
+fn read_file_secret(path: &PathBuf, what: &str) -> Result<Secret, BackendError> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        BackendError::Config(format!(
+            "cannot read the {what} file {}: {e}",
+            path.display()
+        ))
+    })?);
+    let s = Secret::new(text.trim());
+    if s.is_empty() {
+        return Err(BackendError::Config(format!(
+            "the {what} file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(s)
+}
+
+impl AkeylessBackend {
+    /// What `kms-plugin serve` calls: secrets from `KMS_PLUGIN_AKEYLESS_ACCESS_KEY` /
+    /// `KMS_PLUGIN_AKEYLESS_UID_TOKEN`, then whatever is still unset from the original plugin's
+    /// `AKEYLESS_*` variables (explicit options win), then [`AkeylessBackend::connect`].
+    pub async fn connect_from_env(
+        args: &AkeylessArgs,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self, BackendError> {
+        let mut args = args.clone();
+        args.load_secrets_from_env();
+        args.apply_legacy_env(|k| std::env::var(k).ok())
+            .map_err(BackendError::Config)?;
+        Self::connect(&args, state_dir).await
+    }
+
+    /// Connects with the default cloud identity provider. See [`AkeylessBackend::connect_with`].
+    pub async fn connect(
+        args: &AkeylessArgs,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self, BackendError> {
+        Self::connect_with(args, state_dir, auth::default_cloud_id_provider(args)).await
+    }
+
+    /// Authenticates, checks the key (exists, enabled, AES) and does one encryption round trip, then
+    /// starts the background token renewal (and UID rotation). Errors name the cause.
+    pub async fn connect_with(
+        args: &AkeylessArgs,
+        state_dir: Option<PathBuf>,
+        cloud: Arc<dyn CloudIdProvider>,
+    ) -> Result<Self, BackendError> {
+        let key_name = args
+            .key_name
+            .clone()
+            .filter(|k| !k.trim().is_empty())
+            .ok_or_else(|| {
+                missing(
+                    "the Akeyless key name",
+                    "--akeyless-key-name",
+                    "KMS_PLUGIN_AKEYLESS_KEY_NAME",
+                )
+            })?;
+        if key_name.len() > MAX_KEY_NAME {
+            return Err(BackendError::Config(format!(
+                "Akeyless key name is longer than {MAX_KEY_NAME} bytes"
+            )));
+        }
+        let client = Arc::new(Client::new(&args.url, args.timeout)?);
+        let slow = || Instant::now() + SLOW_BUDGET.max(args.timeout);
+
+        let access_key = match (&args.access_key, &args.access_key_file) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(p)) => Some(read_file_secret(p, "access key")?),
+            (None, None) => None,
+        };
+        let uid_init = match (&args.uid_token, &args.uid_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(p)) => Some(read_file_secret(p, "UID token")?),
+            (None, None) => None,
+        };
+        let access_type = match args.access_type {
+            Some(t) => t,
+            None if access_key.is_some() => AccessType::AccessKey,
+            None if uid_init.is_some() || saved_uid_token(state_dir.as_deref()) => {
+                AccessType::UniversalIdentity
+            }
+            None => cloud.detect().await.ok_or_else(|| {
+                BackendError::Config(
+                    "cannot tell how to authenticate to Akeyless: set --akeyless-access-type, or provide an \
+                     access key (KMS_PLUGIN_AKEYLESS_ACCESS_KEY) or a UID token (KMS_PLUGIN_AKEYLESS_UID_TOKEN); \
+                     no cloud identity was detected"
+                        .into(),
+                )
+            })?,
+        };
+        let needs_id = access_type != AccessType::UniversalIdentity;
+        if needs_id
+            && args
+                .access_id
+                .as_deref()
+                .is_none_or(|s| s.trim().is_empty())
+        {
+            return Err(missing(
+                "the Akeyless access id",
+                "--akeyless-access-id",
+                "KMS_PLUGIN_AKEYLESS_ACCESS_ID",
+            ));
+        }
+        let mut uid_state = None;
+        let method = match access_type {
+            AccessType::AccessKey => Method::AccessKey(access_key.ok_or_else(|| {
+                BackendError::Config(
+                    "access_key auth needs the access key: env KMS_PLUGIN_AKEYLESS_ACCESS_KEY or \
+                     --akeyless-access-key-file"
+                        .into(),
+                )
+            })?),
+            AccessType::UniversalIdentity => {
+                let state = Arc::new(
+                    UidState::start(
+                        &client,
+                        args.access_id.as_deref(),
+                        uid_init,
+                        state_dir.as_deref(),
+                        args.uid_ttl,
+                        slow(),
+                    )
+                    .await?,
+                );
+                uid_state = Some(state.clone());
+                Method::Uid(state)
+            }
+            AccessType::K8s => Method::K8s {
+                config_name: args.k8s_auth_config_name.clone().ok_or_else(|| {
+                    missing(
+                        "k8s auth config name",
+                        "--akeyless-k8s-auth-config-name",
+                        "KMS_PLUGIN_AKEYLESS_K8S_AUTH_CONFIG_NAME",
+                    )
+                })?,
+                token_file: args.k8s_service_account_token_file.clone(),
+            },
+            AccessType::Cert => Method::Cert {
+                cert_file: args.cert_file.clone().ok_or_else(|| {
+                    missing("the client certificate", "--akeyless-cert-file", CERT_ENV)
+                })?,
+                key_file: args
+                    .key_file
+                    .clone()
+                    .ok_or_else(|| missing("the client key", "--akeyless-key-file", KEY_ENV))?,
+            },
+            AccessType::Jwt => Method::Jwt {
+                file: args
+                    .jwt_file
+                    .clone()
+                    .ok_or_else(|| missing("the JWT file", "--akeyless-jwt-file", JWT_ENV))?,
+            },
+            kind @ (AccessType::AwsIam | AccessType::AzureAd | AccessType::Gcp) => Method::Cloud {
+                provider: cloud,
+                req: CloudIdRequest {
+                    kind,
+                    azure_object_id: args.azure_object_id.clone(),
+                    gcp_audience: args.gcp_audience.clone(),
+                },
+            },
+        };
+        let tokens = Arc::new(TokenManager::new(
+            client.clone(),
+            args.access_id.clone(),
+            method,
+        ));
+        let context = (!args.encryption_context.is_empty()).then(|| {
+            args.encryption_context
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect()
+        });
+        let mut backend = AkeylessBackend {
+            key_name,
+            client: client.clone(),
+            tokens: tokens.clone(),
+            uid: uid_state,
+            context,
+            tasks: Vec::new(),
+        };
+
+        // 1. authenticate
+        tokens.get(slow()).await?;
+        // 2. the key exists, is enabled and is an AES key
+        let item = backend.describe(slow()).await?;
+        match item.get("item_type").and_then(Value::as_str) {
+            Some(t) if !t.to_ascii_uppercase().contains("AES") => {
+                return Err(BackendError::Config(format!(
+                    "Akeyless item {:?} is of type {t}, not an AES key; create an AES256GCM key",
+                    backend.key_name
+                )))
+            }
+            Some(t) if !t.to_ascii_uppercase().contains("GCM") => {
+                tracing::warn!(
+                    item_type = t,
+                    "the Akeyless key is not AES-GCM; AES256GCM is recommended"
+                )
+            }
+            _ => {}
+        }
+        let id = identity(&backend.key_name, &item)?;
+        // 3. one round trip
+        let probe = Zeroizing::new(rand::random::<[u8; 32]>());
+        let wrapped = backend.encrypt(&probe[..], slow()).await?;
+        let back = backend
+            .decrypt(&backend.key_name.clone(), &wrapped, slow())
+            .await?;
+        if back[..] != probe[..] {
+            return Err(BackendError::Other(
+                "the start-up round trip through Akeyless returned different data".into(),
+            ));
+        }
+        tracing::info!(url = backend.client.base(), key_id = %id.key_id, "Akeyless backend ready");
+
+        backend
+            .tasks
+            .push(tokio::spawn(renew_tokens(Arc::downgrade(&tokens))).abort_handle());
+        if let Some(uid) = &backend.uid {
+            backend.tasks.push(
+                tokio::spawn(rotate_uid(
+                    Arc::downgrade(uid),
+                    Arc::downgrade(&tokens),
+                    client.clone(),
+                ))
+                .abort_handle(),
+            );
+        }
+        Ok(backend)
+    }
+
+    /// Number of `/auth` calls so far (for tests and metrics).
+    pub fn auth_calls(&self) -> u64 {
+        self.tokens.auth_calls()
+    }
+
+    /// Rotates the Universal Identity token now (for tests and an operator endpoint).
+    pub async fn rotate_uid_token(&self) -> Result<(), BackendError> {
+        let uid = self
+            .uid
+            .as_ref()
+            .ok_or_else(|| BackendError::Config("not using Universal Identity".into()))?;
+        let _flight = self.tokens.flight().lock().await;
+        uid.rotate(&self.client, Instant::now() + SLOW_BUDGET).await
+    }
+
+    /// A call that needs a token: one re-authentication if the server rejects it.
+    async fn authed(
+        &self,
+        op: Op,
+        command: &str,
+        mut body: Map<String, Value>,
+        deadline: Instant,
+    ) -> Result<Map<String, Value>, BackendError> {
+        let mut reauthenticated = false;
+        loop {
+            let (token, generation) = self.tokens.get(deadline).await?;
+            body.insert("token".into(), Value::String(token.expose().to_string()));
+            let result = self.client.call(op, command, &body, deadline).await;
+            body.remove("token");
+            match result {
+                Ok(reply) => return Ok(reply),
+                Err(CallError::Failed(e)) => return Err(e),
+                Err(CallError::TokenRejected(msg)) if !reauthenticated => {
+                    tracing::info!(command, reason = %msg, "Akeyless rejected the token; authenticating again");
+                    self.tokens.reject(generation);
+                    reauthenticated = true;
+                }
+                Err(CallError::TokenRejected(msg)) => {
+                    return Err(BackendError::Authentication(format!(
+                        "Akeyless rejected a fresh token: {msg}"
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn describe(&self, deadline: Instant) -> Result<Map<String, Value>, BackendError> {
+        let mut body = Map::new();
+        body.insert("name".into(), Value::String(self.key_name.clone()));
+        let item = self
+            .authed(Op::Describe, "describe-item", body, deadline)
+            .await?;
+        check_state(&self.key_name, &item)?;
+        Ok(item)
+    }
+
+    async fn encrypt(&self, plaintext: &[u8], deadline: Instant) -> Result<Vec<u8>, BackendError> {
+        let mut body = Map::new();
+        body.insert("key-name".into(), Value::String(self.key_name.clone()));
+        body.insert("plaintext".into(), Value::String(B64.encode(plaintext)));
+        body.insert("input-format".into(), Value::String("base64".into()));
+        if let Some(ctx) = &self.context {
+            body.insert("encryption-context".into(), Value::Object(ctx.clone()));
+        }
+        let reply = self.authed(Op::Encrypt, "encrypt", body, deadline).await;
+        // The request body held the plaintext in base64; it was dropped with `body` above.
+        let reply = reply?;
+        match reply.get("result") {
+            Some(Value::String(c)) if !c.is_empty() => Ok(c.as_bytes().to_vec()),
+            _ => Err(BackendError::Other(
+                "/encrypt answered without a ciphertext".into(),
+            )),
+        }
+    }
+
+    async fn decrypt(
+        &self,
+        key_name: &str,
+        ciphertext: &[u8],
+        deadline: Instant,
+    ) -> Result<SecretBytes, BackendError> {
+        let text = std::str::from_utf8(ciphertext).map_err(|_| {
+            BackendError::InvalidCiphertext("not an Akeyless ciphertext (not text)".into())
+        })?;
+        if text.trim().is_empty() {
+            return Err(BackendError::InvalidCiphertext("empty ciphertext".into()));
+        }
+        let mut body = Map::new();
+        body.insert("key-name".into(), Value::String(key_name.to_string()));
+        body.insert("ciphertext".into(), Value::String(text.to_string()));
+        body.insert("output-format".into(), Value::String("base64".into()));
+        if let Some(ctx) = &self.context {
+            body.insert("encryption-context".into(), Value::Object(ctx.clone()));
+        }
+        let mut reply = self.authed(Op::Decrypt, "decrypt", body, deadline).await?;
+        let result = match reply.remove("result") {
+            Some(Value::String(s)) => Zeroizing::new(s),
+            _ => {
+                return Err(BackendError::Other(
+                    "/decrypt answered without a result".into(),
+                ))
+            }
+        };
+        let plain = B64.decode(result.trim()).map_err(|_| {
+            BackendError::Other("/decrypt answered with a result that is not base64".into())
+        })?;
+        Ok(Zeroizing::new(plain))
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.client.budget()
+    }
+}
+
+/// Disabled or deleted keys, as `/describe-item` reports them.
+fn check_state(name: &str, item: &Map<String, Value>) -> Result<(), BackendError> {
+    if item.get("is_enabled").and_then(Value::as_bool) == Some(false) {
+        return Err(BackendError::KeyDisabled(format!(
+            "Akeyless key {name:?} is disabled"
+        )));
+    }
+    if let Some(state) = item.get("item_state").and_then(Value::as_str) {
+        let s = state.to_ascii_lowercase();
+        if s.contains("delet") || s.contains("destroy") {
+            return Err(BackendError::KeyNotFound(format!(
+                "Akeyless key {name:?} is {state}"
+            )));
+        }
+        if s.contains("disabled") || s.contains("suspend") {
+            return Err(BackendError::KeyDisabled(format!(
+                "Akeyless key {name:?} is {state}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// key_id = `<name>@<item_id>:v<last_version>`; the name is cut to keep the id bounded.
+fn identity(name: &str, item: &Map<String, Value>) -> Result<KeyIdentity, BackendError> {
+    let version = item
+        .get("last_version")
+        .and_then(Value::as_u64)
+        .or_else(|| {
+            item.get("item_versions")?
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.get("version")?.as_u64())
+                .max()
+        });
+    let item_id = item.get("item_id").and_then(|v| {
+        v.as_u64()
+            .map(|n| n.to_string())
+            .or(v.as_str().map(String::from))
+    });
+    let short: String = name.chars().take(200).collect();
+    let mut key_id = short;
+    if let Some(id) = item_id {
+        key_id.push('@');
+        key_id.extend(
+            id.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(40),
+        );
+    }
+    if let Some(v) = version {
+        key_id.push_str(&format!(":v{v}"));
+    }
+    Ok(KeyIdentity {
+        key_id,
+        key_ref: name.to_string(),
+    })
+}
+
+/// Background: renew the token before it expires.
+async fn renew_tokens(tokens: Weak<TokenManager>) {
+    loop {
+        let Some(at) = tokens.upgrade().map(|t| t.next_check()) else {
+            return;
+        };
+        tokio::time::sleep_until(at).await;
+        let Some(t) = tokens.upgrade() else { return };
+        if let Err(e) = t.get(Instant::now() + SLOW_BUDGET).await {
+            tracing::warn!(error = %e, "Akeyless token renewal failed; retrying");
+        }
+    }
+}
+
+/// Background: rotate the UID token at half its TTL; retry sooner after a failure.
+async fn rotate_uid(uid: Weak<UidState>, tokens: Weak<TokenManager>, client: Arc<Client>) {
+    let mut wait = uid.upgrade().map(|u| u.first_wait()).unwrap_or_default();
+    loop {
+        tokio::time::sleep(wait).await;
+        let (Some(u), Some(t)) = (uid.upgrade(), tokens.upgrade()) else {
+            return;
+        };
+        let _flight = t.flight().lock().await;
+        wait = match u.rotate(&client, Instant::now() + SLOW_BUDGET).await {
+            Ok(()) => u.interval(),
+            Err(e) => {
+                tracing::warn!(error = %e, "Akeyless UID token rotation failed; keeping the current token and retrying");
+                u.retry_pause()
+            }
+        };
+    }
+}
+
+#[async_trait]
+impl Backend for AkeylessBackend {
+    fn kind(&self) -> &'static str {
+        "akeyless"
+    }
+
+    async fn current_key(&self) -> Result<KeyIdentity, BackendError> {
+        let item = self.describe(self.deadline()).await?;
+        identity(&self.key_name, &item)
+    }
+
+    async fn wrap(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
+        let ciphertext = self.encrypt(plaintext, self.deadline()).await?;
+        Ok(WrappedKey {
+            key_ref: self.key_name.clone(),
+            ciphertext,
+        })
+    }
+
+    async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError> {
+        if key_ref.is_empty() || key_ref.len() > MAX_KEY_NAME {
+            return Err(BackendError::KeyNotFound(
+                "invalid Akeyless key name in the ciphertext".into(),
+            ));
+        }
+        self.decrypt(key_ref, ciphertext, self.deadline()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(j: &str) -> Map<String, Value> {
+        serde_json::from_str(j).unwrap()
+    }
+
+    #[test]
+    fn key_identity_from_describe_item() {
+        let id = identity("/k8s/kek", &map(r#"{"item_id": 1234, "last_version": 3}"#)).unwrap();
+        assert_eq!(id.key_id, "/k8s/kek@1234:v3");
+        assert_eq!(id.key_ref, "/k8s/kek");
+        let id = identity(
+            "k",
+            &map(r#"{"item_versions": [{"version": 1}, {"version": 2}]}"#),
+        )
+        .unwrap();
+        assert_eq!(id.key_id, "k:v2");
+        let long = "n".repeat(255);
+        assert!(
+            identity(&long, &map(r#"{"item_id": 1, "last_version": 1}"#))
+                .unwrap()
+                .key_id
+                .len()
+                < 260
+        );
+    }
+
+    #[test]
+    fn key_states() {
+        assert!(check_state(
+            "k",
+            &map(r#"{"is_enabled": true, "item_state": "Enabled"}"#)
+        )
+        .is_ok());
+        assert!(matches!(
+            check_state("k", &map(r#"{"is_enabled": false}"#)),
+            Err(BackendError::KeyDisabled(_))
+        ));
+        assert!(matches!(
+            check_state(
+                "k",
+                &map(r#"{"is_enabled": true, "item_state": "PendingDeletion"}"#)
+            ),
+            Err(BackendError::KeyNotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,875 @@
+//! The Akeyless backend against the fake Akeyless server (tests/fakes/akeyless_fake.py).
+//!
+//! Needs a Python with `cryptography` (KMS_TEST_PYTHON, else ./.venv/bin/python). Without one the
+//! tests fail, unless KMS_TEST_OPT_OUT names `akeyless-fake`.
+#![cfg(feature = "akeyless")]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
+use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
+use kms_plugin::backend::{Backend, BackendError};
+use serde_json::json;
+use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
+
+async fn connect(args: &AkeylessArgs) -> AkeylessBackend {
+    AkeylessBackend::connect(args, None).await.expect("connect")
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Neither the access key nor anything shaped like a fake-issued token (`t-` + 32 hex digits).
+fn assert_no_secret(text: &str) {
+    assert!(!text.contains(ACCESS_KEY), "access key leaked: {text}");
+    let tokenish = text.match_indices("t-").any(|(i, _)| {
+        let rest = &text[i + 2..];
+        rest.len() >= 32 && rest[..32].bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    assert!(!tokenish, "token leaked: {text}");
+}
+
+#[tokio::test]
+async fn conformance_with_rotation_through_the_control_api() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend = Arc::new(connect(&fake.args()).await);
+    assert_eq!(backend.kind(), "akeyless");
+    let id = backend.current_key().await.unwrap();
+    assert!(
+        id.key_id.starts_with("/k8s/kek@") && id.key_id.ends_with(":v1"),
+        "{}",
+        id.key_id
+    );
+    assert_eq!(id.key_ref, KEY);
+    let fake = Arc::new(fake);
+    let f2 = fake.clone();
+    support::conformance::run(
+        backend.clone(),
+        Some(Box::new(move || {
+            let f = f2.clone();
+            Box::pin(async move {
+                f.control("key", json!({"name": KEY, "action": "rotate"}))
+                    .await;
+            })
+        })),
+    )
+    .await;
+    assert!(backend.current_key().await.unwrap().key_id.ends_with(":v2"));
+}
+
+#[tokio::test]
+async fn remote_calls_are_what_they_say() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend = connect(&fake.args()).await;
+    // Start-up: one auth, one describe, one round trip.
+    for (cmd, n) in [
+        ("auth", 1),
+        ("describe-item", 1),
+        ("encrypt", 1),
+        ("decrypt", 1),
+    ] {
+        assert_eq!(fake.calls(cmd).await, n, "{cmd}");
+    }
+    backend.current_key().await.unwrap();
+    backend.wrap(b"k").await.unwrap();
+    assert_eq!(fake.calls("auth").await, 1, "the token is reused");
+}
+
+#[tokio::test]
+async fn token_expiry_mid_run_reauthenticates_once_for_all_callers() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend = Arc::new(connect(&fake.args()).await);
+    let w = backend.wrap(b"before").await.unwrap();
+    fake.control("expire-tokens", json!({})).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let b = backend.clone();
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            b.unwrap(&w.key_ref, &w.ciphertext).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(&t.await.unwrap().unwrap()[..], b"before");
+    }
+    assert_eq!(
+        fake.calls("auth").await,
+        2,
+        "single flight: one re-authentication"
+    );
+    assert_eq!(backend.auth_calls(), 2);
+}
+
+#[tokio::test]
+async fn token_is_renewed_before_expiry_in_the_background() {
+    for format in ["rfc3339", "go", "unix"] {
+        let Some(fake) = Fake::start(&["--token-ttl", "2", "--expiration-format", format]) else {
+            return;
+        };
+        let backend = connect(&fake.args()).await;
+        let renewed = eventually(Duration::from_secs(6), || async {
+            fake.calls("auth").await >= 3
+        })
+        .await;
+        assert!(renewed, "{format}: token not renewed in the background");
+        backend.wrap(b"x").await.unwrap();
+        assert!(backend.auth_calls() >= 3);
+    }
+}
+
+#[tokio::test]
+async fn server_without_expiration_still_works() {
+    let Some(fake) = Fake::start(&["--expiration-format", "none"]) else {
+        return;
+    };
+    let backend = connect(&fake.args()).await;
+    backend.wrap(b"x").await.unwrap();
+}
+
+#[tokio::test]
+async fn universal_identity_rotates_persists_and_survives_restart() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let saved = state.path().join("akeyless-uid-token");
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let args = AkeylessArgs {
+        url: fake.url.clone(),
+        key_name: Some(KEY.into()),
+        uid_token: Some(Secret::new(init.clone())),
+        ..Default::default()
+    };
+    // No access type: a UID token means universal_identity.
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("connect with UID");
+    let first = std::fs::read_to_string(&saved).unwrap().trim().to_string();
+    assert!(
+        first.starts_with("u-") && first != init,
+        "start-up rotates and saves"
+    );
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    backend.rotate_uid_token().await.unwrap();
+    let second = std::fs::read_to_string(&saved).unwrap().trim().to_string();
+    assert_ne!(second, first);
+    assert_eq!(
+        fake.control("uid-tokens", json!({})).await["valid"],
+        1,
+        "old tokens are retired"
+    );
+    assert!(!format!("{backend:?}").contains(&second));
+    drop(backend);
+
+    // Restart with the same (consumed) init token: the saved token is used.
+    let again = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("restart");
+    again.wrap(b"after restart").await.unwrap();
+    drop(again);
+
+    // Without the saved token the consumed init token is refused, with a clear message.
+    let empty = tempfile::tempdir().unwrap();
+    let err = AkeylessBackend::connect(&args, Some(empty.path().to_path_buf()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Authentication(m) if m.contains("Universal Identity")),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(&init));
+
+    // A dead saved token falls back to a fresh init token.
+    let fresh = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(&saved, "u-dead-token\n").unwrap();
+    let args2 = AkeylessArgs {
+        uid_token: Some(Secret::new(fresh)),
+        ..args.clone()
+    };
+    AkeylessBackend::connect(&args2, Some(state.path().to_path_buf()))
+        .await
+        .expect("fallback to init token");
+}
+
+#[tokio::test]
+async fn universal_identity_rotates_in_the_background_and_keeps_old_token_on_failure() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let saved = state.path().join("akeyless-uid-token");
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let args = AkeylessArgs {
+        url: fake.url.clone(),
+        key_name: Some(KEY.into()),
+        access_type: Some(AccessType::UniversalIdentity),
+        uid_token: Some(Secret::new(init)),
+        uid_ttl: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .unwrap();
+    let first = std::fs::read_to_string(&saved).unwrap();
+    // Two failing rotations, then success: the token file only ever holds a live token.
+    fake.control(
+        "fail",
+        json!({"command": "uid-rotate-token", "status": 503, "count": 2}),
+    )
+    .await;
+    let rotated = eventually(Duration::from_secs(8), || async {
+        std::fs::read_to_string(&saved).unwrap() != first
+    })
+    .await;
+    assert!(rotated, "background rotation did not happen");
+    assert!(fake.calls("injected:uid-rotate-token").await >= 1);
+    // The saved token is the live one (read it again if a rotation raced with us).
+    let client = reqwest::Client::new();
+    let mut live = false;
+    for _ in 0..3 {
+        let tok = std::fs::read_to_string(&saved).unwrap();
+        let r = client
+            .post(format!("{}/auth", fake.url))
+            .json(&json!({"access-type": "universal_identity", "uid-token": tok.trim()}))
+            .send()
+            .await
+            .unwrap();
+        if r.status().is_success() {
+            live = true;
+            break;
+        }
+    }
+    assert!(live, "the saved UID token is not accepted");
+    drop(backend);
+}
+
+#[tokio::test]
+async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend = connect(&fake.args()).await;
+
+    fake.control(
+        "fail",
+        json!({"command": "encrypt", "status": 503, "count": 2}),
+    )
+    .await;
+    backend.wrap(b"x").await.expect("two 503s are retried");
+
+    fake.control(
+        "fail",
+        json!({"command": "encrypt", "status": 502, "count": 1, "body": "upstream exploded"}),
+    )
+    .await;
+    backend.wrap(b"x").await.expect("plain-text 502 is retried");
+
+    fake.control(
+        "fail",
+        json!({"command": "describe-item", "status": 429, "count": 1}),
+    )
+    .await;
+    backend.current_key().await.expect("one 429 is retried");
+
+    // A hung first attempt times out after 40% of the budget and the retry succeeds.
+    fake.control(
+        "latency",
+        json!({"command": "encrypt", "seconds": 1.6, "count": 1}),
+    )
+    .await;
+    let t = Instant::now();
+    backend.wrap(b"x").await.expect("slow attempt retried");
+    eprintln!("measure: hung first attempt + retry took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // Persistent failures end with a transient error within the budget (2.5 s; asserted against the
+    // apiserver's 3 s deadline to leave room for a loaded test machine).
+    for (status, body) in [
+        (500, json!(null)),
+        (429, json!(null)),
+        (503, json!("plain text outage")),
+    ] {
+        fake.control(
+            "fail",
+            json!({"command": "encrypt", "status": status, "count": 100, "body": body}),
+        )
+        .await;
+        let t = Instant::now();
+        let before = fake.calls("injected:encrypt").await;
+        let err = backend.wrap(b"x").await.unwrap_err();
+        eprintln!(
+            "measure: persistent {status}: {} attempts, gave up after {:?}",
+            fake.calls("injected:encrypt").await - before,
+            t.elapsed()
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(3000),
+            "{status}: {:?}",
+            t.elapsed()
+        );
+        assert!(err.is_transient(), "{status}: {err}");
+        if status == 429 {
+            assert!(matches!(err, BackendError::Throttled(_)), "{err}");
+        }
+        if status == 503 {
+            assert!(err.to_string().contains("plain text outage"), "{err}");
+        }
+        assert_no_secret(&err.to_string());
+        fake.control("clear-faults", json!({})).await;
+    }
+    fake.control(
+        "latency",
+        json!({"command": "*", "seconds": 3.0, "count": 100}),
+    )
+    .await;
+    let t = Instant::now();
+    let err = backend.wrap(b"x").await.unwrap_err();
+    eprintln!(
+        "measure: server never answering: {err} after {:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_millis(3000));
+    assert!(matches!(err, BackendError::Timeout(_)), "{err}");
+    fake.control("clear-faults", json!({})).await;
+}
+
+#[tokio::test]
+async fn key_states_are_reported_and_4xx_not_retried() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend = connect(&fake.args()).await;
+    let w = backend.wrap(b"secret").await.unwrap();
+    let cases: [(&str, &str); 3] = [
+        ("disable", "key_disabled"),
+        ("deny", "permission_denied"),
+        ("delete", "key_not_found"),
+    ];
+    let undo = ["enable", "allow", "undelete"];
+    for ((action, label), undo) in cases.into_iter().zip(undo) {
+        fake.control("key", json!({"name": KEY, "action": action}))
+            .await;
+        let before = fake.calls("encrypt").await;
+        let e1 = backend.current_key().await.unwrap_err();
+        let e2 = backend.wrap(b"x").await.unwrap_err();
+        let e3 = backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err();
+        for e in [&e1, &e2, &e3] {
+            assert_eq!(e.label(), label, "{action}: {e}");
+            assert!(e.is_revocation());
+        }
+        assert_eq!(
+            fake.calls("encrypt").await,
+            before + 1,
+            "{action}: no retry on 4xx"
+        );
+        fake.control("key", json!({"name": KEY, "action": undo}))
+            .await;
+    }
+    assert_eq!(
+        &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"secret"
+    );
+    // Deleting the key version a ciphertext needs.
+    fake.control("key", json!({"name": KEY, "action": "rotate"}))
+        .await;
+    fake.control(
+        "key",
+        json!({"name": KEY, "action": "delete-version", "version": 1}),
+    )
+    .await;
+    let e = backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err();
+    assert!(matches!(e, BackendError::KeyNotFound(_)), "{e}");
+}
+
+#[tokio::test]
+async fn encryption_context_is_bound() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let mut args = fake.args();
+    args.encryption_context = vec![("cluster".into(), "a".into())];
+    let a = connect(&args).await;
+    let w = a.wrap(b"ctx").await.unwrap();
+    assert_eq!(
+        &a.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"ctx"
+    );
+    args.encryption_context = vec![("cluster".into(), "b".into())];
+    let b = connect(&args).await;
+    assert!(matches!(
+        b.unwrap(&w.key_ref, &w.ciphertext).await,
+        Err(BackendError::InvalidCiphertext(_))
+    ));
+}
+
+#[tokio::test]
+async fn start_up_failures_name_the_cause_and_never_the_secret() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let base = fake.args();
+    let check = |e: &BackendError| {
+        assert_no_secret(&e.to_string());
+        assert_no_secret(&format!("{e:?}"));
+    };
+
+    let wrong_key = AkeylessArgs {
+        access_key: Some(Secret::new("AK-wrong-key-value-123")),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&wrong_key, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("access key")),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("AK-wrong-key-value-123"));
+    check(&e);
+
+    let unknown_id = AkeylessArgs {
+        access_id: Some("p-nobody".into()),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&unknown_id, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("unknown access id")),
+        "{e}"
+    );
+    check(&e);
+
+    let no_key = AkeylessArgs {
+        key_name: Some("/no/such/key".into()),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&no_key, None).await.unwrap_err();
+    assert!(
+        matches!(&e, BackendError::KeyNotFound(m) if m.contains("/no/such/key")),
+        "{e}"
+    );
+    check(&e);
+
+    fake.control(
+        "key",
+        json!({"name": "/rsa", "action": "create", "type": "RSA2048"}),
+    )
+    .await;
+    let rsa = AkeylessArgs {
+        key_name: Some("/rsa".into()),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&rsa, None).await.unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("AES256GCM")),
+        "{e}"
+    );
+
+    fake.control("key", json!({"name": KEY, "action": "disable"}))
+        .await;
+    let e = AkeylessBackend::connect(&base, None).await.unwrap_err();
+    assert!(matches!(e, BackendError::KeyDisabled(_)), "{e}");
+    fake.control("key", json!({"name": KEY, "action": "enable"}))
+        .await;
+
+    let no_secret = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::AccessKey),
+        ..base.clone()
+    };
+    let e = AkeylessBackend::connect(&no_secret, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("KMS_PLUGIN_AKEYLESS_ACCESS_KEY")),
+        "{e}"
+    );
+
+    let nothing = AkeylessArgs {
+        access_key: None,
+        ..base.clone()
+    };
+    // A provider that finds no cloud (the real one would probe metadata services off loopback).
+    let e = AkeylessBackend::connect_with(&nothing, None, Arc::new(NoCloudId))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("cannot tell how to authenticate")),
+        "{e}"
+    );
+
+    let aws = AkeylessArgs {
+        access_type: Some(AccessType::AwsIam),
+        ..base.clone()
+    };
+    assert!(matches!(
+        AkeylessBackend::connect_with(&aws, None, Arc::new(NoCloudId)).await,
+        Err(BackendError::Config(_))
+    ));
+
+    // Unreachable URL: a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gone = AkeylessArgs {
+        url: format!("http://127.0.0.1:{port}"),
+        ..base.clone()
+    };
+    let t = Instant::now();
+    let e = AkeylessBackend::connect(&gone, None).await.unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Unavailable(m) if m.contains("cannot reach")),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(11));
+    check(&e);
+
+    // Debug output of a working backend and of the arguments hides the access key.
+    let ok = connect(&base).await;
+    assert_no_secret(&format!("{ok:?}"));
+    assert_no_secret(&format!("{base:?}"));
+}
+
+#[tokio::test]
+async fn other_auth_methods_and_gateway_prefix() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sa = dir.path().join("sa-token");
+    std::fs::write(&sa, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n").unwrap();
+    let k8s = AkeylessArgs {
+        url: format!("{}/api/v2", fake.url),
+        access_key: None,
+        access_type: Some(AccessType::K8s),
+        k8s_auth_config_name: Some("cluster-a".into()),
+        k8s_service_account_token_file: sa,
+        ..fake.args()
+    };
+    connect(&k8s).await.wrap(b"k8s").await.unwrap();
+
+    let cert = dir.path().join("c.pem");
+    let key = dir.path().join("k.pem");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let c = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::Cert),
+        cert_file: Some(cert),
+        key_file: Some(key),
+        ..fake.args()
+    };
+    connect(&c).await.wrap(b"cert").await.unwrap();
+
+    let akf = dir.path().join("access-key");
+    std::fs::write(&akf, format!("{ACCESS_KEY}\n")).unwrap();
+    let from_file = AkeylessArgs {
+        access_key: None,
+        access_key_file: Some(akf),
+        ..fake.args()
+    };
+    connect(&from_file).await.wrap(b"file").await.unwrap();
+
+    let records = fake.control("stats", json!({})).await["auth_records"].clone();
+    let types: Vec<&str> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["access_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["k8s", "cert", "access_key"]);
+    assert_eq!(records[0]["k8s_auth_config_name"], "cluster-a");
+}
+
+#[tokio::test]
+async fn drop_in_environment_of_the_original_plugin() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let mut args = AkeylessArgs::default();
+    let url = fake.url.clone();
+    args.apply_legacy_env(|k| {
+        Some(match k {
+            "AKEYLESS_URL" => url.clone(),
+            "AKEYLESS_KEY_ENCRYPTION_KEY" => KEY.to_string(),
+            "AKEYLESS_ACCESS_ID" => ACCESS_ID.to_string(),
+            "AKEYLESS_ACCESS_KEY" => ACCESS_KEY.to_string(),
+            _ => return None,
+        })
+    })
+    .unwrap();
+    let backend = connect(&args).await;
+    let w = backend.wrap(b"legacy").await.unwrap();
+    assert_eq!(
+        &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"legacy"
+    );
+}
+
+/// Stands in for the cloud-identity module: fixed cloud-ids, detection says GCP.
+#[derive(Debug)]
+struct TestCloud;
+
+#[async_trait::async_trait]
+impl CloudIdProvider for TestCloud {
+    async fn cloud_id(&self, req: &CloudIdRequest) -> Result<String, BackendError> {
+        Ok(format!("cloud-id-for-{}-{}", req.kind, req.gcp_audience))
+    }
+    async fn detect(&self) -> Option<AccessType> {
+        Some(AccessType::Gcp)
+    }
+}
+
+#[tokio::test]
+async fn cloud_identities_go_through_the_provider_hook() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let aws = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::AwsIam),
+        ..fake.args()
+    };
+    AkeylessBackend::connect_with(&aws, None, Arc::new(TestCloud))
+        .await
+        .expect("aws_iam via the hook");
+    // Nothing configured: detection picks the cloud.
+    let detect = AkeylessArgs {
+        access_key: None,
+        gcp_audience: "my-aud".into(),
+        ..fake.args()
+    };
+    AkeylessBackend::connect_with(&detect, None, Arc::new(TestCloud))
+        .await
+        .expect("detected gcp");
+    let records = fake.control("stats", json!({})).await["auth_records"].clone();
+    assert_eq!(records[0]["access_type"], "aws_iam");
+    assert_eq!(records[0]["cloud_id"], "cloud-id-for-aws_iam-akeyless.io");
+    assert_eq!(records[1]["access_type"], "gcp");
+    assert_eq!(records[1]["gcp_audience"], "my-aud");
+    assert_eq!(records[1]["cloud_id"], "cloud-id-for-gcp-my-aud");
+}
+
+#[tokio::test]
+async fn engine_over_akeyless_keeps_remote_calls_in_single_digits_and_follows_rotation() {
+    use kms_plugin::engine::{Api, Binding, Engine, EngineConfig};
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend: Arc<dyn Backend> = Arc::new(connect(&fake.args()).await);
+    fake.control("reset-stats", json!({})).await;
+    let engine = Engine::new(backend.clone(), EngineConfig::default());
+    engine.probe(true).await.expect("probe");
+    let key_id = engine.status().key_id.clone();
+    assert!(
+        key_id.contains("/k8s/kek@") && key_id.ends_with(":v1"),
+        "{key_id}"
+    );
+
+    let mut sealed = Vec::new();
+    for i in 0..1000u32 {
+        let s = engine.encrypt(&i.to_be_bytes(), Api::V2).await.unwrap();
+        sealed.push(s);
+    }
+    for (i, s) in sealed.iter().enumerate() {
+        let out = engine
+            .decrypt(&s.ciphertext, Binding::V2 { key_id: &s.key_id })
+            .await
+            .unwrap();
+        assert_eq!(&out.plaintext[..], &(i as u32).to_be_bytes());
+    }
+    let remote = fake.calls("encrypt").await + fake.calls("decrypt").await;
+    eprintln!("measure: {remote} remote encrypt/decrypt calls for 1000 encrypts + 1000 decrypts");
+    assert!(
+        remote < 10,
+        "{remote} remote crypto calls for 2000 operations"
+    );
+
+    // "Rotate key now" in Akeyless: the probe picks it up, old data still decrypts.
+    fake.control("key", json!({"name": KEY, "action": "rotate"}))
+        .await;
+    engine.probe(true).await.expect("probe after rotation");
+    let new_id = engine.status().key_id.clone();
+    assert!(new_id.ends_with(":v2"), "{new_id}");
+    let s = engine.encrypt(b"new", Api::V2).await.unwrap();
+    assert_eq!(s.key_id, new_id);
+    let old = &sealed[0];
+    let out = engine
+        .decrypt(
+            &old.ciphertext,
+            Binding::V2 {
+                key_id: &old.key_id,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(&out.plaintext[..], &0u32.to_be_bytes());
+
+    // A restarted engine decrypts old data with a handful of remote calls.
+    let fresh = Engine::new(backend, EngineConfig::default());
+    fresh.probe(true).await.expect("probe");
+    let before = fake.calls("decrypt").await;
+    for s in sealed.iter().take(200) {
+        fresh
+            .decrypt(&s.ciphertext, Binding::V2 { key_id: &s.key_id })
+            .await
+            .unwrap();
+    }
+    assert!(fake.calls("decrypt").await - before < 10);
+}
+
+#[tokio::test]
+async fn a_token_rejected_after_reauthentication_is_an_error_not_a_loop() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let backend = connect(&fake.args()).await;
+    // From now on every issued token is dead on arrival.
+    fake.control("token-ttl", json!({"seconds": -1})).await;
+    fake.control("expire-tokens", json!({})).await;
+    let before = fake.calls("auth").await;
+    let err = backend.wrap(b"x").await.unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Authentication(m) if m.contains("fresh token")),
+        "{err}"
+    );
+    assert_eq!(
+        fake.calls("auth").await - before,
+        1,
+        "exactly one re-authentication"
+    );
+    assert_eq!(
+        fake.calls("encrypt").await,
+        1 + 2,
+        "start-up + two attempts"
+    );
+    assert_no_secret(&err.to_string());
+
+    // Wrong credentials at start-up: /auth is not retried.
+    let wrong = AkeylessArgs {
+        access_key: Some(Secret::new("AK-wrong")),
+        ..fake.args()
+    };
+    let before = fake.calls("auth").await;
+    AkeylessBackend::connect(&wrong, None).await.unwrap_err();
+    assert_eq!(fake.calls("auth").await - before, 1);
+}
+
+#[tokio::test]
+async fn uid_start_up_survives_a_failing_rotation_and_rotates_later() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let saved = state.path().join("akeyless-uid-token");
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A server where rotation is (for now) unavailable or not implemented.
+    fake.control(
+        "fail",
+        json!({"command": "uid-rotate-token", "status": 404, "count": 1000, "body": "unknown command"}),
+    )
+    .await;
+    let args = AkeylessArgs {
+        url: fake.url.clone(),
+        key_name: Some(KEY.into()),
+        uid_token: Some(Secret::new(init.clone())),
+        uid_ttl: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("start-up needs only a working auth");
+    backend.wrap(b"x").await.unwrap();
+    assert!(!saved.exists());
+    fake.control("clear-faults", json!({})).await;
+    let rotated = eventually(Duration::from_secs(5), || async { saved.exists() }).await;
+    assert!(rotated, "rotation retried in the background");
+    let now = std::fs::read_to_string(&saved).unwrap();
+    assert_ne!(now.trim(), init);
+}
+
+/// The real cloud-identity provider, against loopback fakes of the metadata services.
+#[tokio::test]
+async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
+    use support::http_fake::{closed_url, start, Resp};
+    let Some(fake) = Fake::start(&[]) else { return };
+    let gcp = start(|req| {
+        if req.header("metadata-flavor") != Some("Google") {
+            return Resp::new(403, "");
+        }
+        let body = if req.path.ends_with("/service-accounts/default/identity") {
+            format!(
+                "jwt-for-{}",
+                req.query_param("audience").unwrap_or_default()
+            )
+        } else {
+            String::new()
+        };
+        Resp::new(200, body).header("metadata-flavor", "Google")
+    })
+    .await;
+    let azure = start(|req| {
+        if req.header("metadata") != Some("true") {
+            return Resp::new(400, "");
+        }
+        if req.path == "/metadata/identity/oauth2/token" {
+            let oid = req.query_param("object_id").unwrap_or_default();
+            Resp::new(200, format!(r#"{{"access_token":"azure-token-{oid}"}}"#))
+        } else {
+            Resp::new(404, "")
+        }
+    })
+    .await;
+    let base = AkeylessArgs {
+        access_key: None,
+        aws_imds_url: Some(closed_url()),
+        azure_imds_url: Some(closed_url()),
+        gcp_metadata_url: Some(gcp.url.clone()),
+        gcp_audience: "aud-x".into(),
+        ..fake.args()
+    };
+    // No access type and no credentials: the GCP metadata server answers, so gcp.
+    connect(&base).await.wrap(b"gcp").await.unwrap();
+    let azure_args = AkeylessArgs {
+        access_type: Some(AccessType::AzureAd),
+        azure_imds_url: Some(azure.url.clone()),
+        azure_object_id: Some("oid-1".into()),
+        ..base.clone()
+    };
+    connect(&azure_args).await.wrap(b"azure").await.unwrap();
+    let records = fake.control("stats", json!({})).await["auth_records"].clone();
+    let decoded = |i: usize| {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(records[i]["cloud_id"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    assert_eq!(records[0]["access_type"], "gcp");
+    assert_eq!(decoded(0), "jwt-for-aud-x");
+    assert_eq!(records[1]["access_type"], "azure_ad");
+    assert_eq!(decoded(1), "azure-token-oid-1");
+}

@@ -1,0 +1,120 @@
+//! The real binary on the Akeyless backend (against the fake Akeyless API): socket conformance,
+//! rotation picked up without restart, drop-in `AKEYLESS_*` configuration, and credentials that
+//! never reach the logs.
+#![cfg(feature = "akeyless")]
+mod support;
+
+use std::time::Duration;
+
+use kms_plugin::proto::v2;
+use kms_plugin::protocol::socket::ListenAddr;
+use serde_json::json;
+use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
+use support::plugin::{channel, socket_conformance, v2_client, Plugin, BIN};
+
+#[tokio::test]
+async fn drop_in_environment_conformance_and_rotation() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("akeyless.sock");
+    // Configured only the way the original plugin image is: AKEYLESS_* variables, no flags.
+    std::env::set_var("AKEYLESS_URL", &fake.url);
+    std::env::set_var("AKEYLESS_UNIX_SOCKET", &socket);
+    std::env::set_var("AKEYLESS_KEY_ENCRYPTION_KEY", KEY);
+    std::env::set_var("AKEYLESS_ACCESS_ID", ACCESS_ID);
+    std::env::set_var("AKEYLESS_ACCESS_KEY", ACCESS_KEY);
+    std::env::set_var("KMS_PLUGIN_PROBE_INTERVAL", "200ms");
+    std::env::set_var("KMS_PLUGIN_DATA_DIR", dir.path());
+    let addr = ListenAddr::Path(socket.clone());
+    let p = Plugin::start(&["serve".to_string()], addr.clone(), dir.path()).await;
+    socket_conformance(&addr, &socket).await;
+
+    // "Rotate key now" in Akeyless reaches Status without a restart; old data still decrypts.
+    let mut c = v2_client(channel(&addr).await);
+    let before = c
+        .status(v2::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id;
+    assert!(before.starts_with("akeyless:"), "{before}");
+    let old = c
+        .encrypt(v2::EncryptRequest {
+            plaintext: vec![1; 32],
+            uid: "u".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    fake.control("key", json!({ "name": KEY, "action": "rotate" }))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = c
+            .status(v2::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .key_id;
+        if now != before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rotation not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new = c
+        .encrypt(v2::EncryptRequest {
+            plaintext: vec![2; 32],
+            uid: "u".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(new.key_id, old.key_id);
+    let back = c
+        .decrypt(v2::DecryptRequest {
+            ciphertext: old.ciphertext,
+            uid: "u".into(),
+            key_id: old.key_id,
+            annotations: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.plaintext, vec![1; 32]);
+
+    let log = p.log_text();
+    assert!(!log.contains(ACCESS_KEY), "access key in the log");
+}
+
+#[test]
+fn bad_credentials_stop_start_up_with_the_cause() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--backend", "akeyless", "--listen"])
+        .arg(format!("unix://{}/kms.sock", dir.path().display()))
+        .args([
+            "--akeyless-url",
+            &fake.url,
+            "--akeyless-access-id",
+            ACCESS_ID,
+            "--akeyless-key-name",
+            KEY,
+        ])
+        .env("KMS_PLUGIN_AKEYLESS_ACCESS_KEY", "wrong-access-key-0000")
+        .env("KMS_PLUGIN_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.to_lowercase().contains("auth"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-access-key-0000"),
+        "secret echoed: {stderr}"
+    );
+    assert!(!dir.path().join("kms.sock").exists());
+}
