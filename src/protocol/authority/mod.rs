@@ -11,7 +11,7 @@ pub mod hpack;
 mod rewriter;
 mod shim;
 
-pub use rewriter::Rewriter;
+pub use rewriter::{Rewriter, OUTPUT_SOFT_LIMIT};
 pub use shim::AuthorityShim;
 
 use hpack::HpackError;
@@ -123,7 +123,7 @@ fn is_reg_name_byte(b: u8) -> bool {
 pub fn rewrite_for_fuzzing(input: &[u8]) -> Result<Vec<u8>, ShimError> {
     let mut rewriter = Rewriter::new(Limits::default());
     let mut out = Vec::new();
-    rewriter.feed(input, &mut out)?;
+    rewriter.feed_all(input, &mut out)?;
     Ok(out)
 }
 

@@ -9,6 +9,10 @@ use super::{is_valid_authority, Limits, ShimError, REPLACEMENT_AUTHORITY};
 /// header block fragment.
 const HEADERS_OVERHEAD: usize = 1 + 5 + 255;
 
+/// [`Rewriter::feed`] stops consuming input once its output reaches this size (one more header
+/// block, at most the header list limit plus framing, may take it beyond).
+pub const OUTPUT_SOFT_LIMIT: usize = 64 * 1024;
+
 /// Buffers above this size are released after the block that needed them.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
@@ -109,10 +113,15 @@ impl Rewriter {
         }
     }
 
-    /// Consumes `input` completely, appending the bytes for h2 to `out`. After an error the
-    /// connection must be closed; `out` then holds the output of the frames before the bad one.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), ShimError> {
-        while !input.is_empty() {
+    /// Consumes bytes from `input`, appending the bytes for h2 to `out`, and returns how many it
+    /// consumed. It stops early once it has appended [`OUTPUT_SOFT_LIMIT`] bytes: header blocks that
+    /// refer to the dynamic table expand (a 1-byte reference can stand for a 4 KiB entry), so
+    /// the caller must hand `out` on before feeding the rest. After an error the connection must
+    /// be closed; `out` then holds the output of the frames before the bad one.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<usize, ShimError> {
+        let total = input.len();
+        let start = out.len();
+        while !input.is_empty() && out.len() - start < OUTPUT_SOFT_LIMIT {
             match self.state {
                 State::Preface(done) => {
                     let n = (PREFACE.len() - done).min(input.len());
@@ -156,6 +165,15 @@ impl Rewriter {
                     }
                 }
             }
+        }
+        Ok(total - input.len())
+    }
+
+    /// [`Rewriter::feed`] until all of `input` is consumed, for callers that buffer everything.
+    pub fn feed_all(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), ShimError> {
+        while !input.is_empty() {
+            let n = self.feed(input, out)?;
+            input = &input[n..];
         }
         Ok(())
     }

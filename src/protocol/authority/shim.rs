@@ -20,7 +20,10 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct AuthorityShim<S> {
     inner: S,
     rewriter: Rewriter,
+    /// Bytes read from the socket; `inbuf[in_pos..in_len]` are not yet fed to the rewriter.
     inbuf: Box<[u8]>,
+    in_pos: usize,
+    in_len: usize,
     /// Rewritten bytes not yet handed to the reader: `out[out_pos..]`.
     out: Vec<u8>,
     out_pos: usize,
@@ -37,6 +40,8 @@ impl<S> AuthorityShim<S> {
             inner,
             rewriter: Rewriter::new(limits),
             inbuf: vec![0; READ_CHUNK].into_boxed_slice(),
+            in_pos: 0,
+            in_len: 0,
             out: Vec::new(),
             out_pos: 0,
             failed: None,
@@ -69,8 +74,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        // Each pass either returns or consumes fresh input, so the loop ends once the socket has
-        // nothing more (Pending) or the rewriter has produced output.
+        // Each pass returns, or feeds pending input (which consumes some or produces output, or
+        // fails), or reads from the socket; so the loop ends once the socket has nothing more
+        // (Pending) or there is output or an error to return.
         loop {
             if this.out_pos < this.out.len() {
                 let n = buf.remaining().min(this.out.len() - this.out_pos);
@@ -87,6 +93,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
             }
             if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
+            }
+            if this.in_pos < this.in_len {
+                // Input left over because the last feed stopped at the output limit.
+                match this
+                    .rewriter
+                    .feed(&this.inbuf[this.in_pos..this.in_len], &mut this.out)
+                {
+                    Ok(n) => this.in_pos += n,
+                    Err(e) => this.failed = Some(e),
+                }
+                continue;
             }
             let direct = this.rewriter.passthrough_remaining();
             if direct > 0 {
@@ -105,9 +122,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
             if n == 0 {
                 return Poll::Ready(Ok(())); // EOF
             }
-            if let Err(e) = this.rewriter.feed(&this.inbuf[..n], &mut this.out) {
-                this.failed = Some(e);
-            }
+            this.in_pos = 0;
+            this.in_len = n;
         }
     }
 }

@@ -169,7 +169,7 @@ fn path_authority_becomes_localhost_and_other_fields_stay_in_order() {
     ]);
     let mut rw = Rewriter::new(Limits::default());
     let mut out = vec![];
-    rw.feed(&input, &mut out).unwrap();
+    rw.feed_all(&input, &mut out).unwrap();
     assert_eq!(rw.authorities_rewritten(), 1);
     let (seen, dec) = h2_view(&out);
     assert_eq!(
@@ -387,6 +387,41 @@ fn header_block_and_continuation_count_are_bounded() {
 }
 
 #[test]
+fn output_per_feed_is_bounded_despite_expansion() {
+    // After a rewrite, 15 one-byte references to a 4 KiB entry expand to 60 KiB per block.
+    let mut first = vec![];
+    lit_inc_idx(1, "/kms.sock", false, &mut first);
+    lit_inc("x-big", &"v".repeat(4000), &mut first);
+    let mut frames = vec![frame(kind::HEADERS, flag::END_HEADERS, 1, &first)];
+    for i in 1..200u32 {
+        frames.push(frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            2 * i + 1,
+            &[0xbe; 15],
+        ));
+    }
+    let input = with_preface(&frames);
+    let mut rw = Rewriter::new(Limits::default());
+    let mut out = vec![];
+    let mut rest = input.as_slice();
+    let (mut largest, mut total) = (0, 0);
+    while !rest.is_empty() {
+        out.clear();
+        let n = rw.feed(rest, &mut out).unwrap();
+        assert!(n > 0);
+        rest = &rest[n..];
+        largest = largest.max(out.len());
+        total += out.len();
+    }
+    assert!(total > 199 * 15 * 4000);
+    assert!(
+        largest <= OUTPUT_SOFT_LIMIT + 64 * 1024 + 5 * HEADER_LEN,
+        "{largest}"
+    );
+}
+
+#[test]
 fn authority_validation() {
     for ok in [
         "localhost",
@@ -478,7 +513,7 @@ proptest! {
             let direct = rw.passthrough_remaining().min(now.len());
             out.extend_from_slice(&now[..direct]);
             rw.consume_passthrough(direct);
-            rw.feed(&now[direct..], &mut out).unwrap();
+            rw.feed_all(&now[direct..], &mut out).unwrap();
             rest = later;
         }
         prop_assert_eq!(out, whole);
@@ -515,7 +550,7 @@ fn measure_rewrite_cost() {
         let mut rw = Rewriter::new(Limits::default());
         let mut out = Vec::with_capacity(input.len() * 2);
         let start = std::time::Instant::now();
-        rw.feed(&input, &mut out).unwrap();
+        rw.feed_all(&input, &mut out).unwrap();
         let elapsed = start.elapsed();
         eprintln!(
             "{authority}: {N} requests in {elapsed:?}: {:.0} ns/request, {} bytes in, {} bytes out",
@@ -524,4 +559,74 @@ fn measure_rewrite_cost() {
             out.len()
         );
     }
+}
+
+/// The socket wrapper gives exactly the rewriter's output, whatever the read sizes, including
+/// the zero-copy DATA path and input held back by the output limit.
+#[tokio::test]
+async fn shim_reads_match_the_rewriter() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut first = vec![];
+    lit_inc_idx(1, "/kms.sock", false, &mut first);
+    lit_inc("x-big", &"v".repeat(4000), &mut first);
+    let mut frames = vec![frame(kind::HEADERS, flag::END_HEADERS, 1, &first)];
+    for i in 1..60u32 {
+        frames.push(frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            2 * i + 1,
+            &[0xbe; 15],
+        ));
+        let data: Vec<u8> = (0..(i * 397) % 16384).map(|b| b as u8).collect();
+        frames.push(frame(kind::DATA, flag::END_STREAM, 2 * i + 1, &data));
+    }
+    let input = with_preface(&frames);
+    let want = rewrite_for_fuzzing(&input).unwrap();
+
+    for (pipe, read_size) in [(13usize, 7usize), (1000, 4096), (64 * 1024, 100_000)] {
+        let (mut client, server) = tokio::io::duplex(pipe);
+        let mut shim = AuthorityShim::new(server);
+        let input = input.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&input).await.unwrap();
+            client.shutdown().await.unwrap();
+        });
+        let mut got = vec![];
+        let mut buf = vec![0; read_size];
+        loop {
+            let n = shim.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        writer.await.unwrap();
+        assert_eq!(got.len(), want.len(), "pipe {pipe}, reads of {read_size}");
+        assert!(got == want, "pipe {pipe}, reads of {read_size}");
+        assert_eq!(shim.authorities_rewritten(), 1);
+    }
+}
+
+#[tokio::test]
+async fn shim_read_fails_on_a_protocol_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mut client, server) = tokio::io::duplex(1024);
+    let mut shim = AuthorityShim::new(server);
+    let good = frame(kind::SETTINGS, 0, 0, &[]);
+    client
+        .write_all(&with_preface(&[
+            good.clone(),
+            frame(kind::PUSH_PROMISE, 0, 1, &[]),
+        ]))
+        .await
+        .unwrap();
+    let mut got = vec![0; PREFACE.len() + good.len()];
+    shim.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, with_preface(&[good]));
+    let err = shim.read(&mut [0; 16]).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert_eq!(shim.error(), Some(&ShimError::PushPromise));
+    assert!(shim.read(&mut [0; 16]).await.is_err());
 }
