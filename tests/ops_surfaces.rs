@@ -153,6 +153,7 @@ fn http_metrics_and_audit_of_a_running_plugin() {
         v["ciphertext"].as_str().unwrap().as_bytes(),
     );
 
+    client(&p, &["health"], b"");
     let (code, metrics) = http_get(&p.http, "/metrics").unwrap();
     assert_eq!(code, 200);
     for series in [
@@ -160,6 +161,7 @@ fn http_metrics_and_audit_of_a_running_plugin() {
         r#"kms_plugin_grpc_requests_total{api="v1",method="Decrypt",code="OK"} 1"#,
         r#"kms_plugin_grpc_requests_total{api="v2",method="Encrypt",code="OK"} 1"#,
         r#"kms_plugin_grpc_requests_total{api="v2",method="Decrypt",code="OK"} 1"#,
+        r#"kms_plugin_grpc_requests_total{api="v2",method="Status",code="OK"} 1"#,
         r#"kms_plugin_backend_calls_total{operation="wrap",outcome="ok"}"#,
         "kms_plugin_backend_healthy 1",
         "kms_plugin_key_id_changes_total 1",

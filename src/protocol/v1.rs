@@ -69,8 +69,10 @@ impl KeyManagementService for V1Service {
         &self,
         request: Request<VersionRequest>,
     ) -> Result<Response<VersionResponse>, Status> {
+        let started = Instant::now();
         let requested = request.into_inner().version;
         tracing::debug!(requested = %requested, "v1 version");
+        self.record("Version", started, tonic::Code::Ok, None, false, None);
         Ok(Response::new(VersionResponse {
             version: API_VERSION.to_string(),
             runtime_name: RUNTIME_NAME.to_string(),
