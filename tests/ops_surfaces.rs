@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "akeyless")]
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
 const MARKER: &str = "PLAINTEXT-MARKER-7f3a9c";
 
@@ -206,5 +209,91 @@ fn http_metrics_and_audit_of_a_running_plugin() {
     for f in ["audit.log", "audit.log.1", "stdout.log", "stderr.log"] {
         let text = std::fs::read_to_string(p.path(f)).unwrap_or_default();
         assert!(!text.contains(MARKER), "marker found in {f}");
+    }
+}
+
+/// The Akeyless variant of the static pod: drop-in `AKEYLESS_*` variables with the access key in a
+/// file (deploy/static-pod-akeyless.yaml), against the fake Akeyless server.
+#[cfg(feature = "akeyless")]
+mod akeyless {
+    use super::*;
+
+    use crate::support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
+
+    #[test]
+    fn akeyless_drop_in_env_with_access_key_file() {
+        let Some(fake) = Fake::start(&[]) else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("akeyless-access-key");
+        std::fs::write(&key_file, ACCESS_KEY).unwrap();
+        let http = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg(format!(
+                "--listen=unix://{}",
+                dir.path().join("kms.sock").display()
+            ))
+            .arg(format!("--http={http}"))
+            .arg("--audit-log=-")
+            .env("AKEYLESS_URL", &fake.url)
+            .env("AKEYLESS_KEY_ENCRYPTION_KEY", KEY)
+            .env("AKEYLESS_ACCESS_ID", ACCESS_ID)
+            .env("AKEYLESS_ACCESS_TYPE", "access_key")
+            .env("KMS_PLUGIN_AKEYLESS_ACCESS_KEY_FILE", &key_file)
+            .env("KMS_PLUGIN_STATE_DIR", dir.path())
+            .env("KMS_PLUGIN_DATA_DIR", dir.path())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let p = Plugin { child, dir, http };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(http_get(&p.http, "/readyz"), Some((200, _))) {
+            let stderr = std::fs::read_to_string(p.path("stderr.log")).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "plugin did not become ready:\n{stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = client(&p, &["encrypt"], &[9u8; 32]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(
+            v["key_id"].as_str().unwrap().starts_with("akeyless:"),
+            "{v}"
+        );
+
+        let (_, metrics) = http_get(&p.http, "/metrics").unwrap();
+        let auth: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("kms_plugin_backend_auth_calls_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no auth counter\n{metrics}"));
+        assert!(auth >= 1.0, "{metrics}");
+        assert!(
+            metrics.contains(r#"kms_plugin_backend_calls_total{operation="wrap",outcome="ok"}"#)
+        );
+
+        // The audit log on stdout has the encrypt line with the CLI's uid; the access key is nowhere.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stdout = std::fs::read_to_string(p.path("stdout.log")).unwrap();
+            if stdout
+                .lines()
+                .any(|l| l.contains(r#""operation":"encrypt""#) && l.contains("kms-plugin-cli"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no encrypt audit line on stdout:\n{stdout}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!metrics.contains(ACCESS_KEY));
+        for f in ["stdout.log", "stderr.log"] {
+            let text = std::fs::read_to_string(p.path(f)).unwrap();
+            assert!(!text.contains(ACCESS_KEY), "access key in {f}");
+        }
     }
 }

@@ -63,7 +63,7 @@ fn open_local(path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(Arc::new(LocalBackend::open(path)?))
 }
 
-async fn build_backend(args: &ServeArgs) -> anyhow::Result<Arc<dyn Backend>> {
+async fn build_backend(args: &ServeArgs, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>> {
     match effective_backend(args) {
         None => {
             let path = args.data_dir.join("dev-kek.json");
@@ -90,13 +90,20 @@ async fn build_backend(args: &ServeArgs) -> anyhow::Result<Arc<dyn Backend>> {
                 .state_dir
                 .clone()
                 .unwrap_or_else(|| args.data_dir.clone());
-            Ok(Arc::new(
+            let backend = Arc::new(
                 crate::backend::akeyless::AkeylessBackend::connect_from_env(
                     &args.akeyless,
                     Some(state_dir),
                 )
                 .await?,
-            ))
+            );
+            let weak = Arc::downgrade(&backend);
+            metrics.add_scrape_hook(move |m| {
+                if let Some(b) = weak.upgrade() {
+                    m.set_backend_auth_calls(b.auth_calls());
+                }
+            });
+            Ok(backend)
         }
         #[cfg(feature = "pkcs11")]
         Some(BackendKind::Pkcs11) => Ok(crate::backend::pkcs11::from_args(&args.pkcs11).await?),
@@ -150,8 +157,8 @@ async fn termination() {
 pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     validate(&args)?;
     let listen = effective_listen(&args)?;
-    let backend = build_backend(&args).await?;
     let metrics = Metrics::new();
+    let backend = build_backend(&args, &metrics).await?;
     let audit = match &args.audit_log {
         Some(target) => {
             let target: AuditTarget = target.parse()?;

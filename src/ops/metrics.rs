@@ -256,6 +256,7 @@ struct Inner {
     last_good_probe_mono: AtomicU64,
     audit_dropped: Counter,
     audit_write_errors: Counter,
+    auth_calls: Counter,
     scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
 }
 
@@ -385,6 +386,12 @@ impl Metrics {
             "Audit lines dropped because the audit writer fell behind (queue full)",
             audit_dropped.clone(),
         );
+        let auth_calls = Counter::default();
+        registry.register(
+            "backend_auth_calls",
+            "Authentications to the key backend (e.g. Akeyless /auth), successful or not",
+            auth_calls.clone(),
+        );
         let audit_write_errors = Counter::default();
         registry.register(
             "audit_write_errors",
@@ -451,6 +458,7 @@ impl Metrics {
             last_good_probe_mono: AtomicU64::new(0),
             audit_dropped,
             audit_write_errors,
+            auth_calls,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
         }))
     }
@@ -567,6 +575,14 @@ impl Metrics {
     /// Counts an audit line that was dropped instead of blocking the request path.
     pub fn audit_line_dropped(&self) {
         self.0.audit_dropped.inc();
+    }
+
+    /// Mirrors a backend's own running count of authentications (read at scrape time).
+    pub fn set_backend_auth_calls(&self, total: u64) {
+        let seen = self.0.auth_calls.get();
+        if total > seen {
+            self.0.auth_calls.inc_by(total - seen);
+        }
     }
 
     pub fn audit_write_error(&self) {
@@ -759,7 +775,13 @@ mod tests {
             Err(&BackendError::Authentication("x".into())),
         );
         m.audit_line_dropped();
+        m.set_backend_auth_calls(3);
+        m.set_backend_auth_calls(2);
         let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_backend_auth_calls_total "),
+            Some(3.0)
+        );
         assert_eq!(
             line_value(&text, "kms_plugin_local_kek_cache_hits_total "),
             Some(2.0)
