@@ -4,7 +4,8 @@
 # Status client). Binaries are cached under $KMS_TEST_CACHE_DIR/k8s/<hash of the inputs>/, so a second run
 # costs nothing; the Go build cache (~/.cache/go-build) makes a rebuild after a helper edit quick.
 #
-# Usage: build.sh            -> prints the directory that holds kube-apiserver and e2ehelper
+# Usage: build.sh   -> prints the directory that holds kube-apiserver, e2ehelper (and kubectl if the
+#                     machine has none)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -42,9 +43,23 @@ if [[ ! -x "$helper_dir/e2ehelper" ]]; then
   log "e2ehelper built in $((SECONDS - start))s"
 fi
 
-# One stable directory with both, for the run script and for people.
+# kubectl: the machine's own if there is one, else built from the same release (a few more minutes, cached).
 bin="$cache/bin"
 mkdir -p "$bin"
+if { [[ -n "${KMS_E2E_BUILD_KUBECTL:-}" ]] || ! command -v kubectl >/dev/null; } && [[ ! -x "$apiserver_dir/kubectl" ]]; then
+  log "no kubectl on PATH: building kubectl $k8s_version"
+  start=$SECONDS
+  go build -trimpath -ldflags "$ldflags" -o "$apiserver_dir/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl
+  mv "$apiserver_dir/kubectl.tmp" "$apiserver_dir/kubectl"
+  log "kubectl built in $((SECONDS - start))s"
+fi
+[[ -x "$apiserver_dir/kubectl" ]] && ln -sfn "$apiserver_dir/kubectl" "$bin/kubectl"
+
+# One stable directory with the binaries, for the run script and for people.
 ln -sfn "$apiserver_dir/kube-apiserver" "$bin/kube-apiserver"
 ln -sfn "$helper_dir/e2ehelper" "$bin/e2ehelper"
+# Drop binaries of older inputs.
+for d in "$cache"/kube-apiserver-* "$cache"/e2ehelper-*; do
+  [[ "$d" == "$apiserver_dir" || "$d" == "$helper_dir" ]] || rm -rf "$d"
+done
 echo "$bin"

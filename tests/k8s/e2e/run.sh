@@ -9,6 +9,7 @@
 #   KMS_E2E_BACKENDS    plugin backends to run the flow with (default "local"; each needs backend_<name>_* below)
 #   KMS_E2E_KEEP=1      keep the work directory (logs, certs, etcd data) after the run
 #   KMS_TEST_OPT_OUT    contains "k8s" -> skip
+#   KMS_E2E_BUILD_KUBECTL=1  use a kubectl built from the same release even if the machine has one
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,11 +25,12 @@ if [[ ! -x "$PLUGIN_BIN" ]]; then
   echo "FAIL: kms-plugin binary not found at $PLUGIN_BIN (cargo build, or set KMS_PLUGIN_BIN)" >&2
   exit 1
 fi
-command -v kubectl >/dev/null || { echo "FAIL: kubectl not found" >&2; exit 1; }
 command -v openssl >/dev/null || { echo "FAIL: openssl not found" >&2; exit 1; }
 
 t0=$SECONDS
 BIN="$(bash "$here/build.sh")"
+# build.sh puts a kubectl there only when the machine has none.
+if [[ -x "$BIN/kubectl" ]]; then export PATH="$BIN:$PATH"; fi
 echo "binaries: $BIN ($("$BIN/kube-apiserver" --version), built/reused in $((SECONDS - t0))s)"
 
 # Short path: the plugin's UNIX socket lives here (sun_path is limited to 107 bytes).
