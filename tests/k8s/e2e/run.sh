@@ -5,8 +5,8 @@
 #
 # Environment:
 #   KMS_PLUGIN_BIN      plugin binary (default <repo>/target/debug/kms-plugin)
-#   KMS_E2E_APIS        KMS API versions to run the flow with (default "v2 v1")
-#   KMS_E2E_BACKENDS    plugin backends to run the flow with (default "local"; each needs backend_<name>_* below)
+#   KMS_E2E_FLOWS       flows to run as backend:api pairs (default "local:v2 local:v1", plus "akeyless:v2" when
+#                       tests/fakes/akeyless_fake.py exists); each backend needs backend_<name>_* below
 #   KMS_E2E_KEEP=1      keep the work directory (logs, certs, etcd data) after the run
 #   KMS_TEST_OPT_OUT    contains "k8s" -> skip
 #   KMS_E2E_BUILD_KUBECTL=1  use a kubectl built from the same release even if the machine has one
@@ -71,7 +71,7 @@ stop_pid() {
 
 cleanup() {
   local rc=$?
-  stop_pid "$APISERVER_PID"; stop_pid "$PLUGIN_PID"; stop_pid "$ETCD_PID"
+  stop_pid "$APISERVER_PID"; stop_pid "$PLUGIN_PID"; stop_pid "$ETCD_PID"; stop_pid "$FAKE_PID"
   if [[ "${KMS_E2E_KEEP:-}" == 1 || $rc -ne 0 ]]; then
     echo "work directory kept: $WORK"
   else
@@ -150,17 +150,48 @@ start_etcd() {
 etcd_raw() { "$BIN/e2ehelper" get --endpoint "$ETCD_URL" "$1"; }
 
 # ---------------------------------------------------------------------------------------------- backends
-# Each backend provides: backend_<name>_init (one-time setup in $WORK, sets PLUGIN_BACKEND_ARGS) and
-# backend_<name>_rotate (makes the backend's current key a new one). Hook for the Akeyless fake
-# (tests/fakes/akeyless_fake.py): add backend_akeyless_init (start the fake on a free loopback port, create
-# the key, set PLUGIN_BACKEND_ARGS to the plugin's --backend akeyless flags) and backend_akeyless_rotate
-# (call the fake's /rotate-key), then run with KMS_E2E_BACKENDS="local akeyless".
+# Each backend provides: backend_<name>_init (per-flow setup in $WORK, sets PLUGIN_BACKEND_ARGS),
+# backend_<name>_rotate (makes the backend's current key a new one) and backend_<name>_stop.
+# To add a backend, write these three and name it in KMS_E2E_FLOWS (or in default_flows).
 backend_local_init() {
   "$PLUGIN_BIN" keygen "$WORK/local-keys" >>"$WORK/plugin.log" 2>&1 || fail "kms-plugin keygen"
   PLUGIN_BACKEND_ARGS=(--backend local --local-key-file "$WORK/local-keys")
 }
 backend_local_rotate() {
   "$PLUGIN_BIN" keygen --add "$WORK/local-keys" >>"$WORK/plugin.log" 2>&1 || fail "kms-plugin keygen --add"
+}
+backend_local_stop() { :; }
+
+# Akeyless: the plugin's akeyless backend against the fake Akeyless API (tests/fakes/akeyless_fake.py),
+# access_key authentication, rotation through the fake's control API.
+AKEYLESS_FAKE="${KMS_E2E_AKEYLESS_FAKE:-$repo/tests/fakes/akeyless_fake.py}"
+FAKE_PID="" FAKE_URL=""
+backend_akeyless_init() {
+  local py="${KMS_TEST_PYTHON:-python3}"
+  [[ -x "$py" ]] || py=python3
+  rm -f "$WORK/akeyless.port"
+  head -c 24 /dev/urandom | base64 >"$WORK/akeyless.access-key"
+  FAKE_AKEYLESS_ACCESS_KEY="$(cat "$WORK/akeyless.access-key")" "$py" "$AKEYLESS_FAKE" --port 0 \
+    --port-file "$WORK/akeyless.port" --access-id p-e2e --key e2e-kek >>"$WORK/akeyless-fake.log" 2>&1 &
+  FAKE_PID=$!
+  wait_for 30 "Akeyless fake to listen" test -s "$WORK/akeyless.port"
+  FAKE_URL="http://127.0.0.1:$(cat "$WORK/akeyless.port")"
+  PLUGIN_BACKEND_ARGS=(--backend akeyless --akeyless-url "$FAKE_URL" --akeyless-access-id p-e2e
+    --akeyless-access-key-file "$WORK/akeyless.access-key" --akeyless-key-name e2e-kek)
+}
+backend_akeyless_rotate() {
+  curl -sf -X POST -H 'Content-Type: application/json' -d '{"name": "e2e-kek", "action": "rotate"}' \
+    "$FAKE_URL/__control/key" >>"$WORK/akeyless-fake.log" || fail "rotate the key in the Akeyless fake"
+}
+backend_akeyless_stop() { stop_pid "$FAKE_PID"; FAKE_PID=""; }
+
+# Default flows: local always; akeyless once its fake is in the tree and the plugin has the --akeyless-* flags
+# (KMS v2 flow only, to bound CI time).
+default_flows() {
+  echo "local:v2 local:v1"
+  if [[ -f "$AKEYLESS_FAKE" ]] && "$PLUGIN_BIN" serve --help 2>/dev/null | grep -q -- --akeyless-url; then
+    echo "akeyless:v2"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------- plugin
@@ -299,9 +330,9 @@ run_flow() {
   KMS_NAME="e2e-$BACKEND-$API"
   local flow_start=$SECONDS
   log "=== flow: kms $API provider, $BACKEND backend"
-  rm -rf "$WORK/etcd" "$WORK/local-keys"
+  rm -rf "$WORK/etcd" "$WORK/local-keys" "$WORK"/kms-*.sock
   MARKER=()
-  SOCK_ENDPOINT="unix://$WORK/kms-$API.sock"
+  SOCK_ENDPOINT="unix://$WORK/kms-$BACKEND-$API.sock"
   API_PORT="$(free_port)"
   write_kubeconfig
   "backend_${BACKEND}_init"
@@ -403,14 +434,15 @@ run_flow() {
   fi
 
   stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
+  "backend_${BACKEND}_stop"
   log "=== flow kms $API / $BACKEND passed in $((SECONDS - flow_start))s"
 }
 
 make_certs
-for backend in ${KMS_E2E_BACKENDS:-local}; do
-  for api in ${KMS_E2E_APIS:-v2 v1}; do
-    run_flow "$api" "$backend"
-  done
+flows="${KMS_E2E_FLOWS:-$(default_flows)}"
+echo "flows (backend:api): $flows"
+for flow in $flows; do
+  run_flow "${flow#*:}" "${flow%%:*}"
 done
 log "all flows passed"
 echo "k8s-e2e: $PASSED passed, 0 failed"
