@@ -10,6 +10,9 @@
 //	    prints the keyID of a stored kms v2 value (PREFIX ‖ protobuf EncryptedObject).
 //	e2ehelper kms-status unix:///path/kms.sock
 //	    prints the KMS v2 Status of a plugin as "version healthz key_id".
+//	e2ehelper validate-encryption-config FILE
+//	    decodes (strictly) and validates an EncryptionConfiguration the way kube-apiserver does at start-up
+//	    (with automatic reload on), without connecting to its KMS plugins.
 //
 // It lives in the same module as the kube-apiserver build so that both use the etcd version
 // that Kubernetes release pins.
@@ -34,12 +37,17 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protowire"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	apiserverconfig "k8s.io/apiserver/pkg/apis/apiserver"
+	apiserverconfigv1 "k8s.io/apiserver/pkg/apis/apiserver/v1"
+	"k8s.io/apiserver/pkg/apis/apiserver/validation"
 	kmsapi "k8s.io/kms/apis/v2"
 )
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: etcdhelper serve|get|keys ...")
+		fmt.Fprintln(os.Stderr, "usage: e2ehelper serve|get|keys ...")
 		os.Exit(2)
 	}
 	var err error
@@ -54,11 +62,13 @@ func main() {
 		err = keyID(os.Args[2:])
 	case "kms-status":
 		err = kmsStatus(os.Args[2:])
+	case "validate-encryption-config":
+		err = validateEncryptionConfig(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "etcdhelper:", err)
+		fmt.Fprintln(os.Stderr, "e2ehelper:", err)
 		if err == errNotFound {
 			os.Exit(3)
 		}
@@ -206,5 +216,46 @@ func kmsStatus(args []string) error {
 		return err
 	}
 	fmt.Println(st.Version, st.Healthz, st.KeyId)
+	return nil
+}
+
+func validateEncryptionConfig(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("usage: validate-encryption-config FILE")
+	}
+	data, err := os.ReadFile(args[0])
+	if err != nil {
+		return err
+	}
+	scheme := runtime.NewScheme()
+	if err := apiserverconfig.AddToScheme(scheme); err != nil {
+		return err
+	}
+	if err := apiserverconfigv1.AddToScheme(scheme); err != nil {
+		return err
+	}
+	obj, gvk, err := serializer.NewCodecFactory(scheme, serializer.EnableStrict).UniversalDecoder().Decode(data, nil, nil)
+	if err != nil {
+		return fmt.Errorf("decode: %w", err)
+	}
+	cfg, ok := obj.(*apiserverconfig.EncryptionConfiguration)
+	if !ok {
+		return fmt.Errorf("not an EncryptionConfiguration: %v", gvk)
+	}
+	if err := validation.ValidateEncryptionConfiguration(cfg, true).ToAggregate(); err != nil {
+		return err
+	}
+	n := 0
+	for _, r := range cfg.Resources {
+		for _, p := range r.Providers {
+			if p.KMS != nil {
+				n++
+				fmt.Printf("kms provider %q apiVersion %s endpoint %s for %v\n", p.KMS.Name, p.KMS.APIVersion, p.KMS.Endpoint, r.Resources)
+			}
+		}
+	}
+	if n == 0 {
+		return fmt.Errorf("no kms provider in %s", args[0])
+	}
 	return nil
 }
