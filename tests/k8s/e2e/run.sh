@@ -276,7 +276,17 @@ check_stored() {
     local kid; kid="$("$BIN/e2ehelper" keyid "$prefix" <"$raw")" || fail "decode EncryptedObject of $name"
     [[ -z "$want_key_id" || "$kid" == "$want_key_id" ]] ||
       fail "secret $name stored under key_id '$kid', want '$want_key_id'"
+  else
+    # v1 has no key_id; the plugin's ciphertext names the backend key that wrapped its local KEK.
+    local ref; ref="$("$BIN/e2ehelper" keyref "$prefix" <"$raw")" || fail "decode the v1 encrypted DEK of $name"
+    [[ -z "$want_key_id" || "$ref" == "$want_key_id" ]] ||
+      fail "secret $name wrapped under backend key '$ref', want '$want_key_id'"
   fi
+}
+
+# stored_key_ref NAME: backend key reference inside a stored kms v1 value.
+stored_key_ref() {
+  etcd_raw "/registry/secrets/$NS/$1" >"$WORK/raw-$1" && "$BIN/e2ehelper" keyref "k8s:enc:kms:$API:$KMS_NAME:" <"$WORK/raw-$1"
 }
 
 # stored_key_id NAME: key_id inside the stored kms v2 value (binary data goes through a file, not a variable).
@@ -372,10 +382,16 @@ run_flow() {
   k create namespace "$NS" >/dev/null
   local i
   for i in 1 2 3 4 5; do create_secret "s$i"; done
+  # kid1: what the stored values must name: the key_id (v2) or the backend key reference in the plugin's
+  # ciphertext (v1).
   local kid1=""
-  if [[ "$API" == v2 ]]; then kid1="$(plugin_key_id)"; fi
+  if [[ "$API" == v2 ]]; then kid1="$(plugin_key_id)"; else kid1="$(stored_key_ref s1)" || fail "key reference of s1"; fi
   for i in 1 2 3 4 5; do check_stored "s$i" "$kid1"; done
-  ok "5 secrets in etcd start with k8s:enc:kms:$API:$KMS_NAME: and hold no plaintext${kid1:+ (key_id = the Status key_id of the plugin)}"
+  if [[ "$API" == v2 ]]; then
+    ok "5 secrets in etcd start with k8s:enc:kms:v2:$KMS_NAME:, hold no plaintext, key_id = the plugin's Status key_id"
+  else
+    ok "5 secrets in etcd start with k8s:enc:kms:v1:$KMS_NAME:, hold no plaintext, all wrapped under backend key $kid1"
+  fi
   check_all_read "after create"
 
   log "restart the plugin, then the apiserver"
@@ -404,14 +420,15 @@ run_flow() {
   ok "/readyz/kms-providers healthy again after the plugin came back, apiserver untouched"
 
   log "rotate the backend key"
-  if [[ -z "$kid1" ]]; then kid1="$(plugin_key_id)"; fi
+  local ref1="$kid1"
+  kid1="$(plugin_key_id)"
   KID_BEFORE="$kid1"
   if [[ "$API" == v2 ]]; then
     wait_for 30 "status key_id hash metric of the current key" metric_has \
       apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds "$(sha256_of "$kid1")"
   fi
   "backend_${BACKEND}_rotate"
-  local kid2=""
+  local kid2="" ref2=""
   wait_for 30 "plugin Status to report a new key_id" plugin_key_changed
   kid2="$(plugin_key_id)"
   KID_AFTER="$kid2"
@@ -436,17 +453,35 @@ run_flow() {
     [[ "$(stored_key_id s1)" == "$kid1" ]] || fail "s1 should still be under the old key_id before the rewrite"
   else
     create_secret new1
-    check_stored new1
-    ok "new secret written after rotation"
+    ref2="$(stored_key_ref new1)" || fail "key reference of new1"
+    [[ "$ref2" != "$ref1" ]] || fail "new secret still wrapped under the old backend key $ref1"
+    check_stored new1 "$ref2"
+    ok "new secret new1 wrapped under the new backend key $ref2"
+    [[ "$(stored_key_ref s1)" == "$ref1" ]] || fail "s1 should still be under the old backend key before the rewrite"
+    kid2="$ref2"
   fi
   k get secrets -A -o json | k replace -f - >"$WORK/replace.out" || fail "kubectl replace: $(cat "$WORK/replace.out")"
   ok "kubectl get secrets -A -o json | kubectl replace -f - ($(wc -l <"$WORK/replace.out") objects)"
   local n
+  if [[ "$API" == v1 ]]; then
+    # The apiserver skips an update whose object is unchanged unless the stored value is stale, and a kms v1
+    # value can never be stale after a rotation inside the plugin (v1 has no key_id). So `replace` leaves v1
+    # data where it was, and re-encrypting needs a real change to every object.
+    local unchanged=0
+    for n in "${!MARKER[@]}"; do
+      [[ "$(stored_key_ref "$n")" == "$ref1" ]] && unchanged=$((unchanged + 1))
+    done
+    echo "  note: after kubectl replace, $unchanged of ${#MARKER[@]} kms v1 secrets are still under the old backend key" \
+      "(unchanged objects are not rewritten; v1 cannot mark data stale)"
+    k annotate secrets -A --all --overwrite "kms-plugin.test/reencrypted=$(date +%s)" >"$WORK/annotate.out" ||
+      fail "kubectl annotate: $(cat "$WORK/annotate.out")"
+    ok "kubectl annotate secrets -A --all (a real change, so every v1 secret is rewritten)"
+  fi
   for n in "${!MARKER[@]}"; do check_stored "$n" "$kid2"; done
   if [[ "$API" == v2 ]]; then
     ok "all ${#MARKER[@]} secrets re-encrypted under the new key_id"
   else
-    ok "all ${#MARKER[@]} secrets rewritten with the kms v1 prefix and no plaintext"
+    ok "all ${#MARKER[@]} secrets rewritten under the new backend key"
   fi
   check_all_read "after re-encryption"
   stop_apiserver

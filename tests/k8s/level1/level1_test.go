@@ -345,6 +345,26 @@ func v2KeyID(t *testing.T, prefix string, stored []byte) string {
 	return keyID
 }
 
+// v1KeyRef returns the backend key reference inside the plugin ciphertext that a kms v1 value carries as
+// its encrypted DEK (prefix ‖ uint16 BE length ‖ encrypted DEK ‖ data; ciphertext layout in docs/format.md:
+// 0x4B, format 1, length R, R bytes of key reference, ...).
+func v1KeyRef(t *testing.T, prefix string, stored []byte) string {
+	t.Helper()
+	rest := stored[len(prefix):]
+	if len(rest) < 2 {
+		t.Fatalf("short v1 value")
+	}
+	n := int(binary.BigEndian.Uint16(rest))
+	if n == 0 || n+2 >= len(rest) {
+		t.Fatalf("bad v1 encrypted DEK length %d (value %d bytes)", n, len(rest))
+	}
+	ct := rest[2 : 2+n]
+	if len(ct) < 3 || ct[0] != 0x4B || ct[1] != 1 || len(ct) < 3+int(ct[2]) || ct[2] == 0 {
+		t.Fatalf("v1 encrypted DEK is not a kms-plugin format-1 ciphertext")
+	}
+	return string(ct[3 : 3+int(ct[2])])
+}
+
 // statusKeyID asks the plugin's KMS v2 Status directly (with this library version's client).
 func statusKeyID(t *testing.T, endpoint string) string {
 	t.Helper()
@@ -486,16 +506,13 @@ func TestKMSv1(t *testing.T) {
 	for i := 0; i < 20; i++ {
 		o := newObject(i, "v1old")
 		write(t, tr, o, prefix)
-		// v1 layout: prefix ‖ uint16 BE length of the encrypted DEK ‖ encrypted DEK ‖ AES-GCM data.
-		rest := o.stored[len(prefix):]
-		if len(rest) < 2 {
-			t.Fatalf("short v1 value")
-		}
-		n := int(binary.BigEndian.Uint16(rest))
-		if n == 0 || n+2 >= len(rest) {
-			t.Fatalf("bad v1 encrypted DEK length %d (value %d bytes)", n, len(rest))
-		}
 		old = append(old, o)
+	}
+	ref1 := v1KeyRef(t, prefix, old[0].stored)
+	for _, o := range old {
+		if v1KeyRef(t, prefix, o.stored) != ref1 {
+			t.Fatalf("backend key reference changed without rotation")
+		}
 	}
 	for _, o := range old {
 		if read(t, tr, o) {
@@ -508,7 +525,8 @@ func TestKMSv1(t *testing.T) {
 	t.Logf("20 objects round-tripped over the v1beta1 API, prefix %q", prefix)
 
 	// v1 has no key_id, so the library cannot mark data stale; the plugin's v2 Status on the same
-	// socket tells when it has picked up the new key. New writes and old data must both read.
+	// socket tells when it has picked up the new key. New writes must be wrapped under the new backend
+	// key, old data must still read, and rewriting it moves it to the new key.
 	keyID1 := statusKeyID(t, p.endpoint())
 	p.run("keygen", "--add", p.keyFile)
 	pollUntil(t, 15*time.Second, "plugin to pick up the new key", func() (bool, error) {
@@ -517,9 +535,19 @@ func TestKMSv1(t *testing.T) {
 	fresh := newObject(0, "v1new")
 	write(t, tr, fresh, prefix)
 	read(t, tr, fresh)
+	ref2 := v1KeyRef(t, prefix, fresh.stored)
+	if ref2 == ref1 {
+		t.Fatalf("write after rotation still wrapped under the old backend key")
+	}
 	for _, o := range old {
 		read(t, tr, o)
+		write(t, tr, o, prefix) // what a storage migration does
+		if v1KeyRef(t, prefix, o.stored) != ref2 {
+			t.Fatalf("rewritten %s is not wrapped under the new backend key", o.key)
+		}
+		read(t, tr, o)
 	}
+	t.Logf("rotation: new writes and rewritten objects carry the new backend key reference")
 
 	// Restarted plugin + fresh library (empty v1 DEK cache): every read is a Decrypt call.
 	cancel()

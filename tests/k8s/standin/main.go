@@ -136,7 +136,8 @@ func (k *keys) reload() error {
 	return nil
 }
 
-// wrap returns name ‖ 0x00 ‖ nonce ‖ AES-GCM(plaintext).
+// wrap returns the kms-plugin ciphertext layout (docs/format.md) closely enough for the harness:
+// 0x4B, 1, len(name), name, uint16 len(body), body = nonce ‖ AES-GCM(plaintext).
 func (k *keys) wrap(pt []byte) ([]byte, string, error) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
@@ -145,27 +146,29 @@ func (k *keys) wrap(pt []byte) ([]byte, string, error) {
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, "", err
 	}
-	out := append([]byte(k.primary), 0)
-	out = append(out, nonce...)
-	return g.Seal(out, nonce, pt, nil), k.primary, nil
+	body := g.Seal(nonce, nonce, pt, nil)
+	out := []byte{0x4B, 1, byte(len(k.primary))}
+	out = append(out, k.primary...)
+	out = append(out, byte(len(body)>>8), byte(len(body)))
+	return append(out, body...), k.primary, nil
 }
 
 func (k *keys) unwrap(ct []byte) ([]byte, error) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	i := strings.IndexByte(string(ct), 0)
-	if i < 0 {
+	if len(ct) < 3 || ct[0] != 0x4B || ct[1] != 1 || len(ct) < 5+int(ct[2]) {
 		return nil, errors.New("bad ciphertext")
 	}
-	g, ok := k.all[string(ct[:i])]
+	r := int(ct[2])
+	g, ok := k.all[string(ct[3:3+r])]
 	if !ok {
 		return nil, errors.New("unknown key")
 	}
-	rest := ct[i+1:]
-	if len(rest) < g.NonceSize() {
+	body := ct[5+r:]
+	if len(body) < g.NonceSize() || int(ct[3+r])<<8|int(ct[4+r]) != len(body) {
 		return nil, errors.New("bad ciphertext")
 	}
-	return g.Open(nil, rest[:g.NonceSize()], rest[g.NonceSize():], nil)
+	return g.Open(nil, body[:g.NonceSize()], body[g.NonceSize():], nil)
 }
 
 func (k *keys) keyID() string {

@@ -8,6 +8,9 @@
 //	    lists keys under PREFIX, one per line.
 //	e2ehelper keyid PREFIX < VALUE
 //	    prints the keyID of a stored kms v2 value (PREFIX ‖ protobuf EncryptedObject).
+//	e2ehelper keyref PREFIX < VALUE
+//	    prints the backend key reference inside the kms-plugin ciphertext of a stored kms v1 value
+//	    (PREFIX ‖ uint16 length ‖ plugin ciphertext ‖ data; ciphertext layout in docs/format.md).
 //	e2ehelper kms-status unix:///path/kms.sock
 //	    prints the KMS v2 Status of a plugin as "version healthz key_id".
 //	e2ehelper validate-encryption-config FILE
@@ -60,6 +63,8 @@ func main() {
 		err = get(os.Args[2:], true)
 	case "keyid":
 		err = keyID(os.Args[2:])
+	case "keyref":
+		err = keyRef(os.Args[2:])
 	case "kms-status":
 		err = kmsStatus(os.Args[2:])
 	case "validate-encryption-config":
@@ -257,5 +262,34 @@ func validateEncryptionConfig(args []string) error {
 	if n == 0 {
 		return fmt.Errorf("no kms provider in %s", args[0])
 	}
+	return nil
+}
+
+// keyRef reads the backend key reference of a kms-plugin ciphertext (docs/format.md: 0x4B, version 1,
+// length R, R bytes of reference, ...) stored in a kms v1 value.
+func keyRef(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("usage: keyref PREFIX < VALUE")
+	}
+	v, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		return err
+	}
+	b, ok := bytes.CutPrefix(v, []byte(args[0]))
+	if !ok {
+		return fmt.Errorf("value does not start with %q", args[0])
+	}
+	if len(b) < 2 {
+		return fmt.Errorf("short value")
+	}
+	n := int(b[0])<<8 | int(b[1])
+	if n == 0 || len(b) < 2+n {
+		return fmt.Errorf("bad encrypted DEK length %d", n)
+	}
+	ct := b[2 : 2+n]
+	if len(ct) < 3 || ct[0] != 0x4B || ct[1] != 1 || len(ct) < 3+int(ct[2]) {
+		return fmt.Errorf("encrypted DEK is not a kms-plugin format-1 ciphertext")
+	}
+	fmt.Println(string(ct[3 : 3+int(ct[2])]))
 	return nil
 }
