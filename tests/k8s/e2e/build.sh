@@ -53,7 +53,7 @@ if { [[ -n "${KMS_E2E_BUILD_KUBECTL:-}" ]] || ! command -v kubectl >/dev/null; }
   mv "$apiserver_dir/kubectl.tmp" "$apiserver_dir/kubectl"
   log "kubectl built in $((SECONDS - start))s"
 fi
-[[ -x "$apiserver_dir/kubectl" ]] && ln -sfn "$apiserver_dir/kubectl" "$bin/kubectl"
+if [[ -x "$apiserver_dir/kubectl" ]]; then ln -sfn "$apiserver_dir/kubectl" "$bin/kubectl"; else rm -f "$bin/kubectl"; fi
 
 # One stable directory with the binaries, for the run script and for people.
 ln -sfn "$apiserver_dir/kube-apiserver" "$bin/kube-apiserver"

@@ -29,9 +29,9 @@ command -v openssl >/dev/null || { echo "FAIL: openssl not found" >&2; exit 1; }
 
 t0=$SECONDS
 BIN="$(bash "$here/build.sh")"
-# build.sh puts a kubectl there only when the machine has none.
+# build.sh puts a kubectl there when the machine has none (or KMS_E2E_BUILD_KUBECTL=1); it is then preferred.
 if [[ -x "$BIN/kubectl" ]]; then export PATH="$BIN:$PATH"; fi
-echo "binaries: $BIN ($("$BIN/kube-apiserver" --version), built/reused in $((SECONDS - t0))s)"
+echo "binaries: $BIN ($("$BIN/kube-apiserver" --version), built/reused in $((SECONDS - t0))s); kubectl: $(command -v kubectl)"
 
 # Short path: the plugin's UNIX socket lives here (sun_path is limited to 107 bytes).
 WORK="$(mktemp -d /tmp/kms-e2e.XXXXXX)"
