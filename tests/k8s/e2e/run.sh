@@ -63,7 +63,11 @@ stop_pid() {
   kill -TERM "$pid" 2>/dev/null || return 0
   local deadline=$((SECONDS + 15))
   while kill -0 "$pid" 2>/dev/null; do
-    if ((SECONDS > deadline)); then kill -KILL "$pid" 2>/dev/null || true; fi
+    if ((SECONDS > deadline)); then
+      echo "  (pid $pid ignored SIGTERM for 15s: SIGKILL)" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
     sleep 0.2
   done
   wait "$pid" 2>/dev/null || true
