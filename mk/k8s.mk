@@ -16,9 +16,9 @@ TESTS += test-k8s-level1 test-k8s-e2e
 deps-k8s:
 	@if [[ ",$${KMS_TEST_OPT_OUT:-}," == *",k8s,"* ]]; then echo "deps-k8s: skipped (KMS_TEST_OPT_OUT)"; exit 0; fi; \
 	command -v go >/dev/null || { echo "deps-k8s: go is required for tests/k8s" >&2; exit 1; }; \
-	cd $(K8S_L1_DIR) && go mod download && go mod download -modfile=go.v031.mod; \
-	cd $(CURDIR) && start=$$SECONDS && bash $(K8S_DIR)/e2e/build.sh >/dev/null && \
-	echo "deps-k8s: kube-apiserver + e2ehelper ready in $$((SECONDS - start))s"
+	start=$$SECONDS; bash $(K8S_DIR)/e2e/build.sh >/dev/null; \
+	echo "deps-k8s: kube-apiserver + e2ehelper ready in $$((SECONDS - start))s"; \
+	cd $(K8S_L1_DIR); go mod download; go mod download -modfile=go.v031.mod
 
 # The plugin binary the Kubernetes tests run (debug build, as cargo test builds it).
 k8s-plugin-bin:
