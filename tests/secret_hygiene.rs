@@ -105,49 +105,10 @@ fn key_material(path: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn exercise(format: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("kek.json");
-    let out = Command::new(BIN)
-        .arg("keygen")
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let mut secrets: Vec<(&str, Vec<u8>)> = vec![("plaintext marker", MARKER.to_vec())];
-    for k in key_material(&key_file) {
-        secrets.push(("key file key", k));
-    }
-    let sock = dir.path().join("kms.sock");
-    let addr = ListenAddr::Path(sock.clone());
-    let http = format!("127.0.0.1:{}", free_port());
-    let log = dir.path().join("plugin.log");
-    let audit = dir.path().join("audit.log");
-    let mut plugin = Running {
-        child: Command::new(BIN)
-            .args(["serve", "--backend", "local", "--local-key-file"])
-            .arg(&key_file)
-            .arg("--listen")
-            .arg(format!("unix://{}", sock.display()))
-            .args(["--http", &http, "--audit-log"])
-            .arg(&audit)
-            .args(["--probe-interval", "200ms", "--deep-probe-interval", "1s"])
-            .env("KMS_PLUGIN_LOG_LEVEL", "trace")
-            .env("KMS_PLUGIN_LOG_FORMAT", format)
-            .env("RUST_BACKTRACE", "1")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_get(&http, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-        assert!(Instant::now() < deadline, "plugin did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
+/// Round trips of the marker on both APIs, then failing requests; returns the clients' error messages.
+async fn round_trips_and_errors(addr: &ListenAddr, secrets: &[(&str, Vec<u8>)]) -> Vec<String> {
     let mut client_errors = Vec::new();
-    let ch = channel(&addr).await;
+    let ch = channel(addr).await;
     let mut c2 = v2_client(ch.clone());
     let mut c1 = v1_client(ch);
 
@@ -160,7 +121,7 @@ async fn exercise(format: &str) {
         .await
         .unwrap()
         .into_inner();
-    assert_clean("a v2 ciphertext", &enc.ciphertext, &secrets);
+    assert_clean("a v2 ciphertext", &enc.ciphertext, secrets);
     let dec = c2
         .decrypt(v2::DecryptRequest {
             ciphertext: enc.ciphertext.clone(),
@@ -239,6 +200,52 @@ async fn exercise(format: &str) {
         .await
         .unwrap_err();
     client_errors.push(e.message().to_string());
+
+    client_errors
+}
+
+async fn exercise(format: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("kek.json");
+    let out = Command::new(BIN)
+        .arg("keygen")
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut secrets: Vec<(&str, Vec<u8>)> = vec![("plaintext marker", MARKER.to_vec())];
+    for k in key_material(&key_file) {
+        secrets.push(("key file key", k));
+    }
+    let sock = dir.path().join("kms.sock");
+    let addr = ListenAddr::Path(sock.clone());
+    let http = format!("127.0.0.1:{}", free_port());
+    let log = dir.path().join("plugin.log");
+    let audit = dir.path().join("audit.log");
+    let mut plugin = Running {
+        child: Command::new(BIN)
+            .args(["serve", "--backend", "local", "--local-key-file"])
+            .arg(&key_file)
+            .arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--http", &http, "--audit-log"])
+            .arg(&audit)
+            .args(["--probe-interval", "200ms", "--deep-probe-interval", "1s"])
+            .env("KMS_PLUGIN_LOG_LEVEL", "trace")
+            .env("KMS_PLUGIN_LOG_FORMAT", format)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(&http, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(Instant::now() < deadline, "plugin did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let client_errors = round_trips_and_errors(&addr, &secrets).await;
 
     // The CLI client at trace level (its own logs go to stderr; stdout carries the result).
     let mut cli = Command::new(BIN)
@@ -319,4 +326,177 @@ async fn no_secret_in_text_logs_at_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_json_logs_at_trace() {
     exercise("json").await;
+}
+
+/// The first `t-`/`u-` token (32 lowercase hex digits, the shape the fake issues) in `text`.
+fn find_token(text: &[u8]) -> Option<String> {
+    (0..text.len().saturating_sub(33)).find_map(|i| {
+        let starts = (text[i] == b't' || text[i] == b'u')
+            && text[i + 1] == b'-'
+            && (i == 0 || !text[i - 1].is_ascii_alphanumeric());
+        let run = text[i + 2..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+            .count();
+        (starts && run >= 32).then(|| String::from_utf8_lossy(&text[i..i + 2 + run]).into_owned())
+    })
+}
+
+async fn wait_ready(http: &str, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(http, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) != want {
+        assert!(Instant::now() < deadline, "readiness did not become {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Akeyless credentials (access key, Universal Identity tokens, the `t-` tokens the fake issues) and
+/// the plaintext marker, through round trips, token expiry and re-authentication, a 503 outage and a
+/// revoked permission, at trace level.
+#[cfg(feature = "akeyless")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_akeyless_credential_or_token_in_any_output_at_trace() {
+    use serde_json::json;
+    use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
+    let Some(fake) = Fake::start(&[]) else { return };
+    for (format, auth) in [("json", "access_key"), ("text", "universal_identity")] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("kms.sock");
+        let addr = ListenAddr::Path(sock.clone());
+        let http = format!("127.0.0.1:{}", free_port());
+        let log = dir.path().join("plugin.log");
+        let audit = dir.path().join("audit.log");
+        let mut secrets: Vec<(&str, Vec<u8>)> = vec![("plaintext marker", MARKER.to_vec())];
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--backend", "akeyless", "--listen"])
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--akeyless-url", &fake.url, "--akeyless-key-name", KEY])
+            .args(["--http", &http, "--audit-log"])
+            .arg(&audit)
+            .args(["--probe-interval", "200ms", "--deep-probe-interval", "1s"])
+            .arg("--data-dir")
+            .arg(dir.path());
+        if auth == "access_key" {
+            let f = dir.path().join("access-key");
+            std::fs::write(&f, ACCESS_KEY).unwrap();
+            cmd.args([
+                "--akeyless-access-id",
+                ACCESS_ID,
+                "--akeyless-access-key-file",
+            ])
+            .arg(&f);
+            secrets.push(("access key", ACCESS_KEY.as_bytes().to_vec()));
+        } else {
+            let token = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let f = dir.path().join("uid-token");
+            std::fs::write(&f, &token).unwrap();
+            cmd.arg("--akeyless-uid-token-file").arg(&f);
+            secrets.push(("UID init token", token.into_bytes()));
+        }
+        let mut plugin = Running {
+            child: cmd
+                .env("KMS_PLUGIN_LOG_LEVEL", "trace")
+                .env("KMS_PLUGIN_LOG_FORMAT", format)
+                .env("RUST_BACKTRACE", "1")
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        };
+        wait_ready(&http, true).await;
+        let mut client_errors = round_trips_and_errors(&addr, &secrets).await;
+
+        // Expired tokens (re-authentication), an outage, a revoked permission.
+        fake.control("expire-tokens", json!({})).await;
+        fake.control(
+            "fail",
+            json!({"command": "*", "status": 503, "count": 1_000_000}),
+        )
+        .await;
+        wait_ready(&http, false).await;
+        fake.control("clear-faults", json!({})).await;
+        wait_ready(&http, true).await;
+        fake.control("key", json!({"name": KEY, "action": "deny"}))
+            .await;
+        wait_ready(&http, false).await;
+        let e = v2_client(channel(&addr).await)
+            .encrypt(v2::EncryptRequest {
+                plaintext: MARKER.to_vec(),
+                uid: "hygiene-denied".into(),
+            })
+            .await
+            .unwrap_err();
+        client_errors.push(e.message().to_string());
+        let readyz = http_get(&http, "/readyz").unwrap();
+        fake.control("key", json!({"name": KEY, "action": "allow"}))
+            .await;
+        wait_ready(&http, true).await;
+        let metrics = http_get(&http, "/metrics").unwrap();
+
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(plugin.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while plugin.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "plugin did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Tokens the plugin saved (rotated UID tokens) are secrets too.
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.file_name().unwrap().to_string_lossy().contains("uid") && p.is_file() {
+                let t = std::fs::read_to_string(&p).unwrap().trim().to_string();
+                if t.starts_with("u-") {
+                    secrets.push(("saved UID token", t.into_bytes()));
+                }
+            }
+        }
+        let mut logs = std::fs::read(&log).unwrap();
+        logs.extend(std::fs::read(dir.path().join("stderr.log")).unwrap());
+        let audit_text = std::fs::read(&audit).unwrap();
+        let errors = client_errors.join("\n");
+        let outputs: [(&str, &[u8]); 5] = [
+            ("logs", &logs),
+            ("audit lines", &audit_text),
+            ("/metrics", metrics.as_bytes()),
+            ("/readyz", readyz.as_bytes()),
+            ("client errors", errors.as_bytes()),
+        ];
+        for (what, text) in outputs {
+            assert_clean(&format!("{what} ({format}, {auth})"), text, &secrets);
+            assert_eq!(
+                find_token(text),
+                None,
+                "a token in {what} ({format}, {auth})"
+            );
+        }
+        assert!(logs.len() > 10_000);
+        eprintln!(
+            "akeyless {auth}, {format}: {} bytes of trace logs, {} audit bytes, {} client errors; {} secrets in no output",
+            logs.len(),
+            audit_text.len(),
+            client_errors.len(),
+            secrets.len()
+        );
+    }
+}
+
+#[test]
+fn the_detectors_find_what_they_look_for() {
+    let token = "t-0123456789abcdef0123456789abcdef";
+    assert_eq!(
+        find_token(format!("{{\"token\":\"{token}\"}}").as_bytes()).as_deref(),
+        Some(token)
+    );
+    assert_eq!(find_token(b"kek=0123456789ab key_id=local:k1"), None);
+    let leaked = format!("error: {}", STANDARD.encode(&MARKER[1..]));
+    assert!(forms(MARKER).iter().any(|f| contains(leaked.as_bytes(), f)));
+    assert!(forms(MARKER)
+        .iter()
+        .any(|f| contains(format!("{:?}", &MARKER[..]).as_bytes(), f)));
 }
