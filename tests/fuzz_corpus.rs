@@ -153,6 +153,43 @@ async fn seeds(engine: &Engine) -> Vec<(&'static str, &'static str, Vec<u8>)> {
     split.extend(frame(9, 0x04, 3, &block[10..]));
     s.push(("authority", "continuation", with(200, &split)));
     s.push(("authority", "preface_only", with(10, &conn)));
+    // Akeyless answers: two status bytes (`100 + n % 500` for n < 0x8000), then the body.
+    let answer = |status: u16, body: &str| {
+        let mut v = (status - 100).to_be_bytes().to_vec();
+        v.extend_from_slice(body.as_bytes());
+        v
+    };
+    for (name, status, body) in [
+        (
+            "describe_item",
+            200,
+            r#"{"item_name":"/k8s/kek","item_id":1234,"item_type":"AES256GCM","is_enabled":true,"item_state":"Enabled","last_version":2,"item_versions":[{"version":1},{"version":2}]}"#,
+        ),
+        ("encrypt_result", 200, r#"{"result":"akv2:AAAAAQ=="}"#),
+        (
+            "token_expired",
+            401,
+            r#"{"error":"Unauthorized","message":"access denied. token is expired"}"#,
+        ),
+        (
+            "not_found",
+            404,
+            r#"{"error":"ItemNotFound","message":"item /k8s/kek was not found"}"#,
+        ),
+        ("throttled", 429, "Too Many Requests"),
+        (
+            "gateway_html",
+            503,
+            "<html><body>503 Service Unavailable</body></html>",
+        ),
+        (
+            "disabled",
+            200,
+            r#"{"item_name":"/k8s/kek","item_id":"i-1","is_enabled":false,"item_state":"Disabled"}"#,
+        ),
+    ] {
+        s.push(("akeyless_response", name, answer(status, body)));
+    }
     s
 }
 
@@ -189,7 +226,13 @@ async fn committed_seed_corpus_is_meaningful() {
         .unwrap();
     let req = v1beta1::DecryptRequest::decode(&read("v1_request", "decrypt")[1..]).unwrap();
     engine.decrypt(&req.cipher, Binding::V1).await.unwrap();
-    for target in ["ciphertext", "v2_request", "v1_request", "config", "authority"] {
+    for target in [
+        "ciphertext",
+        "v2_request",
+        "v1_request",
+        "config",
+        "authority",
+    ] {
         let n = std::fs::read_dir(root.join(target)).unwrap().count();
         assert!(n >= 3, "fuzz/corpus/{target} has {n} seeds");
     }
