@@ -7,8 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -253,7 +252,9 @@ pub fn create_key_file(path: &Path) -> Result<String, BackendError> {
         version: FILE_FORMAT_VERSION,
         keys: vec![entry],
     });
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+    // Written complete or not at all: an empty key file left by a full disk would stop every later
+    // start (and zero-configuration mode would never recreate it).
+    crate::fsutil::create_atomic(path, &bytes, 0o600).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             BackendError::Config(format!(
                 "{} already exists; refusing to overwrite a key file (use `keygen --add` to rotate)",
@@ -263,9 +264,6 @@ pub fn create_key_file(path: &Path) -> Result<String, BackendError> {
             BackendError::Config(format!("cannot create {}: {e}", path.display()))
         }
     })?;
-    f.write_all(&bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| BackendError::Config(format!("cannot write {}: {e}", path.display())))?;
     Ok(name)
 }
 

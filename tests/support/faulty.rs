@@ -18,6 +18,8 @@ pub struct Faults {
     pub flap_every: Option<u64>,
     /// Report this key_id instead of the inner backend's.
     pub key_id_override: Option<String>,
+    /// Answer `Throttled` (HTTP 429) when more than this many calls are in flight at once.
+    pub throttle_above: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -56,12 +58,27 @@ impl FaultyBackend {
         self.max_in_flight.load(Ordering::SeqCst)
     }
 
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Starts a new measurement of the concurrency peak.
+    pub fn reset_max_in_flight(&self) {
+        self.max_in_flight
+            .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     async fn before(&self) -> Result<Option<String>, BackendError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let faults = self.faults.lock().unwrap().clone();
         let _guard = InFlight(&self.in_flight);
+        if faults.throttle_above.is_some_and(|limit| now > limit) {
+            return Err(BackendError::Throttled(
+                "injected 429 Too Many Requests".into(),
+            ));
+        }
         if let Some(d) = faults.delay {
             tokio::time::sleep(d).await;
         }

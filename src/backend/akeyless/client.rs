@@ -241,6 +241,60 @@ impl Client {
     }
 }
 
+/// Credentials that [`interpret_for_fuzzing`] pretends to have sent; no answer may repeat them.
+pub(crate) const FUZZ_SENT_SECRETS: [&str; 3] = [
+    "t-fuzz0000secret0000token",
+    "fuzz-access-key-secret",
+    "ZnV6ei1wbGFpbnRleHQ=",
+];
+
+/// For fuzzing: one HTTP answer through the same steps as a real call — the success-body check, or
+/// error-text extraction, sanitising and classification for every operation. Returns the messages.
+pub(crate) fn interpret_for_fuzzing(status: u16, body: &[u8]) -> Vec<String> {
+    let mut sent = Map::new();
+    for (field, value) in ["token", "access-key", "plaintext"]
+        .iter()
+        .zip(FUZZ_SENT_SECRETS)
+    {
+        sent.insert((*field).into(), Value::String(value.into()));
+    }
+    sent.insert("key-name".into(), Value::String("/k/fuzz".into()));
+    if (200..300).contains(&status) {
+        return vec![match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(_)) => "object".to_string(),
+            Ok(_) => "not an object".to_string(),
+            Err(_) => format!("not JSON ({} bytes)", body.len()),
+        }];
+    }
+    let raw = Raw::Http {
+        status,
+        text: error_text(body),
+        retry_after: None,
+    };
+    [
+        Op::Auth,
+        Op::UidRotate,
+        Op::Describe,
+        Op::Encrypt,
+        Op::Decrypt,
+    ]
+    .into_iter()
+    .map(|op| {
+        format!(
+            "{:?}",
+            classify(
+                op,
+                &raw,
+                &sent,
+                "http://fuzz",
+                "cmd",
+                Duration::from_secs(1)
+            )
+        )
+    })
+    .collect()
+}
+
 /// Each attempt may use up to 40% of the budget, so a hung connection still leaves time to retry.
 fn attempt_timeout(budget: Duration) -> Duration {
     (budget * 2 / 5).max(Duration::from_millis(20))

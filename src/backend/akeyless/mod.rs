@@ -424,6 +424,41 @@ impl AkeylessBackend {
     }
 }
 
+/// Fuzzing entry point: interprets one Akeyless HTTP answer (status and body) the way the backend
+/// does — error classification for every command, and for an object body the key state and key
+/// identity of `/describe-item`. Never panics. The `errors` never contain [`fuzz_sent_secrets`].
+#[doc(hidden)]
+pub fn interpret_response_for_fuzzing(status: u16, body: &[u8]) -> FuzzInterpretation {
+    let errors = client::interpret_for_fuzzing(status, body);
+    let (state, key_id) = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(item)) => (
+            Some(format!("{:?}", check_state("/k/fuzz", &item))),
+            identity("/k/fuzz", &item).ok().map(|i| i.key_id),
+        ),
+        _ => (None, None),
+    };
+    FuzzInterpretation {
+        errors,
+        state,
+        key_id,
+    }
+}
+
+/// What [`interpret_response_for_fuzzing`] found.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct FuzzInterpretation {
+    pub errors: Vec<String>,
+    pub state: Option<String>,
+    pub key_id: Option<String>,
+}
+
+/// The credentials [`interpret_response_for_fuzzing`] pretends to have sent.
+#[doc(hidden)]
+pub fn fuzz_sent_secrets() -> &'static [&'static str] {
+    &client::FUZZ_SENT_SECRETS
+}
+
 /// Disabled or deleted keys, as `/describe-item` reports them.
 fn check_state(name: &str, item: &Map<String, Value>) -> Result<(), BackendError> {
     if item.get("is_enabled").and_then(Value::as_bool) == Some(false) {
@@ -592,5 +627,27 @@ mod tests {
             ),
             Err(BackendError::KeyNotFound(_))
         ));
+    }
+
+    #[test]
+    fn fuzz_entry_point_redacts_echoed_credentials() {
+        for status in [400u16, 401, 403, 404, 429, 500, 503] {
+            let body = format!(
+                "{{\"error\": \"bad token {} for access key {}\"}}",
+                fuzz_sent_secrets()[0],
+                fuzz_sent_secrets()[1]
+            );
+            let out = interpret_response_for_fuzzing(status, body.as_bytes());
+            assert_eq!(out.errors.len(), 5);
+            for e in &out.errors {
+                assert!(fuzz_sent_secrets().iter().all(|s| !e.contains(s)), "{e}");
+            }
+        }
+        let out = interpret_response_for_fuzzing(
+            200,
+            br#"{"is_enabled": false, "item_id": 7, "last_version": 3}"#,
+        );
+        assert!(out.state.unwrap().contains("KeyDisabled"));
+        assert_eq!(out.key_id.as_deref(), Some("/k/fuzz@7:v3"));
     }
 }
