@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
-use kms_plugin::backend::{Backend, BackendError};
+use kms_plugin::backend::{AuthEvent, AuthKind, Backend, BackendError, BackendEvents};
 use serde_json::json;
 use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
 
@@ -872,4 +872,129 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
     assert_eq!(decoded(0), "jwt-for-aud-x");
     assert_eq!(records[1]["access_type"], "azure_ad");
     assert_eq!(decoded(1), "azure-token-oid-1");
+}
+
+/// A [`BackendEvents`] hook that keeps every authentication event as (step, outcome label).
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<(AuthKind, &'static str)>>);
+
+impl BackendEvents for Recorder {
+    fn auth(&self, event: AuthEvent<'_>) {
+        assert_eq!(event.backend, "akeyless");
+        let outcome = event.outcome.map_or_else(BackendError::label, |()| "ok");
+        self.0.lock().unwrap().push((event.kind, outcome));
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<(AuthKind, &'static str)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+async fn connect_recorded(
+    args: &AkeylessArgs,
+    state_dir: Option<std::path::PathBuf>,
+) -> (Result<AkeylessBackend, BackendError>, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    let backend =
+        AkeylessBackend::connect_with_events(args, state_dir, Arc::new(NoCloudId), rec.clone())
+            .await;
+    (backend, rec)
+}
+
+#[tokio::test]
+async fn authentications_are_reported_to_the_event_hook() {
+    use AuthKind::*;
+    let Some(fake) = Fake::start(&[]) else { return };
+    let (backend, rec) = connect_recorded(&fake.args(), None).await;
+    let backend = backend.expect("connect");
+    assert_eq!(rec.take(), [(Login, "ok")], "start-up login");
+    backend.wrap(b"x").await.unwrap();
+    assert_eq!(rec.take(), [], "a cached token is no event");
+
+    // A rejected (expired) token: a new login, not a refresh.
+    fake.control("expire-tokens", json!({})).await;
+    backend.wrap(b"x").await.unwrap();
+    assert_eq!(rec.take(), [(Login, "ok")]);
+
+    // The re-authentication itself refused: a failed login, then a good one on the next call.
+    fake.control("expire-tokens", json!({})).await;
+    fake.control(
+        "fail",
+        json!({"command": "auth", "status": 401, "count": 1}),
+    )
+    .await;
+    let err = backend.wrap(b"x").await.unwrap_err();
+    assert!(matches!(err, BackendError::Authentication(_)), "{err}");
+    assert_eq!(rec.take(), [(Login, "authentication")]);
+    backend.wrap(b"x").await.unwrap();
+    assert_eq!(rec.take(), [(Login, "ok")]);
+    assert_eq!(backend.auth_calls(), 4);
+    drop(backend);
+
+    // Wrong credentials at start-up.
+    let wrong = AkeylessArgs {
+        access_key: Some(Secret::new("wrong-access-key")),
+        ..fake.args()
+    };
+    let (backend, rec) = connect_recorded(&wrong, None).await;
+    backend.unwrap_err();
+    assert_eq!(rec.take(), [(Login, "authentication")]);
+}
+
+#[tokio::test]
+async fn background_renewal_is_reported_as_a_token_refresh() {
+    // Tokens live 4 s: renewal at 3 s while the old token is still valid.
+    let Some(fake) = Fake::start(&["--token-ttl", "4"]) else {
+        return;
+    };
+    let (backend, rec) = connect_recorded(&fake.args(), None).await;
+    let _backend = backend.expect("connect");
+    let seen = rec.clone();
+    let refreshed = eventually(Duration::from_secs(10), || {
+        let seen = seen.clone();
+        async move {
+            seen.0
+                .lock()
+                .unwrap()
+                .contains(&(AuthKind::TokenRefresh, "ok"))
+        }
+    })
+    .await;
+    assert!(refreshed, "no token_refresh event: {:?}", rec.take());
+    assert_eq!(rec.take()[0], (AuthKind::Login, "ok"));
+}
+
+#[tokio::test]
+async fn uid_rotation_is_reported_to_the_event_hook() {
+    use AuthKind::*;
+    let Some(fake) = Fake::start(&[]) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let args = AkeylessArgs {
+        url: fake.url.clone(),
+        key_name: Some(KEY.into()),
+        uid_token: Some(Secret::new(init)),
+        ..Default::default()
+    };
+    let (backend, rec) = connect_recorded(&args, Some(state.path().to_path_buf())).await;
+    let backend = backend.expect("connect with UID");
+    // The UID token is proven by a login, rotated at once, then the token manager logs in.
+    assert_eq!(
+        rec.take(),
+        [(Login, "ok"), (IdentityRotation, "ok"), (Login, "ok")]
+    );
+    backend.rotate_uid_token().await.unwrap();
+    assert_eq!(rec.take(), [(IdentityRotation, "ok")]);
+    fake.control(
+        "fail",
+        json!({"command": "uid-rotate-token", "status": 403, "count": 1}),
+    )
+    .await;
+    let err = backend.rotate_uid_token().await.unwrap_err();
+    assert_eq!(rec.take(), [(IdentityRotation, err.label())]);
 }

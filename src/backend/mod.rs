@@ -6,6 +6,7 @@
 //! keep caches) or permanent (the key is gone or access was revoked).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +72,59 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Unwraps what [`Backend::wrap`] returned, including after the remote KEK was rotated.
     async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError>;
+}
+
+/// Which authentication step a backend took (see [`BackendEvents`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AuthKind {
+    /// Acquired a session credential while holding no usable one: at start-up, after the server
+    /// rejected the old one, or after it expired.
+    Login,
+    /// Renewed a session credential that was still valid, ahead of its expiry.
+    TokenRefresh,
+    /// Replaced a long-lived identity credential (e.g. an Akeyless Universal Identity token).
+    IdentityRotation,
+}
+
+impl AuthKind {
+    /// Bounded label for metrics and audit lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthKind::Login => "login",
+            AuthKind::TokenRefresh => "token_refresh",
+            AuthKind::IdentityRotation => "identity_rotation",
+        }
+    }
+}
+
+/// One authentication attempt and how it ended. Carries no secret: only the backend kind, the step
+/// and the error (whose message never holds secret material, see [`BackendError`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AuthEvent<'a> {
+    /// [`Backend::kind`] of the backend that authenticated.
+    pub backend: &'static str,
+    pub kind: AuthKind,
+    pub outcome: Result<(), &'a BackendError>,
+}
+
+/// Hook through which a backend reports what it does on its own, outside the engine's calls
+/// (authentication, credential renewal). Given to a backend at construction; the default is
+/// [`no_events`]. Implementations must be cheap and must not block: backends call it inline.
+pub trait BackendEvents: Send + Sync + fmt::Debug + 'static {
+    fn auth(&self, event: AuthEvent<'_>);
+}
+
+/// A [`BackendEvents`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoEvents;
+
+impl BackendEvents for NoEvents {
+    fn auth(&self, _event: AuthEvent<'_>) {}
+}
+
+/// The default hook: [`NoEvents`].
+pub fn no_events() -> Arc<dyn BackendEvents> {
+    Arc::new(NoEvents)
 }
 
 /// Everything that can go wrong talking to a backend.

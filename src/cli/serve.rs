@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use super::{BackendKind, ServeArgs};
 use crate::backend::local::{create_key_file, file_mode, LocalBackend};
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendEvents};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::ops::audit::{self, AuditLog, AuditTarget};
 use crate::ops::metrics::Metrics;
@@ -63,7 +63,13 @@ fn open_local(path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(Arc::new(LocalBackend::open(path)?))
 }
 
-async fn build_backend(args: &ServeArgs, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>> {
+/// Builds the backend named by `args`; backends that authenticate report it to `events`.
+#[cfg_attr(not(feature = "akeyless"), allow(unused_variables))]
+async fn build_backend(
+    args: &ServeArgs,
+    metrics: &Metrics,
+    events: Arc<dyn BackendEvents>,
+) -> anyhow::Result<Arc<dyn Backend>> {
     match effective_backend(args) {
         None => {
             let path = args.data_dir.join("dev-kek.json");
@@ -94,6 +100,7 @@ async fn build_backend(args: &ServeArgs, metrics: &Metrics) -> anyhow::Result<Ar
                 crate::backend::akeyless::AkeylessBackend::connect_from_env(
                     &args.akeyless,
                     Some(state_dir),
+                    events,
                 )
                 .await?,
             );
@@ -143,6 +150,13 @@ fn validate(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes out what is queued in the audit log before exiting.
+async fn flush_audit(audit: Option<AuditLog>) {
+    if let Some(log) = audit {
+        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+    }
+}
+
 /// Waits for SIGTERM or SIGINT.
 async fn termination() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -158,7 +172,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     validate(&args)?;
     let listen = effective_listen(&args)?;
     let metrics = Metrics::new();
-    let backend = build_backend(&args, &metrics).await?;
+    // The audit log opens before the backend so the start-up authentication is recorded.
     let audit = match &args.audit_log {
         Some(target) => {
             let target: AuditTarget = target.parse()?;
@@ -170,6 +184,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
         None => None,
     };
     let observer = Arc::new(OpsObserver::new(metrics.clone(), audit.clone()));
+    let backend = match build_backend(&args, &metrics, observer.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            // Keep the audit lines of a failed start-up authentication.
+            flush_audit(audit).await;
+            return Err(e);
+        }
+    };
     let engine = Engine::with_observer(backend, engine_config(&args), observer.clone());
     let weak = Arc::downgrade(&engine);
     metrics.add_scrape_hook(move |m| {
@@ -221,7 +243,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
         {
             tracing::warn!(error = %e, "backend not reachable at start; serving as unhealthy until it is");
         }
-        Err(e) => return Err(anyhow::anyhow!("backend check failed: {e}")),
+        Err(e) => {
+            flush_audit(audit).await;
+            return Err(anyhow::anyhow!("backend check failed: {e}"));
+        }
     }
 
     let probes = tokio::spawn(engine.clone().run_probes(stop_rx));
@@ -238,10 +263,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     if let Some(task) = http_task {
         let _ = task.await;
     }
-    if let Some(log) = audit {
-        // Write out what is queued before exiting.
-        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
-    }
+    flush_audit(audit).await;
     tracing::info!("stopped");
     Ok(0)
 }

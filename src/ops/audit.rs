@@ -98,10 +98,13 @@ pub enum AuditOp {
     KeyRotation,
     /// A new local KEK was generated and wrapped by the remote KEK.
     LocalKekRotation,
-    /// The backend authenticated (acquired a session token).
+    /// The backend authenticated while holding no usable session token (start-up, after the token
+    /// was rejected or expired).
     Auth,
-    /// The backend renewed a credential (e.g. a Universal Identity token).
+    /// The backend renewed a still-valid session token ahead of its expiry.
     TokenRefresh,
+    /// The backend replaced its long-lived identity credential (e.g. a Universal Identity token).
+    IdentityRotation,
 }
 
 /// One audit event. Every field is an identifier or a bounded label: never pass secret material.
@@ -118,11 +121,14 @@ pub struct AuditEvent<'a> {
     pub previous_key_id: Option<&'a str>,
     /// Short reference of the local KEK used (see [`local_kek_ref`]).
     pub local_kek: Option<&'a str>,
+    /// For backend events (auth, token refresh): the backend kind (`akeyless`, ...).
+    pub backend: Option<&'a str>,
     /// Whether serving this event needed a call to the remote key backend.
     pub backend_call: bool,
     /// `ok` or a bounded error label (`BackendError::label()`, a gRPC code name, ...).
     pub outcome: &'a str,
-    /// Free text for status changes: the healthz reason. Must not contain secrets.
+    /// Free text for status changes (the healthz reason) and failed backend events (the error).
+    /// Must not contain secrets.
     pub detail: Option<&'a str>,
     /// Time taken to serve a request (`None` for events that are not requests).
     pub latency: Option<Duration>,
@@ -142,6 +148,8 @@ struct Line<'a> {
     previous_key_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     local_kek: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<&'a str>,
     backend_call: bool,
     outcome: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -280,6 +288,7 @@ impl AuditLog {
             key_id: event.key_id,
             previous_key_id: event.previous_key_id,
             local_kek: event.local_kek,
+            backend: event.backend,
             backend_call: event.backend_call,
             outcome: event.outcome,
             detail: event.detail.map(|d| truncate(d, MAX_DETAIL_LEN)),
@@ -712,6 +721,7 @@ mod tests {
                 key_id: Some("local:abc:1"),
                 previous_key_id: None,
                 local_kek: Some("0123456789ab"),
+                backend: None,
                 backend_call: false,
                 outcome: "ok",
                 detail: None,

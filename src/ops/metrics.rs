@@ -355,7 +355,7 @@ impl Metrics {
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "token_refreshes",
-            "Backend credential renewals by token kind and outcome",
+            "Backend authentications and credential renewals (access: session token logins and refreshes; identity: identity token rotations) by outcome",
             tokens.clone(),
         );
 

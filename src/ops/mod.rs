@@ -1,7 +1,8 @@
 //! Operational surfaces: Prometheus metrics, the HTTP health/metrics endpoint and the audit log.
 //!
 //! Each piece is self-contained. [`OpsObserver`] plugs metrics and the audit log into the engine
-//! ([`crate::engine::Observer`]) and the gRPC layer ([`RequestObserver`]); [`readiness`] and
+//! ([`crate::engine::Observer`]), the gRPC layer ([`RequestObserver`]) and the key backend's own
+//! authentication events ([`BackendEvents`]); [`readiness`] and
 //! [`liveness`] give the HTTP endpoint its checks.
 
 pub mod audit;
@@ -11,15 +12,15 @@ pub mod metrics;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::BackendError;
+use crate::backend::{AuthEvent, AuthKind, BackendError, BackendEvents};
 use crate::engine::{self, Engine, Lookup};
 use crate::protocol::observe::{RequestObserver, RequestRecord};
 use crate::protocol::socket::ListenAddr;
 use audit::{AuditEvent, AuditLog, AuditOp};
 use http::HealthCheck;
-use metrics::{Method, Metrics};
+use metrics::{Method, Metrics, TokenKind};
 
-/// Feeds engine and request events into [`Metrics`] and, when enabled, the [`AuditLog`].
+/// Feeds engine, request and backend events into [`Metrics`] and, when enabled, the [`AuditLog`].
 #[derive(Clone, Debug)]
 pub struct OpsObserver {
     metrics: Metrics,
@@ -85,6 +86,27 @@ impl engine::Observer for OpsObserver {
 
     fn probe(&self, _deep: bool, result: Result<(), &str>) {
         self.metrics.probe_result(result.is_ok());
+    }
+}
+
+impl BackendEvents for OpsObserver {
+    fn auth(&self, event: AuthEvent<'_>) {
+        let (token, operation) = match event.kind {
+            AuthKind::Login => (TokenKind::Access, AuditOp::Auth),
+            AuthKind::TokenRefresh => (TokenKind::Access, AuditOp::TokenRefresh),
+            AuthKind::IdentityRotation => (TokenKind::Identity, AuditOp::IdentityRotation),
+        };
+        self.metrics.token_refresh(token, event.outcome);
+        // BackendError messages carry no secrets (Backend contract); they tell the operator why.
+        let detail = event.outcome.err().map(|e| e.to_string());
+        self.audit(AuditEvent {
+            operation: Some(operation),
+            backend: Some(event.backend),
+            backend_call: true,
+            outcome: event.outcome.err().map_or("ok", BackendError::label),
+            detail: detail.as_deref(),
+            ..Default::default()
+        });
     }
 }
 
@@ -187,6 +209,67 @@ impl HealthCheck for GrpcAlive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_auth_events_feed_metrics_and_audit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let metrics = Metrics::new();
+        let audit = AuditLog::open(audit::AuditTarget::File(path.clone()), None).unwrap();
+        let ops = OpsObserver::new(metrics.clone(), Some(audit.clone()));
+        let denied = BackendError::Authentication("access denied".into());
+        for (kind, outcome) in [
+            (AuthKind::Login, Ok(())),
+            (AuthKind::TokenRefresh, Ok(())),
+            (AuthKind::Login, Err(&denied)),
+            (AuthKind::IdentityRotation, Ok(())),
+        ] {
+            ops.auth(AuthEvent {
+                backend: "akeyless",
+                kind,
+                outcome,
+            });
+        }
+        let text = metrics.encode();
+        for series in [
+            r#"kms_plugin_token_refreshes_total{kind="access",outcome="ok"} 2"#,
+            r#"kms_plugin_token_refreshes_total{kind="access",outcome="authentication"} 1"#,
+            r#"kms_plugin_token_refreshes_total{kind="identity",outcome="ok"} 1"#,
+        ] {
+            assert!(text.contains(series), "missing {series}\n{text}");
+        }
+        audit.flush().unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|l| {
+                assert_eq!(l["backend"], "akeyless", "{l}");
+                assert_eq!(l["backend_call"], true, "{l}");
+                assert!(l.get("api").is_none() && l.get("key_id").is_none(), "{l}");
+                (
+                    l["operation"].as_str().unwrap(),
+                    l["outcome"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("auth", "ok"),
+                ("token_refresh", "ok"),
+                ("auth", "authentication"),
+                ("identity_rotation", "ok"),
+            ]
+        );
+        assert!(lines[0].get("detail").is_none());
+        assert!(lines[2]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("access denied")));
+    }
 
     #[tokio::test]
     async fn grpc_alive_needs_an_answering_server_not_a_healthy_backend() {

@@ -24,7 +24,7 @@ use super::client::{CallError, Client, Op};
 use super::cloud_id;
 use super::config::{AccessType, AkeylessArgs, Secret};
 use super::uid::UidState;
-use crate::backend::BackendError;
+use crate::backend::{AuthEvent, AuthKind, BackendError, BackendEvents};
 
 /// Re-authentication interval when the server does not say when the token expires.
 pub(crate) const DEFAULT_REFRESH: Duration = Duration::from_secs(14 * 60 + 30);
@@ -239,6 +239,7 @@ pub(crate) struct TokenManager {
     generation: AtomicU64,
     last_failure: Mutex<Option<Instant>>,
     auth_calls: AtomicU64,
+    events: Arc<dyn BackendEvents>,
 }
 
 impl fmt::Debug for TokenManager {
@@ -251,7 +252,12 @@ impl fmt::Debug for TokenManager {
 }
 
 impl TokenManager {
-    pub(crate) fn new(client: Arc<Client>, access_id: Option<String>, method: Method) -> Self {
+    pub(crate) fn new(
+        client: Arc<Client>,
+        access_id: Option<String>,
+        method: Method,
+        events: Arc<dyn BackendEvents>,
+    ) -> Self {
         TokenManager {
             client,
             access_id,
@@ -261,6 +267,7 @@ impl TokenManager {
             generation: AtomicU64::new(0),
             last_failure: Mutex::new(None),
             auth_calls: AtomicU64::new(0),
+            events,
         }
     }
 
@@ -290,7 +297,20 @@ impl TokenManager {
         if let Some(t) = self.fresh() {
             return Ok(t);
         }
-        match self.authenticate(deadline).await {
+        // Renewing a token that still works is a refresh; anything else (first token, rejected or
+        // expired one) is a login.
+        let kind = if self.still_valid().is_some() {
+            AuthKind::TokenRefresh
+        } else {
+            AuthKind::Login
+        };
+        let result = self.authenticate(deadline).await;
+        self.events.auth(AuthEvent {
+            backend: super::KIND,
+            kind,
+            outcome: result.as_ref().map(|_| ()),
+        });
+        match result {
             Ok(t) => Ok(t),
             Err(e) => {
                 *self.last_failure.lock().unwrap() = Some(Instant::now());

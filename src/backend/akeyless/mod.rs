@@ -32,7 +32,10 @@ use self::auth::{CloudIdProvider, CloudIdRequest, Method, TokenManager};
 use self::client::{CallError, Client, Op};
 pub use self::config::{AccessType, AkeylessArgs, Secret};
 use self::uid::UidState;
-use super::{Backend, BackendError, KeyIdentity, SecretBytes, WrappedKey};
+use super::{Backend, BackendError, BackendEvents, KeyIdentity, SecretBytes, WrappedKey};
+
+/// [`Backend::kind`] of this backend.
+pub(crate) const KIND: &str = "akeyless";
 
 /// Longest key name we accept: it is stored in clear in every ciphertext.
 const MAX_KEY_NAME: usize = 255;
@@ -99,16 +102,19 @@ fn read_file_secret(path: &PathBuf, what: &str) -> Result<Secret, BackendError> 
 impl AkeylessBackend {
     /// What `kms-plugin serve` calls: secrets from `KMS_PLUGIN_AKEYLESS_ACCESS_KEY` /
     /// `KMS_PLUGIN_AKEYLESS_UID_TOKEN`, then whatever is still unset from the original plugin's
-    /// `AKEYLESS_*` variables (explicit options win), then [`AkeylessBackend::connect`].
+    /// `AKEYLESS_*` variables (explicit options win), then [`AkeylessBackend::connect_with_events`]
+    /// with the default cloud identity provider.
     pub async fn connect_from_env(
         args: &AkeylessArgs,
         state_dir: Option<PathBuf>,
+        events: Arc<dyn BackendEvents>,
     ) -> Result<Self, BackendError> {
         let mut args = args.clone();
         args.load_secrets_from_env();
         args.apply_legacy_env(|k| std::env::var(k).ok())
             .map_err(BackendError::Config)?;
-        Self::connect(&args, state_dir).await
+        let cloud = auth::default_cloud_id_provider(&args);
+        Self::connect_with_events(&args, state_dir, cloud, events).await
     }
 
     /// Connects with the default cloud identity provider. See [`AkeylessBackend::connect_with`].
@@ -119,12 +125,24 @@ impl AkeylessBackend {
         Self::connect_with(args, state_dir, auth::default_cloud_id_provider(args)).await
     }
 
-    /// Authenticates, checks the key (exists, enabled, AES) and does one encryption round trip, then
-    /// starts the background token renewal (and UID rotation). Errors name the cause.
+    /// [`AkeylessBackend::connect_with_events`] without an event hook.
     pub async fn connect_with(
         args: &AkeylessArgs,
         state_dir: Option<PathBuf>,
         cloud: Arc<dyn CloudIdProvider>,
+    ) -> Result<Self, BackendError> {
+        Self::connect_with_events(args, state_dir, cloud, super::no_events()).await
+    }
+
+    /// Authenticates, checks the key (exists, enabled, AES) and does one encryption round trip, then
+    /// starts the background token renewal (and UID rotation). Errors name the cause. Every
+    /// authentication (`/auth`, start-up included) and UID token rotation, successful or not, is
+    /// reported to `events`.
+    pub async fn connect_with_events(
+        args: &AkeylessArgs,
+        state_dir: Option<PathBuf>,
+        cloud: Arc<dyn CloudIdProvider>,
+        events: Arc<dyn BackendEvents>,
     ) -> Result<Self, BackendError> {
         let key_name = args
             .key_name
@@ -201,6 +219,7 @@ impl AkeylessBackend {
                         state_dir.as_deref(),
                         args.uid_ttl,
                         slow(),
+                        events.clone(),
                     )
                     .await?,
                 );
@@ -245,6 +264,7 @@ impl AkeylessBackend {
             client.clone(),
             args.access_id.clone(),
             method,
+            events,
         ));
         let context = (!args.encryption_context.is_empty()).then(|| {
             args.encryption_context
@@ -554,7 +574,7 @@ async fn rotate_uid(uid: Weak<UidState>, tokens: Weak<TokenManager>, client: Arc
 #[async_trait]
 impl Backend for AkeylessBackend {
     fn kind(&self) -> &'static str {
-        "akeyless"
+        KIND
     }
 
     async fn current_key(&self) -> Result<KeyIdentity, BackendError> {

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::client::{CallError, Client, Op};
 use super::config::Secret;
-use crate::backend::BackendError;
+use crate::backend::{AuthEvent, AuthKind, BackendError, BackendEvents};
 
 /// File name of the persisted token inside the state directory.
 pub const UID_TOKEN_FILE: &str = "akeyless-uid-token";
@@ -31,6 +31,7 @@ pub(crate) struct UidState {
     path: Option<PathBuf>,
     ttl: Duration,
     rotated_at_start: AtomicBool,
+    events: Arc<dyn BackendEvents>,
 }
 
 impl std::fmt::Debug for UidState {
@@ -64,8 +65,13 @@ impl UidState {
         deadline: Instant,
     ) -> Result<(), BackendError> {
         let old = self.current();
-        let new = rotate_token(client, &old, deadline).await?;
-        self.install(new);
+        let result = rotate_token(client, &old, deadline).await;
+        self.events.auth(AuthEvent {
+            backend: super::KIND,
+            kind: AuthKind::IdentityRotation,
+            outcome: result.as_ref().map(|_| ()),
+        });
+        self.install(result?);
         Ok(())
     }
 
@@ -97,6 +103,7 @@ impl UidState {
         state_dir: Option<&Path>,
         ttl: Duration,
         deadline: Instant,
+        events: Arc<dyn BackendEvents>,
     ) -> Result<UidState, BackendError> {
         let path = state_dir.map(|d| d.join(UID_TOKEN_FILE));
         let persisted = path.as_deref().and_then(load);
@@ -125,13 +132,20 @@ impl UidState {
         let mut refused = Vec::new();
         for (source, token) in candidates {
             // Authenticating proves the token; start-up depends on nothing else.
-            match accepted(client, access_id, &token, deadline).await {
+            let result = accepted(client, access_id, &token, deadline).await;
+            events.auth(AuthEvent {
+                backend: super::KIND,
+                kind: AuthKind::Login,
+                outcome: result.as_ref().copied(),
+            });
+            match result {
                 Ok(()) => {
                     let state = UidState {
                         current: Mutex::new(token),
                         path,
                         ttl,
                         rotated_at_start: AtomicBool::new(false),
+                        events,
                     };
                     // Rotate at once (the token's age is unknown); a failure is retried later.
                     match state.rotate(client, deadline).await {
