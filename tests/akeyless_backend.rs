@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
-use kms_plugin::backend::{AuthEvent, AuthKind, Backend, BackendError, BackendEvents};
+use kms_plugin::backend::{AuthKind, Backend, BackendError};
 use serde_json::json;
 use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
+use support::events::Recorder;
 
 async fn connect(args: &AkeylessArgs) -> AkeylessBackend {
     AkeylessBackend::connect(args, None).await.expect("connect")
@@ -874,29 +875,11 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
     assert_eq!(decoded(1), "azure-token-oid-1");
 }
 
-/// A [`BackendEvents`] hook that keeps every authentication event as (step, outcome label).
-#[derive(Debug, Default)]
-struct Recorder(std::sync::Mutex<Vec<(AuthKind, &'static str)>>);
-
-impl BackendEvents for Recorder {
-    fn auth(&self, event: AuthEvent<'_>) {
-        assert_eq!(event.backend, "akeyless");
-        let outcome = event.outcome.map_or_else(BackendError::label, |()| "ok");
-        self.0.lock().unwrap().push((event.kind, outcome));
-    }
-}
-
-impl Recorder {
-    fn take(&self) -> Vec<(AuthKind, &'static str)> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-}
-
 async fn connect_recorded(
     args: &AkeylessArgs,
     state_dir: Option<std::path::PathBuf>,
 ) -> (Result<AkeylessBackend, BackendError>, Arc<Recorder>) {
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(Recorder::new("akeyless"));
     let backend =
         AkeylessBackend::connect_with_events(args, state_dir, Arc::new(NoCloudId), rec.clone())
             .await;
@@ -954,12 +937,7 @@ async fn background_renewal_is_reported_as_a_token_refresh() {
     let seen = rec.clone();
     let refreshed = eventually(Duration::from_secs(10), || {
         let seen = seen.clone();
-        async move {
-            seen.0
-                .lock()
-                .unwrap()
-                .contains(&(AuthKind::TokenRefresh, "ok"))
-        }
+        async move { seen.saw((AuthKind::TokenRefresh, "ok")) }
     })
     .await;
     assert!(refreshed, "no token_refresh event: {:?}", rec.take());

@@ -105,6 +105,8 @@ fn bad_credentials_stop_start_up_with_the_cause() {
             "--akeyless-key-name",
             KEY,
         ])
+        .arg("--audit-log")
+        .arg(dir.path().join("audit.log"))
         .env("KMS_PLUGIN_AKEYLESS_ACCESS_KEY", "wrong-access-key-0000")
         .env("KMS_PLUGIN_DATA_DIR", dir.path())
         .output()
@@ -117,4 +119,17 @@ fn bad_credentials_stop_start_up_with_the_cause() {
         "secret echoed: {stderr}"
     );
     assert!(!dir.path().join("kms.sock").exists());
+    // The refused login is in the audit log (flushed before exiting), without the key.
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let line: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|l: &serde_json::Value| l["operation"] == "auth")
+        .unwrap_or_else(|| panic!("no auth audit line: {audit}"));
+    assert_eq!(line["outcome"], "authentication", "{line}");
+    assert_eq!(line["backend"], "akeyless", "{line}");
+    assert!(
+        !audit.contains("wrong-access-key-0000"),
+        "secret audited: {audit}"
+    );
 }

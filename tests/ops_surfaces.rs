@@ -220,6 +220,17 @@ mod akeyless {
 
     use crate::support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
 
+    /// Neither the access key nor anything shaped like a fake-issued token (`t-` + 32 hex digits).
+    fn assert_no_secret(text: &str) {
+        assert!(!text.contains(ACCESS_KEY), "access key leaked: {text}");
+        let tokenish = text.match_indices("t-").any(|(i, _)| {
+            text[i + 2..]
+                .get(..32)
+                .is_some_and(|t| t.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
+        assert!(!tokenish, "token leaked: {text}");
+    }
+
     #[test]
     fn akeyless_drop_in_env_with_access_key_file() {
         let Some(fake) = Fake::start(&[]) else { return };
@@ -273,6 +284,15 @@ mod akeyless {
         assert!(
             metrics.contains(r#"kms_plugin_backend_calls_total{operation="wrap",outcome="ok"}"#)
         );
+        // The start-up login, counted as an access token acquisition.
+        let logins: f64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"kms_plugin_token_refreshes_total{kind="access",outcome="ok"} "#)
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no token refresh series\n{metrics}"));
+        assert!(logins >= 1.0, "{metrics}");
 
         // The audit log on stdout has the encrypt line with the CLI's uid; the access key is nowhere.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -290,10 +310,20 @@ mod akeyless {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!metrics.contains(ACCESS_KEY));
+        // ... and the start-up authentication, with the backend kind and no credential.
+        let stdout = std::fs::read_to_string(p.path("stdout.log")).unwrap();
+        let auth: serde_json::Value = stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .find(|l: &serde_json::Value| l["operation"] == "auth")
+            .unwrap_or_else(|| panic!("no auth audit line on stdout:\n{stdout}"));
+        assert_eq!(auth["backend"], "akeyless", "{auth}");
+        assert_eq!(auth["outcome"], "ok", "{auth}");
+        assert_no_secret(&metrics);
         for f in ["stdout.log", "stderr.log"] {
             let text = std::fs::read_to_string(p.path(f)).unwrap();
-            assert!(!text.contains(ACCESS_KEY), "access key in {f}");
+            assert_no_secret(&text);
         }
     }
 }

@@ -15,7 +15,8 @@ use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use kms_plugin::backend::pkcs11::{Pkcs11Args, Pkcs11Backend, Pkcs11Mechanism};
-use kms_plugin::backend::{Backend, BackendError};
+use kms_plugin::backend::{AuthKind, Backend, BackendError};
+use support::events::Recorder;
 use support::external::{opted_out, which};
 use zeroize::Zeroizing;
 
@@ -139,10 +140,16 @@ async fn softhsm_token() {
     admin.logout().unwrap();
 
     // A wrong PIN stops with a clear error (and leaves the token usable: SoftHSM counts failures).
-    let err = Pkcs11Backend::open(&args(&module, "kek-1", Pkcs11Mechanism::Auto), pin("0000"))
-        .await
-        .unwrap_err();
+    let rec = Arc::new(Recorder::new("pkcs11"));
+    let err = Pkcs11Backend::open_with_events(
+        &args(&module, "kek-1", Pkcs11Mechanism::Auto),
+        pin("0000"),
+        rec.clone(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
+    assert_eq!(rec.take(), [(AuthKind::Login, "authentication")]);
     let msg = err.to_string();
     assert!(msg.contains("PIN") && msg.contains("not retrying"), "{msg}");
     assert!(
@@ -165,10 +172,15 @@ async fn softhsm_token() {
 
     // Conformance, rotating to a new key label mid-run.
     let backend = Arc::new(
-        Pkcs11Backend::open(&args(&module, "kek-1", Pkcs11Mechanism::Auto), pin(PIN))
-            .await
-            .unwrap(),
+        Pkcs11Backend::open_with_events(
+            &args(&module, "kek-1", Pkcs11Mechanism::Auto),
+            pin(PIN),
+            rec.clone(),
+        )
+        .await
+        .unwrap(),
     );
+    assert_eq!(rec.take(), [(AuthKind::Login, "ok")], "one login");
     assert_eq!(backend.mechanism_name(), "CKM_AES_GCM");
     let id1 = backend.current_key().await.unwrap();
     assert_eq!(
@@ -216,12 +228,14 @@ async fn softhsm_token() {
     assert!(matches!(err, BackendError::InvalidCiphertext(_)), "{err:?}");
 
     // The token drops the login (another user of the module logs out): the backend logs in again.
+    assert_eq!(rec.take(), [], "no login while the session lasts");
     admin.lock().unwrap().logout().unwrap();
     let w = backend.wrap(b"after logout").await.unwrap();
     assert_eq!(
         &backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
         b"after logout"
     );
+    assert_eq!(rec.take(), [(AuthKind::Login, "ok")], "re-login");
 
     // The module is finalised under the backend (all sessions gone): it re-initialises and recovers.
     let session = Arc::try_unwrap(admin).ok().unwrap().into_inner().unwrap();
@@ -252,14 +266,17 @@ async fn softhsm_token() {
     let (old_pin, new_pin) = (AuthPin::new(PIN.into()), AuthPin::new("99999999".into()));
     admin.set_pin(&old_pin, &new_pin).unwrap(); // the backend's login covers this session
     admin.logout().unwrap();
+    rec.take(); // the recovery from finalize logged in again
     let err = backend.wrap(b"pin changed").await.unwrap_err();
     assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
+    assert_eq!(rec.take(), [(AuthKind::Login, "authentication")]);
     admin.login(UserType::User, Some(&new_pin)).unwrap();
     admin.set_pin(&new_pin, &old_pin).unwrap();
     // Logged in again and the configured PIN is right again, yet the backend stays stopped.
     let err = backend.current_key().await.unwrap_err();
     assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
     assert!(err.to_string().contains("not retrying"), "{err}");
+    assert_eq!(rec.take(), [], "no login attempt after a refused PIN");
     // A restart with the right PIN works.
     let fresh = Pkcs11Backend::open(&args(&module, "kek-2", Pkcs11Mechanism::Auto), pin(PIN))
         .await

@@ -33,7 +33,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-use super::{Backend, BackendError, KeyIdentity, SecretBytes, WrappedKey};
+use super::{
+    AuthEvent, AuthKind, Backend, BackendError, BackendEvents, KeyIdentity, SecretBytes, WrappedKey,
+};
+
+/// [`Backend::kind`] of this backend.
+const KIND: &str = "pkcs11";
 
 const GCM_TAG: u8 = 0x01;
 const KWP_TAG: u8 = 0x02;
@@ -108,13 +113,17 @@ pub struct Pkcs11Args {
 }
 
 /// Builds the PKCS#11 backend: loads the module, logs in, finds the key and checks one wrap/unwrap
-/// round trip, so that every configuration mistake stops start-up with a clear error.
-pub async fn from_args(args: &Pkcs11Args) -> Result<Arc<dyn Backend>, BackendError> {
+/// round trip, so that every configuration mistake stops start-up with a clear error. Logins are
+/// reported to `events`.
+pub async fn from_args(
+    args: &Pkcs11Args,
+    events: Arc<dyn BackendEvents>,
+) -> Result<Arc<dyn Backend>, BackendError> {
     let pin = read_pin(
         args.pkcs11_pin_file.as_deref(),
         std::env::var("KMS_PLUGIN_PKCS11_PIN").ok(),
     )?;
-    let backend = Pkcs11Backend::open(args, pin).await?;
+    let backend = Pkcs11Backend::open_with_events(args, pin, events).await?;
     let probe = backend.wrap(b"kms-plugin start-up check").await?;
     backend.unwrap(&probe.key_ref, &probe.ciphertext).await?;
     Ok(Arc::new(backend))
@@ -176,6 +185,7 @@ struct Inner {
     state: Mutex<State>,
     /// Set once the token rejected the PIN; from then on nothing touches the token.
     fatal: Mutex<Option<BackendError>>,
+    events: Arc<dyn BackendEvents>,
 }
 
 /// See the module documentation.
@@ -319,11 +329,19 @@ impl Inner {
             .open_ro_session_no_drop(st.slot)
             .map_err(|e| map_err("C_OpenSession", &e))?;
         if !st.logged_in {
-            match session.login(UserType::User, Some(&self.pin)) {
+            let result = match session.login(UserType::User, Some(&self.pin)) {
+                // The module's login is per application: someone else's login is ours too.
+                Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+                other => other.map_err(|e| (map_err("C_Login", &e), e)),
+            };
+            self.events.auth(AuthEvent {
+                backend: KIND,
+                kind: AuthKind::Login,
+                outcome: result.as_ref().map(|_| ()).map_err(|(err, _)| err),
+            });
+            match result {
                 Ok(()) => {}
-                Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => {}
-                Err(e) => {
-                    let err = map_err("C_Login", &e);
+                Err((err, e)) => {
                     if pin_error(&e) {
                         tracing::error!(error = %err, "PKCS#11 login refused; the backend stops using the token");
                         *self.fatal.lock().unwrap() = Some(err.clone());
@@ -469,8 +487,19 @@ fn key_id(label: &str, id: &[u8]) -> String {
 }
 
 impl Pkcs11Backend {
-    /// Loads the module, finds the token and the key, and logs in (blocking work on the blocking pool).
+    /// [`Pkcs11Backend::open_with_events`] without an event hook.
     pub async fn open(args: &Pkcs11Args, pin: Zeroizing<String>) -> Result<Self, BackendError> {
+        Self::open_with_events(args, pin, super::no_events()).await
+    }
+
+    /// Loads the module, finds the token and the key, and logs in (blocking work on the blocking
+    /// pool). Every login (the first one and those after the token dropped the session) is reported
+    /// to `events`.
+    pub async fn open_with_events(
+        args: &Pkcs11Args,
+        pin: Zeroizing<String>,
+        events: Arc<dyn BackendEvents>,
+    ) -> Result<Self, BackendError> {
         let module = args.pkcs11_module.clone().ok_or_else(|| {
             BackendError::Config("--pkcs11-module is required for --backend pkcs11".into())
         })?;
@@ -531,6 +560,7 @@ impl Pkcs11Backend {
                     keys: HashMap::new(),
                 }),
                 fatal: Mutex::new(None),
+                events,
             })
         })
         .await
@@ -688,7 +718,7 @@ fn open_blob(
 #[async_trait]
 impl Backend for Pkcs11Backend {
     fn kind(&self) -> &'static str {
-        "pkcs11"
+        KIND
     }
 
     async fn current_key(&self) -> Result<KeyIdentity, BackendError> {

@@ -64,6 +64,7 @@ fn open_local(path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
 }
 
 /// Builds the backend named by `args`; backends that authenticate report it to `events`.
+// Akeyless uses every parameter; other builds leave some unused.
 #[cfg_attr(not(feature = "akeyless"), allow(unused_variables))]
 async fn build_backend(
     args: &ServeArgs,
@@ -113,7 +114,9 @@ async fn build_backend(
             Ok(backend)
         }
         #[cfg(feature = "pkcs11")]
-        Some(BackendKind::Pkcs11) => Ok(crate::backend::pkcs11::from_args(&args.pkcs11).await?),
+        Some(BackendKind::Pkcs11) => {
+            Ok(crate::backend::pkcs11::from_args(&args.pkcs11, events).await?)
+        }
         #[cfg(feature = "aws-kms")]
         Some(BackendKind::AwsKms) => Ok(crate::backend::aws_kms::from_args(&args.aws).await?),
         #[allow(unreachable_patterns)]

@@ -4,6 +4,7 @@
 #[cfg(feature = "akeyless")]
 pub mod akeyless_fake;
 pub mod conformance;
+pub mod events;
 pub mod external;
 pub mod faulty;
 pub mod http_fake;
