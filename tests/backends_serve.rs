@@ -2,9 +2,12 @@
 //! key) passes the socket-level conformance run for v2 and v1beta1.
 mod support;
 
+#[cfg(feature = "pkcs11")]
 use std::process::Command;
 
+#[cfg(feature = "pkcs11")]
 use support::external::{opted_out, which};
+#[allow(unused_imports)]
 use support::plugin::{socket_conformance, Plugin};
 
 #[cfg(feature = "pkcs11")]
