@@ -505,7 +505,7 @@ run_flow() {
 }
 
 make_certs
-flows="${KMS_E2E_FLOWS:-$(default_flows)}"
+flows="$(echo ${KMS_E2E_FLOWS:-$(default_flows)})"
 echo "flows (backend:api): $flows"
 for flow in $flows; do
   run_flow "${flow#*:}" "${flow%%:*}"
