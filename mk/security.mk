@@ -30,7 +30,7 @@ deps-security:
 	@cargo fuzz --version 2>/dev/null | grep -qF "$(CARGO_FUZZ_VERSION)" || cargo install --locked cargo-fuzz@$(CARGO_FUZZ_VERSION)
 
 deny:
-	cargo deny --locked check bans licenses sources
+	cargo deny --locked check --hide-inclusion-graph bans licenses sources
 	@if cargo deny fetch >/dev/null 2>&1; then \
 	  cargo deny --locked check --disable-fetch advisories; \
 	elif [ "$(KMS_DENY_ADVISORIES)" = required ]; then \
