@@ -40,6 +40,8 @@ pub struct ColdResult {
     /// Backend calls made while decrypting all ciphertexts the first time.
     pub decrypt_calls: Calls,
     pub cold_seconds: f64,
+    /// Wall time of the cold pass during which at least one backend call was in flight.
+    pub backend_busy_seconds: f64,
     /// The same ciphertexts again on the same (now warm) process: the no-backend baseline.
     pub warm_seconds: f64,
     /// distinct_local_keks x injected latency: what a strictly sequential backend costs.
@@ -205,20 +207,22 @@ pub async fn run_one(
         bail!("cold-start server failed to start: {err:?}");
     }
     let startup_calls = backend.calls();
+    let startup_busy = backend.busy();
 
     let result = async {
         let cold = decrypt_all(&addr, items.clone(), concurrency).await?;
         let after_cold = backend.calls();
+        let busy = backend.busy() - startup_busy;
         let warm = decrypt_all(&addr, items.clone(), concurrency).await?;
         let after_warm = backend.calls();
         ensure!(after_warm == after_cold, "the warm pass called the backend");
-        anyhow::Ok((cold, warm, after_cold))
+        anyhow::Ok((cold, warm, after_cold, busy))
     }
     .await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
     server_rt.shutdown_background();
-    let (cold, warm, after_cold) = result?;
+    let (cold, warm, after_cold, busy) = result?;
     let decrypt_calls = Calls {
         probes: after_cold.probes - startup_calls.probes,
         wraps: after_cold.wraps - startup_calls.wraps,
@@ -233,6 +237,7 @@ pub async fn run_one(
         startup_calls,
         decrypt_calls,
         cold_seconds: cold,
+        backend_busy_seconds: busy.as_secs_f64(),
         warm_seconds: warm,
         expected_backend_seconds: corpus.distinct_keks as f64 * latency.as_secs_f64(),
     })

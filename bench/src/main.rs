@@ -71,13 +71,13 @@ struct RunArgs {
     #[arg(long)]
     plugin_bin: PathBuf,
     /// Recorded time per slice; each (scenario, concurrency) runs `rounds` slices on each server.
-    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "750ms", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Unrecorded warm-up at the start of each slice.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// Floor/plugin alternations per measurement (order flips every round).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     rounds: usize,
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     concurrency: Vec<usize>,
@@ -422,8 +422,9 @@ async fn run(args: RunArgs) -> anyhow::Result<Vec<String>> {
             )
             .await?;
             eprintln!(
-                "cold start {order} x{conc}: cold {:.3} s, warm {:.3} s, unwraps {} (distinct KEKs {}), expected backend time {:.3} s",
+                "cold start {order} x{conc}: cold {:.3} s (backend busy {:.3} s), warm {:.3} s, unwraps {} (distinct KEKs {}), KEKs x latency {:.3} s",
                 r.cold_seconds,
+                r.backend_busy_seconds,
                 r.warm_seconds,
                 r.decrypt_calls.unwraps,
                 r.distinct_local_keks,
@@ -522,15 +523,26 @@ fn targets(rows: &[Row], cold: &[cold::ColdResult], memory: &Memory) -> Vec<Targ
         });
     }
     for c in cold {
-        let backend_part = c.cold_seconds - c.warm_seconds;
+        // Cold start is dominated by the backend when the cold pass costs no more than the warm pass
+        // plus the time spent waiting for the backend, and that wait is about KEKs x latency or less.
+        let overhead = c.cold_seconds - c.warm_seconds - c.backend_busy_seconds;
         out.push(Target {
             name: format!(
-                "cold start {} x{}: (cold - warm) / (KEKs x latency)",
+                "cold start {} x{}: backend busy / (KEKs x latency)",
                 c.order, c.concurrency
             ),
-            value: backend_part / c.expected_backend_seconds,
-            limit: "~1 (<= 1.25)".into(),
-            pass: backend_part <= c.expected_backend_seconds * 1.25,
+            value: c.backend_busy_seconds / c.expected_backend_seconds,
+            limit: "<= 1.25".into(),
+            pass: c.backend_busy_seconds <= c.expected_backend_seconds * 1.25,
+        });
+        out.push(Target {
+            name: format!(
+                "cold start {} x{}: cold - warm - backend busy (s)",
+                c.order, c.concurrency
+            ),
+            value: overhead,
+            limit: "~0 (<= 0.1 x cold)".into(),
+            pass: overhead <= 0.1 * c.cold_seconds,
         });
     }
     if memory.plugin_idle_rss_kib > 0 {
