@@ -54,6 +54,38 @@ fn local_kek(c: &mut Criterion) {
     g.finish();
 }
 
+/// Same-run A/B of the KEK cache hit path: keyed by a SHA-256 digest of the wrapped KEK (before) or by
+/// the ciphertext header bytes (now). A 1000-entry cache, like the default `--kek-cache-size`.
+fn cache_lookup(c: &mut Criterion) {
+    let rt = runtime();
+    let (kek, ct) = kek_and_ciphertext(&rt);
+    let p = format::parse(&ct).unwrap();
+    let by_digest: quick_cache::sync::Cache<[u8; 32], u64> = quick_cache::sync::Cache::new(1000);
+    let by_header: quick_cache::sync::Cache<Box<[u8]>, u64> = quick_cache::sync::Cache::new(1000);
+    for i in 0..999u64 {
+        let mut fake = p.header.to_vec();
+        fake.extend_from_slice(&i.to_be_bytes());
+        by_digest.insert(digest_of("other", &fake), i);
+        by_header.insert(fake.into(), i);
+    }
+    by_digest.insert(*kek.digest(), 1);
+    by_header.insert(p.header.into(), 1);
+    let mut g = c.benchmark_group("cache_hit");
+    g.bench_function("sha256_digest_key", |b| {
+        b.iter(|| {
+            let p = format::parse(black_box(&ct)).unwrap();
+            by_digest.get(&digest_of(p.key_ref, p.wrapped)).unwrap()
+        })
+    });
+    g.bench_function("header_key", |b| {
+        b.iter(|| {
+            let p = format::parse(black_box(&ct)).unwrap();
+            by_header.get(p.header).unwrap()
+        })
+    });
+    g.finish();
+}
+
 fn engine(c: &mut Criterion) {
     let rt = runtime();
     let backend = Arc::new(MemoryBackend::new("bench-key"));
@@ -96,5 +128,5 @@ fn engine(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, local_kek, engine);
+criterion_group!(benches, local_kek, cache_lookup, engine);
 criterion_main!(benches);
