@@ -22,9 +22,12 @@ use crate::latency::{Calls, LatencyBackend};
 use crate::load::{connect_all, REQUEST_TIMEOUT};
 use crate::procs;
 
+/// (seed, ciphertext, key_id).
+pub type Item = (Vec<u8>, Vec<u8>, String);
+
 pub struct Corpus {
-    /// (seed, ciphertext, key_id) in the order the previous process produced them.
-    pub items: Vec<(Vec<u8>, Vec<u8>, String)>,
+    /// In the order the previous process produced them.
+    pub items: Vec<Item>,
     pub distinct_keks: usize,
 }
 
@@ -118,7 +121,7 @@ pub async fn make_corpus(
 /// Decrypts the whole corpus with `concurrency` workers; checks every plaintext.
 async fn decrypt_all(
     addr: &ListenAddr,
-    items: Arc<Vec<(Vec<u8>, Vec<u8>, String)>>,
+    items: Arc<Vec<Item>>,
     concurrency: usize,
 ) -> anyhow::Result<f64> {
     let channels = connect_all(addr, concurrency.min(4)).await?;
