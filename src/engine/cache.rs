@@ -4,6 +4,10 @@
 //! request is cancelled (the apiserver's deadline), the task still finishes and fills the cache, so the
 //! retry is a cache hit instead of another slow backend call. Concurrent Decrypts of the same KEK wait
 //! for the same task.
+//!
+//! Entries are keyed by the ciphertext header (key reference and wrapped local KEK, as bytes), so a
+//! cache hit costs one hash of a short slice; the SHA-256 digest of the wrapped KEK is computed only
+//! on a miss (it keys the in-flight unwraps and names the KEK in logs).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +20,7 @@ use super::EngineError;
 type Outcome = Option<Result<Arc<LocalKek>, EngineError>>;
 
 pub struct KekCache {
-    entries: Arc<quick_cache::sync::Cache<KekDigest, Arc<LocalKek>>>,
+    entries: Arc<quick_cache::sync::Cache<Box<[u8]>, Arc<LocalKek>>>,
     inflight: Mutex<HashMap<KekDigest, watch::Receiver<Outcome>>>,
 }
 
@@ -35,12 +39,13 @@ impl KekCache {
         }
     }
 
-    pub fn get(&self, digest: &KekDigest) -> Option<Arc<LocalKek>> {
-        self.entries.get(digest)
+    /// Looks a local KEK up by the header of a ciphertext made under it.
+    pub fn get(&self, header: &[u8]) -> Option<Arc<LocalKek>> {
+        self.entries.get(header)
     }
 
     pub fn insert(&self, kek: Arc<LocalKek>) {
-        self.entries.insert(*kek.digest(), kek);
+        self.entries.insert(kek.header().into(), kek);
     }
 
     pub fn len(&self) -> usize {
@@ -58,19 +63,20 @@ impl KekCache {
     /// Returns the cached KEK, or runs `load` once (detached) for all concurrent callers.
     pub async fn get_or_load<F>(
         &self,
+        header: &[u8],
         digest: KekDigest,
         load: F,
     ) -> Result<(Arc<LocalKek>, Lookup), EngineError>
     where
         F: std::future::Future<Output = Result<Arc<LocalKek>, EngineError>> + Send + 'static,
     {
-        if let Some(kek) = self.entries.get(&digest) {
+        if let Some(kek) = self.entries.get(header) {
             return Ok((kek, Lookup::Hit));
         }
         let mut rx = {
             let mut inflight = self.inflight.lock().unwrap();
             // Re-check under the lock: a task may have finished between the lookup and here.
-            if let Some(kek) = self.entries.get(&digest) {
+            if let Some(kek) = self.entries.get(header) {
                 return Ok((kek, Lookup::Hit));
             }
             // A finished entry whose waiters were all cancelled holds a stale outcome: start afresh.
@@ -83,7 +89,7 @@ impl KekCache {
                     tokio::spawn(async move {
                         let outcome = load.await;
                         if let Ok(kek) = &outcome {
-                            entries.insert(digest, kek.clone());
+                            entries.insert(kek.header().into(), kek.clone());
                         }
                         let _ = tx.send(Some(outcome));
                     });

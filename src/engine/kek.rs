@@ -91,6 +91,11 @@ impl LocalKek {
         &self.digest
     }
 
+    /// The header every ciphertext under this KEK starts with (see [`format`]); the cache key.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
     /// Short public reference for logs, metrics and audit lines: 12 hex digits of the digest.
     pub fn reference(&self) -> String {
         hex::encode(&self.digest[..6])

@@ -278,10 +278,10 @@ impl Engine {
         }
         let parsed = format::parse(ciphertext)?;
         self.health.check_not_revoked()?;
-        let digest = kek::digest_of(parsed.key_ref, parsed.wrapped);
-        let (kek, lookup) = match self.cache.get(&digest) {
+        let (kek, lookup) = match self.cache.get(parsed.header) {
             Some(kek) => (kek, Lookup::Hit),
             None => {
+                let digest = kek::digest_of(parsed.key_ref, parsed.wrapped);
                 let backend = self.backend.clone();
                 let slots = self.backend_slots.clone();
                 let observer = self.observer.clone();
@@ -294,7 +294,7 @@ impl Engine {
                     Binding::V1 => String::new(),
                 };
                 self.cache
-                    .get_or_load(digest, async move {
+                    .get_or_load(parsed.header, digest, async move {
                         let secret = call_backend(
                             &slots,
                             &*observer,

@@ -1,0 +1,30 @@
+# Benchmarks (issue 7, see BENCHMARKS.md). `make bench` is NOT part of `make test`: it needs a quiet
+# machine and release builds. `test-bench` (in `make test`) is a few-second smoke run of the harness so
+# it cannot rot; it checks invariants (no errors, backend calls = distinct local KEKs), never timings.
+BENCH_OUT ?= bench/results/latest.json
+BENCH_SVG ?= bench/results/latency.svg
+BENCH_ARGS ?=
+TESTS += test-bench
+
+.PHONY: bench bench-load bench-engine test-bench
+
+bench: bench-load bench-engine
+
+bench-load:
+	cargo build --release --locked --bin kms-plugin
+	cargo build --release --locked -p kms-bench
+	@echo "load before: $$(cat /proc/loadavg)"
+	./target/release/kms-bench run --plugin-bin ./target/release/kms-plugin \
+	  --out $(BENCH_OUT) --svg $(BENCH_SVG) $(BENCH_ARGS)
+
+bench-engine:
+	cargo bench --locked --bench engine -- --noplot 2>&1 | tee bench/results/engine.txt
+
+test-bench:
+	cargo clippy --locked -p kms-bench --all-targets -- -D warnings
+	cargo build --locked --bin kms-plugin
+	cargo build --locked -p kms-bench
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  ./target/debug/kms-bench run --smoke --plugin-bin ./target/debug/kms-plugin \
+	    --out "$$tmp/smoke.json" --svg "$$tmp/smoke.svg" && \
+	  grep -q '"invariant_failures": \[\]' "$$tmp/smoke.json"
