@@ -48,23 +48,7 @@ async fn drop_in_environment_conformance_and_rotation() {
         .into_inner();
     fake.control("key", json!({ "name": KEY, "action": "rotate" }))
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = c
-            .status(v2::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .key_id;
-        if now != before {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rotation not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::plugin::wait_for_key_id_change(&addr, &before, Duration::from_secs(10)).await;
     let new = c
         .encrypt(v2::EncryptRequest {
             plaintext: vec![2; 32],

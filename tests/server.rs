@@ -330,23 +330,8 @@ async fn key_rotation_in_the_key_file_is_picked_up_without_restart() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let k = c
-            .status(v2::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .key_id;
-        if k != before {
-            break k;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "key_id did not change"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let after =
+        support::plugin::wait_for_key_id_change(&s.addr(), &before, Duration::from_secs(10)).await;
     let new = c
         .encrypt(v2::EncryptRequest {
             plaintext: dek(2),

@@ -276,3 +276,26 @@ pub async fn socket_conformance(addr: &ListenAddr, socket: &Path) {
         other => panic!("path authority refused: {other:?}"),
     }
 }
+
+/// Polls Status until its key_id differs from `before` (a rotation reached the plugin) and returns
+/// the new key_id; fails the test after `limit`.
+pub async fn wait_for_key_id_change(addr: &ListenAddr, before: &str, limit: Duration) -> String {
+    let mut c = v2_client(channel(addr).await);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let now = c
+            .status(v2::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .key_id;
+        if now != before {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "key_id still {before} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
