@@ -477,6 +477,7 @@ impl Backend for AwsKmsBackend {
             ));
         }
         Ok(WrappedKey {
+            key_id: resp.key_id.clone(),
             key_ref: resp.key_id,
             ciphertext,
         })

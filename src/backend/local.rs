@@ -195,6 +195,7 @@ impl Backend for LocalBackend {
         let key = &state.keys[&state.primary];
         Ok(WrappedKey {
             key_ref: state.primary.clone(),
+            key_id: state.primary.clone(),
             ciphertext: aead::seal(key, state.primary.as_bytes(), plaintext),
         })
     }

@@ -131,6 +131,7 @@ impl Backend for MemoryBackend {
         let ciphertext = aead::seal(key, key_ref.as_bytes(), plaintext);
         Ok(WrappedKey {
             key_ref,
+            key_id: format!("{}:v{}", self.name, version),
             ciphertext,
         })
     }

@@ -50,6 +50,10 @@ impl fmt::Debug for KeyIdentity {
 pub struct WrappedKey {
     /// See [`KeyIdentity::key_ref`].
     pub key_ref: String,
+    /// [`KeyIdentity::key_id`] of the key (and version) that actually wrapped, as far as the backend
+    /// can tell from the wrap itself. The engine labels the local KEK with it, never with an earlier
+    /// probe's answer, so a rotation between probe and wrap cannot mislabel data.
+    pub key_id: String,
     /// Opaque bytes produced by the backend; only that backend can turn them back into the secret.
     pub ciphertext: Vec<u8>,
 }

@@ -768,8 +768,14 @@ impl Backend for Pkcs11Backend {
                     e => OpError::Ck(e),
                 })?;
                 let ct = seal(inner, session, key, &label, &pt)?;
+                // Label the wrap with the CKA_ID of the object that actually wrapped.
+                let id = match session.get_attributes(key, &[AttributeType::Id])?.pop() {
+                    Some(Attribute::Id(id)) => id,
+                    _ => Vec::new(),
+                };
                 Ok(WrappedKey {
                     key_ref: label.clone(),
+                    key_id: key_id(&label, &id),
                     ciphertext: ct,
                 })
             })

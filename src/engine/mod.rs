@@ -305,6 +305,7 @@ impl Engine {
                         .await?;
                         let wrapped = crate::backend::WrappedKey {
                             key_ref,
+                            key_id: String::new(),
                             ciphertext: wrapped,
                         };
                         Ok(Arc::new(LocalKek::new(&secret, &wrapped, key_id)?))

@@ -584,8 +584,14 @@ impl Backend for AkeylessBackend {
 
     async fn wrap(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
         let ciphertext = self.encrypt(plaintext, self.deadline()).await?;
+        // `/encrypt` does not say which version it used, and versions only grow: the version
+        // described right after the encryption is the one that wrapped, or a newer one, in which case
+        // the engine sees a key_id other than the probed one and wraps again.
+        let item = self.describe(self.deadline()).await?;
+        let id = identity(&self.key_name, &item)?;
         Ok(WrappedKey {
-            key_ref: self.key_name.clone(),
+            key_ref: id.key_ref,
+            key_id: id.key_id,
             ciphertext,
         })
     }
