@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// Timeout of one backend call.
     #[arg(long, env = "KMS_PLUGIN_BACKEND_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub backend_timeout: Duration,
+    /// Treat a confirmed authentication failure (credentials revoked or deleted) like a key
+    /// revocation: drop the cached local KEKs and refuse Decrypts. Off: cached keys keep serving.
+    #[arg(long, env = "KMS_PLUGIN_REVOKE_ON_AUTH_FAILURE")]
+    pub revoke_on_auth_failure: bool,
     /// Status turns unhealthy when no probe succeeded for this long; default 2 x probe interval + backend timeout.
     #[arg(long, env = "KMS_PLUGIN_STATUS_STALENESS", value_parser = parse_duration)]
     pub status_staleness: Option<Duration>,

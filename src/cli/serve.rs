@@ -136,6 +136,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
             .status_staleness
             .unwrap_or(args.probe_interval * 2 + args.backend_timeout),
         backend_concurrency: args.backend_concurrency.max(1),
+        revoke_on_auth_failure: args.revoke_on_auth_failure,
         ..EngineConfig::default()
     }
 }

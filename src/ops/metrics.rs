@@ -245,6 +245,7 @@ struct Inner {
     kek_size: Gauge,
     kek_retired: [Counter; RETIRE_REASONS.len()],
     key_id_changes: Counter,
+    key_state_changes: Family<ReasonLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     token_slots: [[OnceLock<Counter>; OUTCOMES.len()]; 2],
     backend_healthy: Gauge,
@@ -352,6 +353,13 @@ impl Metrics {
             key_id_changes.clone(),
         );
 
+        let key_state_changes = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "remote_key_state_changes",
+            "Remote keys entering a lifecycle state (suspect: one revocation answer; revoked: confirmed, its local KEKs dropped; active: accepted again)",
+            key_state_changes.clone(),
+        );
+
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "token_refreshes",
@@ -448,6 +456,7 @@ impl Metrics {
             kek_size,
             kek_retired,
             key_id_changes,
+            key_state_changes,
             tokens,
             token_slots: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             backend_healthy,
@@ -556,6 +565,14 @@ impl Metrics {
 
     pub fn key_id_changed(&self) {
         self.0.key_id_changes.inc();
+    }
+
+    /// A remote key entered `state` (`active`, `suspect`, `revoked`).
+    pub fn key_state_changed(&self, state: &'static str) {
+        self.0
+            .key_state_changes
+            .get_or_create(&ReasonLabels { reason: state })
+            .inc();
     }
 
     /// Records a credential renewal attempt (`Ok` = renewed).
