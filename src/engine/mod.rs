@@ -127,6 +127,8 @@ pub trait Observer: Send + Sync + 'static {
     fn probe(&self, _deep: bool, _result: Result<(), &str>) {}
     /// A remote key changed state (see [`lifecycle`]); `reason` is the key manager's answer.
     fn key_health_changed(&self, _key_ref: &str, _health: &KeyHealth) {}
+    /// A v1 ciphertext in the format of the plugin this one replaced was decrypted (or failed to).
+    fn legacy_decrypt(&self, _ok: bool) {}
 }
 
 struct NoObserver;
@@ -305,7 +307,13 @@ impl Engine {
                 return Err(EngineError::InvalidInput("key_id is empty".into()));
             }
         }
-        let parsed = format::parse(ciphertext)?;
+        let parsed = match format::parse(ciphertext) {
+            Ok(parsed) => parsed,
+            Err(e) if matches!(binding, Binding::V1) => {
+                return self.decrypt_legacy_v1(ciphertext, e).await
+            }
+            Err(e) => return Err(e),
+        };
         let (kek, lookup) = match self.cache.get(parsed.header) {
             Some(kek) => (kek, Lookup::Hit),
             None => {
@@ -335,6 +343,60 @@ impl Engine {
             kek_ref: kek.reference(),
             backend_call: lookup == Lookup::Miss,
         })
+    }
+
+    /// A v1 ciphertext that is not in this plugin's format: the backend may know it as the data of
+    /// the plugin it replaced (drop-in mode). Each one is a backend call; the apiserver's own v1
+    /// DEK cache keeps them rare, and [`Observer::legacy_decrypt`] counts them so operators can see
+    /// when the last one has been rewritten.
+    async fn decrypt_legacy_v1(
+        &self,
+        ciphertext: &[u8],
+        not_ours: EngineError,
+    ) -> Result<Opened, EngineError> {
+        let started = Instant::now();
+        let backend = self.backend.clone();
+        let legacy = tokio::time::timeout(self.config.backend_timeout, async {
+            let _permit = self.backend_slots.acquire().await;
+            backend.decrypt_legacy_v1(ciphertext).await
+        })
+        .await
+        .unwrap_or(Some(Err(BackendError::Timeout(
+            self.config.backend_timeout,
+        ))));
+        let Some(result) = legacy else {
+            return Err(not_ours);
+        };
+        self.observer.backend_call(
+            BackendOp::Unwrap,
+            result.as_ref().map(|_| ()),
+            started.elapsed(),
+        );
+        self.observer.legacy_decrypt(result.is_ok());
+        match result {
+            Ok((key_ref, dek)) => {
+                if !matches!(dek.len(), 16 | 24 | 32) {
+                    return Err(EngineError::InvalidInput(format!(
+                        "a legacy v1 ciphertext decrypted to {} bytes, which is not an AES key (16, 24 or 32 bytes);                          it was not written by the original plugin with this key",
+                        dek.len()
+                    )));
+                }
+                if let Some(reason) = self.lifecycle.revoked(&key_ref) {
+                    return Err(EngineError::Revoked(reason));
+                }
+                Ok(Opened {
+                    plaintext: dek,
+                    kek_ref: "legacy".into(),
+                    backend_call: true,
+                })
+            }
+            Err(e) => Err(match e {
+                BackendError::InvalidCiphertext(why) => EngineError::InvalidInput(format!(
+                    "ciphertext is neither in kms-plugin's format ({not_ours}) nor a ciphertext of the                      original plugin that the key manager can decrypt ({why})"
+                )),
+                other => EngineError::Backend(other),
+            }),
+        }
     }
 
     /// Unwraps a local KEK met by Decrypt and installs it, unless its key was purged meanwhile.

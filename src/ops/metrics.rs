@@ -246,6 +246,7 @@ struct Inner {
     kek_retired: [Counter; RETIRE_REASONS.len()],
     key_id_changes: Counter,
     key_state_changes: Family<ReasonLabels, Counter>,
+    legacy_decrypts: Family<ReasonLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     token_slots: [[OnceLock<Counter>; OUTCOMES.len()]; 2],
     backend_healthy: Gauge,
@@ -360,6 +361,13 @@ impl Metrics {
             key_state_changes.clone(),
         );
 
+        let legacy_decrypts = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "legacy_v1_decrypts",
+            "KMS v1 Decrypts of ciphertexts written by the plugin this one replaced (drop-in mode), by outcome; when it stops growing after a full re-encryption, no legacy data is left",
+            legacy_decrypts.clone(),
+        );
+
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "token_refreshes",
@@ -457,6 +465,7 @@ impl Metrics {
             kek_retired,
             key_id_changes,
             key_state_changes,
+            legacy_decrypts,
             tokens,
             token_slots: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             backend_healthy,
@@ -565,6 +574,15 @@ impl Metrics {
 
     pub fn key_id_changed(&self) {
         self.0.key_id_changes.inc();
+    }
+
+    /// A legacy v1 ciphertext was decrypted (`ok`) or could not be.
+    pub fn legacy_decrypt(&self, ok: bool) {
+        let reason = if ok { "ok" } else { "error" };
+        self.0
+            .legacy_decrypts
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// A remote key entered `state` (`active`, `suspect`, `revoked`).

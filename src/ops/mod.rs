@@ -88,6 +88,10 @@ impl engine::Observer for OpsObserver {
         self.metrics.probe_result(result.is_ok());
     }
 
+    fn legacy_decrypt(&self, ok: bool) {
+        self.metrics.legacy_decrypt(ok);
+    }
+
     fn key_health_changed(&self, key_ref: &str, health: &engine::KeyHealth) {
         self.metrics.key_state_changed(health.as_str());
         let detail = match health {
