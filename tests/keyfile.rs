@@ -147,6 +147,30 @@ fn keygen_add_keeps_the_operators_file_mode() {
     assert_eq!(mode, 0o640, "keygen --add changed the file mode");
 }
 
+#[test]
+fn keygen_add_keeps_the_files_owner() {
+    // The rotation runbook has root rotate a file owned by the plugin's user (65532 in the images):
+    // a rewrite owned by root would be unreadable to the plugin at its next reload or restart.
+    if !nix::unistd::geteuid().is_root() {
+        if support::external::opted_out("root") {
+            return;
+        }
+        panic!("this test changes file owners and needs root; set KMS_TEST_OPT_OUT=root to skip");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kek.json");
+    let (ok, err) = keygen(&[], &file);
+    assert!(ok, "{err}");
+    std::os::unix::fs::chown(&file, Some(65532), Some(65532)).unwrap();
+    let (ok, err) = keygen(&["--add"], &file);
+    assert!(ok, "{err}");
+    let meta = std::fs::metadata(&file).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (65532, 65532), "owner changed");
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_eq!(key_names(&file).len(), 2);
+}
+
 /// Runs `serve` with no backend in the environment and returns (exit success, stderr).
 fn serve_without_backend(extra: &[&str], env: &[(&str, &str)], data: &Path) -> (bool, String) {
     let mut cmd = Command::new(BIN);

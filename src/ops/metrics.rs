@@ -804,6 +804,35 @@ mod tests {
     }
 
     #[test]
+    fn local_key_file_gauges_follow_the_backend_report() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_missing_from_file "),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_key_file_reload_refused "),
+            Some(0.0)
+        );
+        m.set_local_key_file(2, true);
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_missing_from_file "),
+            Some(2.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_key_file_reload_refused "),
+            Some(1.0)
+        );
+        m.set_local_key_file(0, false);
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_local_key_file_reload_refused "),
+            Some(0.0)
+        );
+    }
+
+    #[test]
     fn cache_key_id_token_probe_and_audit_series() {
         let m = Metrics::new();
         m.local_kek_cache_hit();
