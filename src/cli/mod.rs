@@ -132,7 +132,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KMS_PLUGIN_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
     /// Development only: with no backend configured, serve a throw-away local key created under
-    /// --data-dir. Deliberately a flag only (no environment variable), and refused together with a backend.
+    /// --data-dir. Deliberately without an environment variable; refused together with a backend.
     #[arg(long)]
     pub dev: bool,
     /// Local backend: key file created by `kms-plugin keygen`. Never created implicitly.
