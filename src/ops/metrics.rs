@@ -259,6 +259,8 @@ struct Inner {
     audit_dropped: Counter,
     audit_write_errors: Counter,
     auth_calls: Counter,
+    local_keys_missing: Gauge,
+    local_key_file_refused: Gauge,
     scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
 }
 
@@ -415,6 +417,19 @@ impl Metrics {
             audit_write_errors.clone(),
         );
 
+        let local_keys_missing = Gauge::default();
+        registry.register(
+            "local_keys_missing_from_file",
+            "Local backend: keys removed from the key file but still used from memory; they are lost at the next restart (the log names them)",
+            local_keys_missing.clone(),
+        );
+        let local_key_file_refused = Gauge::default();
+        registry.register(
+            "local_key_file_reload_refused",
+            "Local backend: 1 while the key file on disk gives a loaded key name different bytes and was therefore not loaded (the log names the keys)",
+            local_key_file_refused.clone(),
+        );
+
         // Resolve the children that should exist from the start (value 0, so rate() works before the
         // first request); the others are resolved on first use.
         let request_latency: [[OnceLock<Histogram>; 4]; 2] =
@@ -477,6 +492,8 @@ impl Metrics {
             audit_dropped,
             audit_write_errors,
             auth_calls,
+            local_keys_missing,
+            local_key_file_refused,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
         }))
     }
@@ -618,6 +635,15 @@ impl Metrics {
         if total > seen {
             self.0.auth_calls.inc_by(total - seen);
         }
+    }
+
+    /// Mirrors the local backend's view of its key file (read at scrape time).
+    pub fn set_local_key_file(&self, missing_keys: usize, reload_refused: bool) {
+        let inner = &*self.0;
+        inner
+            .local_keys_missing
+            .set(i64::try_from(missing_keys).unwrap_or(i64::MAX));
+        inner.local_key_file_refused.set(i64::from(reload_refused));
     }
 
     pub fn audit_write_error(&self) {
@@ -793,6 +819,35 @@ mod tests {
         for e in &all {
             assert_eq!(OUTCOMES[outcome_index(Err(e))], e.label());
         }
+    }
+
+    #[test]
+    fn local_key_file_gauges_follow_the_backend_report() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_missing_from_file "),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_key_file_reload_refused "),
+            Some(0.0)
+        );
+        m.set_local_key_file(2, true);
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_missing_from_file "),
+            Some(2.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_key_file_reload_refused "),
+            Some(1.0)
+        );
+        m.set_local_key_file(0, false);
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_local_key_file_reload_refused "),
+            Some(0.0)
+        );
     }
 
     #[test]
