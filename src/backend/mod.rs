@@ -86,6 +86,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     ) -> Option<Result<(String, SecretBytes), BackendError>> {
         None
     }
+
+    /// Encrypts a KMS v1 DEK in the format of the plugin this backend replaces, so that a rollback
+    /// to it can read data written meanwhile (one remote call per write, as that plugin made).
+    /// `None` when the backend has no such format.
+    async fn encrypt_legacy_v1(&self, _dek: &[u8]) -> Option<Result<Vec<u8>, BackendError>> {
+        None
+    }
 }
 
 /// Which authentication step a backend took (see [`BackendEvents`]).

@@ -166,6 +166,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
             .unwrap_or(args.probe_interval * 2 + args.backend_timeout),
         backend_concurrency: args.backend_concurrency.max(1),
         revoke_on_auth_failure: args.revoke_on_auth_failure,
+        legacy_v1_writes: args.legacy_v1_writes,
         ..EngineConfig::default()
     }
 }
