@@ -341,7 +341,7 @@ async fn an_old_key_disabled_while_cached_stops_decrypting_within_one_deep_probe
             Err(s) if s.code() == tonic::Code::FailedPrecondition => break,
             Ok(_) => {
                 assert!(
-                    started.elapsed() < Duration::from_secs(5),
+                    started.elapsed() < Duration::from_secs(10),
                     "old data still decrypts"
                 );
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -349,12 +349,10 @@ async fn an_old_key_disabled_while_cached_stops_decrypting_within_one_deep_probe
             Err(s) => panic!("unexpected {s}"),
         }
     }
-    // Within one deep-probe interval (1 s here) plus the confirming re-check.
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        started.elapsed()
-    );
+    // Within one deep-probe interval (1 s here) plus the two checks' backend timeouts (2 s each),
+    // with slack for a loaded machine.
+    let bound = Duration::from_secs(1 + 2 * 2 + 2);
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
     assert_eq!(
         decrypt(&addr, &new).await.unwrap(),
         new_plain,
