@@ -17,12 +17,16 @@ mod aead;
 pub mod akeyless;
 #[cfg(any(feature = "aws-kms", feature = "akeyless"))]
 pub mod aws;
+#[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
+mod http;
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 /// A secret returned by [`Backend::unwrap`]; wiped from memory when dropped.
 pub type SecretBytes = Zeroizing<Vec<u8>>;

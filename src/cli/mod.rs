@@ -110,6 +110,8 @@ pub enum BackendKind {
     Pkcs11,
     /// AWS KMS (`--aws-*`).
     AwsKms,
+    /// HashiCorp Vault or OpenBao Transit (`--vault-*`).
+    Vault,
 }
 
 #[derive(Args, Debug)]
@@ -210,6 +212,9 @@ pub struct ServeArgs {
     #[cfg(feature = "aws-kms")]
     #[command(flatten)]
     pub aws: crate::backend::aws_kms::AwsKmsArgs,
+    #[cfg(feature = "vault")]
+    #[command(flatten)]
+    pub vault: crate::backend::vault::VaultArgs,
 }
 
 #[derive(Args, Debug)]

@@ -148,6 +148,8 @@ async fn build_backend(
         }
         #[cfg(feature = "aws-kms")]
         Some(BackendKind::AwsKms) => Ok(crate::backend::aws_kms::from_args(&args.aws).await?),
+        #[cfg(feature = "vault")]
+        Some(BackendKind::Vault) => Ok(crate::backend::vault::from_args(&args.vault).await?),
         #[allow(unreachable_patterns)]
         Some(other) => anyhow::bail!("backend {other:?} is not compiled into this build"),
     }
