@@ -137,6 +137,8 @@ async fn softhsm_token() {
         .unwrap();
     create_key(&admin, "kek-1", 1);
     create_key(&admin, "kek-kwp", 9);
+    create_key(&admin, "kek-dup", 3);
+    create_key(&admin, "kek-dup", 4);
     admin.logout().unwrap();
 
     // A wrong PIN stops with a clear error (and leaves the token usable: SoftHSM counts failures).
@@ -157,11 +159,14 @@ async fn softhsm_token() {
         "PIN in error: {msg}"
     );
 
-    // Misconfiguration is named.
+    // A token that is not there (yet) is transient: the backend is built, and says what it waits for.
     let mut bad = args(&module, "kek-1", Pkcs11Mechanism::Auto);
     bad.pkcs11_token_label = Some("no-such-token".into());
-    let err = Pkcs11Backend::open(&bad, pin(PIN)).await.unwrap_err();
+    let absent = Pkcs11Backend::open(&bad, pin(PIN)).await.unwrap();
+    let err = absent.current_key().await.unwrap_err();
+    assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
     assert!(err.to_string().contains("no-such-token"), "{err}");
+    // Misconfiguration is named: a key missing from a logged-in session, a label on two keys.
     let err = Pkcs11Backend::open(
         &args(&module, "missing-key", Pkcs11Mechanism::Auto),
         pin(PIN),
@@ -169,6 +174,15 @@ async fn softhsm_token() {
     .await
     .unwrap_err();
     assert!(matches!(err, BackendError::KeyNotFound(_)), "{err:?}");
+    let err = Pkcs11Backend::open(&args(&module, "kek-dup", Pkcs11Mechanism::Auto), pin(PIN))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Config(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"kek-dup\"") && msg.contains("03, 04") && msg.contains("label of its own"),
+        "{msg}"
+    );
 
     // Conformance, rotating to a new key label mid-run.
     let backend = Arc::new(
@@ -228,7 +242,15 @@ async fn softhsm_token() {
     assert!(matches!(err, BackendError::InvalidCiphertext(_)), "{err:?}");
 
     // The token drops the login (another user of the module logs out): the backend logs in again.
+    // The probe's search then finds nothing and reports no error; that is not a missing key.
     assert_eq!(rec.take(), [], "no login while the session lasts");
+    admin.lock().unwrap().logout().unwrap();
+    assert_eq!(backend.current_key().await.unwrap().key_id, "kek-2/02");
+    assert_eq!(
+        rec.take(),
+        [(AuthKind::Login, "ok")],
+        "re-login for the probe"
+    );
     admin.lock().unwrap().logout().unwrap();
     let w = backend.wrap(b"after logout").await.unwrap();
     assert_eq!(
