@@ -6,6 +6,8 @@
 //! Every test makes its own token in a temporary directory and runs its own plugin process, so
 //! the tests of this file share no PKCS#11 state.
 #![cfg(feature = "pkcs11")]
+#[path = "pkcs11/softhsm.rs"]
+mod softhsm;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -23,8 +25,7 @@ const SO_PIN: &str = "12345678";
 
 /// A fresh SoftHSM2 token with AES keys, and a place for one plugin's socket and logs.
 struct Token {
-    dir: tempfile::TempDir,
-    conf: PathBuf,
+    token: softhsm::TokenDir,
     /// The real SoftHSM2 module.
     softhsm: PathBuf,
     pin_file: PathBuf,
@@ -37,84 +38,31 @@ impl Token {
         if opted_out("softhsm") {
             return None;
         }
-        let softhsm = [
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-            "/usr/local/lib/softhsm/libsofthsm2.so",
-        ]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .expect("libsofthsm2.so not found: run `make deps` or set KMS_TEST_OPT_OUT=softhsm");
-        let util = which("softhsm2-util")
-            .expect("softhsm2-util not found: run `make deps` or set KMS_TEST_OPT_OUT=softhsm");
-        let tool = which("pkcs11-tool").expect(
-            "pkcs11-tool (opensc) not found: run `make deps` or set KMS_TEST_OPT_OUT=softhsm",
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        // SoftHSM's own log goes to syslog; the plugin's output is what the tests read.
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let run = |cmd: &mut Command| {
-            let out = cmd.env("SOFTHSM2_CONF", &conf).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new(&util).args([
-            "--init-token",
-            "--free",
-            "--label",
-            TOKEN,
-            "--so-pin",
-            SO_PIN,
-            "--pin",
-            PIN,
-        ]));
+        let softhsm = softhsm::module();
+        let token = softhsm::TokenDir::new(TOKEN, SO_PIN, PIN);
         for (label, id) in keys {
-            run(Command::new(&tool)
-                .arg("--module")
-                .arg(&softhsm)
-                .args(["--token-label", TOKEN, "--login", "--pin", PIN])
-                .args([
-                    "--keygen",
-                    "--key-type",
-                    "AES:32",
-                    "--label",
-                    label,
-                    "--id",
-                    id,
-                ])
-                .args(["--sensitive", "--private", "--usage-decrypt"]));
+            token.keygen(&softhsm, label, id);
         }
-        let pin_file = dir.path().join("pin");
+        let pin_file = token.dir.path().join("pin");
         std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
-        let socket = dir.path().join("kms.sock");
+        let socket = token.dir.path().join("kms.sock");
         Some(Token {
-            dir,
-            conf,
+            token,
             softhsm,
             pin_file,
             socket,
         })
     }
 
+    fn dir(&self) -> &Path {
+        self.token.dir.path()
+    }
+
     /// Compiles the forwarding module into the token's directory.
     fn forwarding_module(&self) -> PathBuf {
         let cc = which("cc").expect("cc not found: a C compiler builds the test's PKCS#11 module");
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pkcs11/forward.c");
-        let out = self.dir.path().join("libforward.so");
+        let out = self.dir().join("libforward.so");
         let result = Command::new(cc)
             .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
             .arg(&out)
@@ -133,7 +81,7 @@ impl Token {
     }
 
     fn control_dir(&self) -> PathBuf {
-        self.dir.path().join("control")
+        self.dir().join("control")
     }
 
     /// Creates (`on`) or removes a control file of the forwarding module.
@@ -188,13 +136,12 @@ impl Token {
     /// Starts the plugin with this token's SoftHSM configuration and forwarding-module controls.
     fn spawn(&self, args: &[String]) -> Plugin {
         let log = self
-            .dir
-            .path()
+            .dir()
             .join(format!("plugin-{}.log", rand::random::<u32>()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .args(args)
-            .env("SOFTHSM2_CONF", &self.conf)
+            .env("SOFTHSM2_CONF", &self.token.conf)
             .env("KMS_TEST_FWD_MODULE", &self.softhsm)
             .env("KMS_TEST_FWD_DIR", self.control_dir())
             .env_remove("KMS_PLUGIN_LOG_LEVEL")

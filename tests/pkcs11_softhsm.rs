@@ -3,10 +3,11 @@
 //! One test function on purpose: a PKCS#11 module is initialised once per process, and the
 //! scenarios below log the token out and finalise the module under the backend's feet.
 #![cfg(feature = "pkcs11")]
+#[path = "pkcs11/softhsm.rs"]
+mod softhsm;
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -17,26 +18,12 @@ use cryptoki::types::AuthPin;
 use kms_plugin::backend::pkcs11::{Pkcs11Args, Pkcs11Backend, Pkcs11Mechanism};
 use kms_plugin::backend::{AuthKind, Backend, BackendError};
 use support::events::Recorder;
-use support::external::{opted_out, which};
+use support::external::opted_out;
 use zeroize::Zeroizing;
 
 const TOKEN: &str = "kms-plugin-test";
 const PIN: &str = "48151623";
 const SO_PIN: &str = "12345678";
-
-fn module_path() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("KMS_TEST_PKCS11_MODULE") {
-        return Some(PathBuf::from(p));
-    }
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-}
 
 fn args(module: &Path, key: &str, mech: Pkcs11Mechanism) -> Pkcs11Args {
     Pkcs11Args {
@@ -80,45 +67,10 @@ async fn softhsm_token() {
     if opted_out("softhsm") {
         return;
     }
-    let module = module_path().expect(
-        "libsofthsm2.so not found: install softhsm2 (make deps) or set KMS_TEST_OPT_OUT=softhsm",
-    );
-    let util = which("softhsm2-util")
-        .expect("softhsm2-util not found: install softhsm2 or set KMS_TEST_OPT_OUT=softhsm");
-
+    let module = softhsm::module();
     // A private token directory; must be in place before the module is initialised.
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let out = Command::new(&util)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            TOKEN,
-            "--so-pin",
-            SO_PIN,
-            "--pin",
-            PIN,
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "softhsm2-util: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let token = softhsm::TokenDir::new(TOKEN, SO_PIN, PIN);
+    std::env::set_var("SOFTHSM2_CONF", &token.conf);
 
     // Administrative access through cryptoki, as an operator's tool would have.
     let admin_ctx = Pkcs11::new(&module).unwrap();
