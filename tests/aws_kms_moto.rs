@@ -286,7 +286,11 @@ async fn permanent_errors_are_not_retried() {
         .await
         .unwrap_err();
     assert!(matches!(err, BackendError::KeyDisabled(_)), "{err:?}");
-    assert_eq!(count.load(Ordering::SeqCst), 2, "one Decrypt, one DescribeKey");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2,
+        "one Decrypt, one DescribeKey"
+    );
     let (url, count) = scripted(vec![(
         400,
         json!({ "__type": "KMSInvalidStateException", "message": "pending import" }),

@@ -17,10 +17,10 @@ mod aead;
 pub mod akeyless;
 #[cfg(any(feature = "aws-kms", feature = "akeyless"))]
 pub mod aws;
-#[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
-mod http;
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
+#[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
+mod http;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]

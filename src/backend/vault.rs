@@ -62,7 +62,11 @@ pub struct VaultArgs {
     #[arg(long = "vault-addr", env = "KMS_PLUGIN_VAULT_ADDR", value_name = "URL")]
     pub vault_addr: Option<String>,
     /// Name of the transit key.
-    #[arg(long = "vault-transit-key", env = "KMS_PLUGIN_VAULT_TRANSIT_KEY", value_name = "NAME")]
+    #[arg(
+        long = "vault-transit-key",
+        env = "KMS_PLUGIN_VAULT_TRANSIT_KEY",
+        value_name = "NAME"
+    )]
     pub vault_transit_key: Option<String>,
     /// Mount path of the transit secrets engine.
     #[arg(
@@ -73,11 +77,19 @@ pub struct VaultArgs {
     )]
     pub vault_transit_mount: String,
     /// Vault Enterprise namespace (default: VAULT_NAMESPACE).
-    #[arg(long = "vault-namespace", env = "KMS_PLUGIN_VAULT_NAMESPACE", value_name = "NS")]
+    #[arg(
+        long = "vault-namespace",
+        env = "KMS_PLUGIN_VAULT_NAMESPACE",
+        value_name = "NS"
+    )]
     pub vault_namespace: Option<String>,
     /// PEM bundle of the CA(s) that sign Vault's certificate (default: VAULT_CACERT, then the system
     /// trust store).
-    #[arg(long = "vault-cacert", env = "KMS_PLUGIN_VAULT_CACERT", value_name = "FILE")]
+    #[arg(
+        long = "vault-cacert",
+        env = "KMS_PLUGIN_VAULT_CACERT",
+        value_name = "FILE"
+    )]
     pub vault_cacert: Option<PathBuf>,
     /// Authentication method.
     #[arg(
@@ -88,28 +100,60 @@ pub struct VaultArgs {
     )]
     pub vault_auth: VaultAuth,
     /// Mount path of the auth method (default: the method's name, e.g. approle, jwt, kubernetes, cert).
-    #[arg(long = "vault-auth-mount", env = "KMS_PLUGIN_VAULT_AUTH_MOUNT", value_name = "PATH")]
+    #[arg(
+        long = "vault-auth-mount",
+        env = "KMS_PLUGIN_VAULT_AUTH_MOUNT",
+        value_name = "PATH"
+    )]
     pub vault_auth_mount: Option<String>,
     /// Token auth: file holding the token (re-read when it changes). Default: VAULT_TOKEN.
-    #[arg(long = "vault-token-file", env = "KMS_PLUGIN_VAULT_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long = "vault-token-file",
+        env = "KMS_PLUGIN_VAULT_TOKEN_FILE",
+        value_name = "FILE"
+    )]
     pub vault_token_file: Option<PathBuf>,
     /// AppRole: the role id (not secret).
-    #[arg(long = "vault-role-id", env = "KMS_PLUGIN_VAULT_ROLE_ID", value_name = "ID")]
+    #[arg(
+        long = "vault-role-id",
+        env = "KMS_PLUGIN_VAULT_ROLE_ID",
+        value_name = "ID"
+    )]
     pub vault_role_id: Option<String>,
     /// AppRole: file holding the secret id.
-    #[arg(long = "vault-secret-id-file", env = "KMS_PLUGIN_VAULT_SECRET_ID_FILE", value_name = "FILE")]
+    #[arg(
+        long = "vault-secret-id-file",
+        env = "KMS_PLUGIN_VAULT_SECRET_ID_FILE",
+        value_name = "FILE"
+    )]
     pub vault_secret_id_file: Option<PathBuf>,
     /// JWT / Kubernetes auth: the Vault role to log in as.
-    #[arg(long = "vault-role", env = "KMS_PLUGIN_VAULT_ROLE", value_name = "ROLE")]
+    #[arg(
+        long = "vault-role",
+        env = "KMS_PLUGIN_VAULT_ROLE",
+        value_name = "ROLE"
+    )]
     pub vault_role: Option<String>,
     /// JWT / Kubernetes auth: file holding the JWT (Kubernetes default: the pod's service-account token).
-    #[arg(long = "vault-jwt-file", env = "KMS_PLUGIN_VAULT_JWT_FILE", value_name = "FILE")]
+    #[arg(
+        long = "vault-jwt-file",
+        env = "KMS_PLUGIN_VAULT_JWT_FILE",
+        value_name = "FILE"
+    )]
     pub vault_jwt_file: Option<PathBuf>,
     /// TLS certificate auth (and mTLS listeners): client certificate, PEM.
-    #[arg(long = "vault-client-cert-file", env = "KMS_PLUGIN_VAULT_CLIENT_CERT_FILE", value_name = "FILE")]
+    #[arg(
+        long = "vault-client-cert-file",
+        env = "KMS_PLUGIN_VAULT_CLIENT_CERT_FILE",
+        value_name = "FILE"
+    )]
     pub vault_client_cert_file: Option<PathBuf>,
     /// TLS certificate auth: client private key, PEM.
-    #[arg(long = "vault-client-key-file", env = "KMS_PLUGIN_VAULT_CLIENT_KEY_FILE", value_name = "FILE")]
+    #[arg(
+        long = "vault-client-key-file",
+        env = "KMS_PLUGIN_VAULT_CLIENT_KEY_FILE",
+        value_name = "FILE"
+    )]
     pub vault_client_key_file: Option<PathBuf>,
 }
 
@@ -121,11 +165,17 @@ fn config(msg: impl Into<String>) -> BackendError {
 
 fn read_secret_file(path: &PathBuf, what: &str) -> Result<Zeroizing<String>, BackendError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        config(format!("cannot read the Vault {what} file {}: {e}", path.display()))
+        config(format!(
+            "cannot read the Vault {what} file {}: {e}",
+            path.display()
+        ))
     })?;
     let text = Zeroizing::new(text.trim().to_string());
     if text.is_empty() {
-        return Err(config(format!("the Vault {what} file {} is empty", path.display())));
+        return Err(config(format!(
+            "the Vault {what} file {} is empty",
+            path.display()
+        )));
     }
     Ok(text)
 }
@@ -138,10 +188,7 @@ enum Login {
         env: Option<Zeroizing<String>>,
     },
     /// A login call that returns a token.
-    Method {
-        path: String,
-        body: LoginBody,
-    },
+    Method { path: String, body: LoginBody },
 }
 
 enum LoginBody {
@@ -191,7 +238,10 @@ impl std::fmt::Debug for VaultBackend {
 enum Answer {
     Ok(Map<String, Value>),
     /// `{"errors": [...]}` from Vault, with its status.
-    Vault { status: u16, text: String },
+    Vault {
+        status: u16,
+        text: String,
+    },
     /// Anything else: transport, timeout, a body that is not Vault's.
     Outage(BackendError),
 }
@@ -229,8 +279,14 @@ impl VaultBackend {
             .map_err(|e| config(format!("--vault-addr {addr:?} is not a URL: {e}")))?;
         match url.scheme() {
             "https" => {}
-            "http" => tracing::warn!(addr = %url, "Vault address uses plain http: tokens and wrapped keys cross the network unencrypted"),
-            s => return Err(config(format!("--vault-addr must be http or https, not {s:?}"))),
+            "http" => {
+                tracing::warn!(addr = %url, "Vault address uses plain http: tokens and wrapped keys cross the network unencrypted")
+            }
+            s => {
+                return Err(config(format!(
+                    "--vault-addr must be http or https, not {s:?}"
+                )))
+            }
         }
         let key = args
             .vault_transit_key
@@ -238,7 +294,9 @@ impl VaultBackend {
             .filter(|k| !k.trim().is_empty())
             .ok_or_else(|| config("--backend vault needs --vault-transit-key NAME"))?;
         if key.contains('/') || key.len() > 200 {
-            return Err(config("--vault-transit-key must be a key name (no '/', at most 200 bytes)"));
+            return Err(config(
+                "--vault-transit-key must be a key name (no '/', at most 200 bytes)",
+            ));
         }
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("kms-plugin/", env!("CARGO_PKG_VERSION")))
@@ -250,10 +308,16 @@ impl VaultBackend {
             .or_else(|| env("VAULT_CACERT").map(PathBuf::from));
         if let Some(path) = cacert {
             let pem = std::fs::read(&path).map_err(|e| {
-                config(format!("cannot read the Vault CA file {}: {e}", path.display()))
+                config(format!(
+                    "cannot read the Vault CA file {}: {e}",
+                    path.display()
+                ))
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                config(format!("the Vault CA file {} is not a PEM bundle: {e}", path.display()))
+                config(format!(
+                    "the Vault CA file {} is not a PEM bundle: {e}",
+                    path.display()
+                ))
             })?;
             if certs.is_empty() {
                 return Err(config(format!(
@@ -269,15 +333,23 @@ impl VaultBackend {
             (&args.vault_client_cert_file, &args.vault_client_key_file)
         {
             let mut pem = std::fs::read(cert).map_err(|e| {
-                config(format!("cannot read --vault-client-cert-file {}: {e}", cert.display()))
+                config(format!(
+                    "cannot read --vault-client-cert-file {}: {e}",
+                    cert.display()
+                ))
             })?;
             let key_pem = Zeroizing::new(std::fs::read(key_file).map_err(|e| {
-                config(format!("cannot read --vault-client-key-file {}: {e}", key_file.display()))
+                config(format!(
+                    "cannot read --vault-client-key-file {}: {e}",
+                    key_file.display()
+                ))
             })?);
             pem.push(b'\n');
             pem.extend_from_slice(&key_pem);
             let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                config(format!("the Vault client certificate or key is not valid PEM: {e}"))
+                config(format!(
+                    "the Vault client certificate or key is not valid PEM: {e}"
+                ))
             })?;
             pem.iter_mut().for_each(|b| *b = 0);
             builder = builder.identity(identity);
@@ -300,7 +372,9 @@ impl VaultBackend {
         };
         let login = match args.vault_auth {
             VaultAuth::Token => {
-                let env_token = env("VAULT_TOKEN").filter(|t| !t.is_empty()).map(Zeroizing::new);
+                let env_token = env("VAULT_TOKEN")
+                    .filter(|t| !t.is_empty())
+                    .map(Zeroizing::new);
                 if args.vault_token_file.is_none() && env_token.is_none() {
                     return Err(config(
                         "token auth needs --vault-token-file or VAULT_TOKEN (or choose --vault-auth approle|jwt|kubernetes|cert)",
@@ -477,12 +551,20 @@ impl VaultBackend {
             .get("client_token")
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| BackendError::Other("Vault's login answer has no client_token".into()))?;
-        let ttl = auth.get("lease_duration").and_then(Value::as_u64).unwrap_or(0);
+            .ok_or_else(|| {
+                BackendError::Other("Vault's login answer has no client_token".into())
+            })?;
+        let ttl = auth
+            .get("lease_duration")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         Ok(Session {
             token: Zeroizing::new(token.to_string()),
             renew_at: (ttl > 0).then(|| Instant::now() + Duration::from_secs(ttl) * 2 / 3),
-            renewable: auth.get("renewable").and_then(Value::as_bool).unwrap_or(false),
+            renewable: auth
+                .get("renewable")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             file_stamp,
         })
     }
@@ -522,7 +604,10 @@ impl VaultBackend {
             }
             Login::Method { path, body } => {
                 let payload = match body {
-                    LoginBody::AppRole { role_id, secret_id_file } => {
+                    LoginBody::AppRole {
+                        role_id,
+                        secret_id_file,
+                    } => {
                         let secret = read_secret_file(secret_id_file, "secret id")?;
                         json!({ "role_id": role_id, "secret_id": secret.as_str() })
                     }
@@ -533,16 +618,25 @@ impl VaultBackend {
                     LoginBody::Cert => json!({}),
                 };
                 let answer = self
-                    .send(reqwest::Method::POST, path, None, Some(&payload), LOGIN_TIMEOUT)
+                    .send(
+                        reqwest::Method::POST,
+                        path,
+                        None,
+                        Some(&payload),
+                        LOGIN_TIMEOUT,
+                    )
                     .await;
                 drop(payload);
                 match answer {
-                    Answer::Ok(m) => Self::session_from(m.get("auth").unwrap_or(&Value::Null), None),
-                    Answer::Vault { status: 400 | 401 | 403, text } => {
-                        Err(BackendError::Authentication(format!(
-                            "Vault refused the login at {path}: {text}"
-                        )))
+                    Answer::Ok(m) => {
+                        Self::session_from(m.get("auth").unwrap_or(&Value::Null), None)
                     }
+                    Answer::Vault {
+                        status: 400 | 401 | 403,
+                        text,
+                    } => Err(BackendError::Authentication(format!(
+                        "Vault refused the login at {path}: {text}"
+                    ))),
                     Answer::Vault { status, text } => Err(classify_other(status, &text, path)),
                     Answer::Outage(e) => Err(e),
                 }
@@ -552,7 +646,13 @@ impl VaultBackend {
 
     async fn renew(&self, token: &str) -> Result<Session, BackendError> {
         match self
-            .send(reqwest::Method::POST, "auth/token/renew-self", Some(token), Some(&json!({})), LOGIN_TIMEOUT)
+            .send(
+                reqwest::Method::POST,
+                "auth/token/renew-self",
+                Some(token),
+                Some(&json!({})),
+                LOGIN_TIMEOUT,
+            )
             .await
         {
             Answer::Ok(m) => Self::session_from(m.get("auth").unwrap_or(&Value::Null), None),
@@ -575,12 +675,22 @@ impl VaultBackend {
         let mut relogged = false;
         loop {
             let token = self.token().await?;
-            match self.send(method.clone(), path, Some(&token), body, ATTEMPT_TIMEOUT).await {
+            match self
+                .send(method.clone(), path, Some(&token), body, ATTEMPT_TIMEOUT)
+                .await
+            {
                 Answer::Ok(m) => return Ok(m),
                 Answer::Outage(e) => return Err(e),
                 Answer::Vault { status: 403, text } => {
                     let token_alive = matches!(
-                        self.send(reqwest::Method::GET, "auth/token/lookup-self", Some(&token), None, ATTEMPT_TIMEOUT).await,
+                        self.send(
+                            reqwest::Method::GET,
+                            "auth/token/lookup-self",
+                            Some(&token),
+                            None,
+                            ATTEMPT_TIMEOUT
+                        )
+                        .await,
                         Answer::Ok(_)
                     );
                     if token_alive {
@@ -589,7 +699,7 @@ impl VaultBackend {
                             self.key, self.mount, self.key, self.mount, self.key, self.mount, self.key
                         )));
                     }
-                    if relogged || matches!(self.login, Login::Given { .. }) && relogged {
+                    if relogged {
                         return Err(BackendError::Authentication(format!(
                             "Vault rejects a fresh token ({text})"
                         )));
@@ -597,7 +707,9 @@ impl VaultBackend {
                     *self.session.lock().await = None;
                     relogged = true;
                 }
-                Answer::Vault { status, text } => return Err(classify(status, &text, what, &self.key)),
+                Answer::Vault { status, text } => {
+                    return Err(classify(status, &text, what, &self.key))
+                }
             }
         }
     }
@@ -707,7 +819,9 @@ impl Backend for VaultBackend {
             .get("data")
             .and_then(|d| d.get("ciphertext"))
             .and_then(Value::as_str)
-            .ok_or_else(|| BackendError::Other("Vault's encrypt answer has no ciphertext".into()))?;
+            .ok_or_else(|| {
+                BackendError::Other("Vault's encrypt answer has no ciphertext".into())
+            })?;
         let version = version_of(ciphertext).ok_or_else(|| {
             BackendError::Other("Vault's ciphertext does not start with vault:v<N>:".into())
         })?;
@@ -723,7 +837,9 @@ impl Backend for VaultBackend {
         let text = std::str::from_utf8(ciphertext)
             .ok()
             .filter(|t| version_of(t).is_some())
-            .ok_or_else(|| BackendError::InvalidCiphertext("not a Vault transit ciphertext".into()))?;
+            .ok_or_else(|| {
+                BackendError::InvalidCiphertext("not a Vault transit ciphertext".into())
+            })?;
         // Only the configured key: a crafted ciphertext must not make us decrypt with another one.
         let key = key_ref
             .rsplit_once(":v")
@@ -774,7 +890,10 @@ mod tests {
 
     #[test]
     fn only_vaults_own_error_shape_is_an_answer() {
-        assert_eq!(vault_errors(br#"{"errors":["permission denied"]}"#).as_deref(), Some("permission denied"));
+        assert_eq!(
+            vault_errors(br#"{"errors":["permission denied"]}"#).as_deref(),
+            Some("permission denied")
+        );
         assert_eq!(vault_errors(br#"{"errors":[]}"#).as_deref(), Some(""));
         assert!(vault_errors(b"<html>404</html>").is_none());
         assert!(vault_errors(b"").is_none());
@@ -785,16 +904,25 @@ mod tests {
     fn classification_table() {
         let c = |s, t| classify(s, t, "decrypt", "k");
         assert!(matches!(
-            c(400, "ciphertext or signature version is disallowed by policy (too old)"),
+            c(
+                400,
+                "ciphertext or signature version is disallowed by policy (too old)"
+            ),
             BackendError::KeyDisabled(_)
         ));
-        assert!(matches!(c(400, "encryption key not found"), BackendError::KeyNotFound(_)));
+        assert!(matches!(
+            c(400, "encryption key not found"),
+            BackendError::KeyNotFound(_)
+        ));
         assert!(matches!(c(404, ""), BackendError::KeyNotFound(_)));
         assert!(matches!(
             c(400, "invalid ciphertext: unable to decrypt"),
             BackendError::InvalidCiphertext(_)
         ));
-        assert!(matches!(c(503, "Vault is sealed"), BackendError::Unavailable(_)));
+        assert!(matches!(
+            c(503, "Vault is sealed"),
+            BackendError::Unavailable(_)
+        ));
         assert!(matches!(c(429, "rate limit"), BackendError::Throttled(_)));
         assert!(matches!(c(472, "standby"), BackendError::Unavailable(_)));
         assert!(matches!(c(400, "something else"), BackendError::Other(_)));

@@ -32,6 +32,9 @@ impl ProxyAnswer {
     }
 }
 
+/// A typed answer for requests whose body contains a needle: (needle, status, content type, body).
+type TypedAnswer = (String, u16, &'static str, String);
+
 #[derive(Clone)]
 pub struct FaultProxy {
     pub url: String,
@@ -39,7 +42,7 @@ pub struct FaultProxy {
     forwarded: Arc<Mutex<u64>>,
     /// Requests whose body contains the needle get this typed answer (status, content type, body):
     /// for behaviour of the real service that its stand-in lacks.
-    typed: Arc<Mutex<Option<(String, u16, &'static str, String)>>>,
+    typed: Arc<Mutex<Option<TypedAnswer>>>,
 }
 
 impl FaultProxy {
