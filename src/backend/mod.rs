@@ -23,6 +23,8 @@ pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(any(feature = "aws-kms", feature = "akeyless"))]
+pub mod tls;
 
 /// A secret returned by [`Backend::unwrap`]; wiped from memory when dropped.
 pub type SecretBytes = Zeroizing<Vec<u8>>;

@@ -281,7 +281,7 @@ impl TokenManager {
     }
 
     fn retry_pause(&self) -> Duration {
-        (self.client.budget() * 2).max(Duration::from_secs(1))
+        (self.client.budgets().request * 2).max(Duration::from_secs(1))
     }
 
     /// A token usable now, authenticating first if needed. Returns the token and its generation
@@ -292,7 +292,7 @@ impl TokenManager {
         }
         let _flight = tokio::time::timeout_at(deadline, self.flight.lock())
             .await
-            .map_err(|_| BackendError::Timeout(self.client.budget()))?;
+            .map_err(|_| BackendError::Timeout(self.client.budgets().request))?;
         // Someone else may have authenticated while we waited.
         if let Some(t) = self.fresh() {
             return Ok(t);
@@ -383,6 +383,22 @@ impl TokenManager {
                 CallError::Failed(e) => e,
                 CallError::TokenRejected(m) => BackendError::Authentication(m),
             })?;
+        self.store(&reply)
+    }
+
+    /// Uses the answer of a `/auth` made elsewhere (the Universal Identity start-up check) as the
+    /// current token, so start-up logs in once.
+    pub(crate) fn install_login(&self, reply: &Map<String, Value>) -> Result<(), BackendError> {
+        let _flight = self
+            .flight
+            .try_lock()
+            .map_err(|_| BackendError::Other("a login is already in flight at start-up".into()))?;
+        self.auth_calls.fetch_add(1, Ordering::Relaxed);
+        self.store(reply).map(|_| ())
+    }
+
+    /// Stores the token of an `/auth` answer.
+    fn store(&self, reply: &Map<String, Value>) -> Result<(Secret, u64), BackendError> {
         let token =
             match reply.get("token") {
                 Some(Value::String(t)) if !t.is_empty() => Secret::new(t.clone()),
@@ -392,7 +408,7 @@ impl TokenManager {
                         .into(),
                 )),
             };
-        let expiration = expiration_of(&reply);
+        let expiration = expiration_of(reply);
         let (refresh_at, expires_at) = schedule(Instant::now(), SystemTime::now(), expiration);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.slot.write().unwrap() = Some(Slot {
