@@ -11,10 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
+use kms_plugin::backend::akeyless::cloud_id::aws_iam_cloud_id;
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
+use kms_plugin::backend::aws::credentials::Credentials;
 use kms_plugin::backend::{AuthKind, Backend, BackendError};
 use serde_json::json;
-use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
+use support::akeyless_fake::{
+    jwt, make_certs, Fake, ACCESS_ID, ACCESS_KEY, AWS_KEY_ID, AWS_SECRET, KEY,
+};
 use support::events::Recorder;
 
 async fn connect(args: &AkeylessArgs) -> AkeylessBackend {
@@ -340,7 +344,8 @@ async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
             assert!(matches!(err, BackendError::Throttled(_)), "{err}");
         }
         if status == 503 {
-            assert!(err.to_string().contains("plain text outage"), "{err}");
+            // Plain text is not Akeyless's error shape: reported as such, never echoed.
+            assert!(err.to_string().contains("not an Akeyless answer"), "{err}");
         }
         assert_no_secret(&err.to_string());
         fake.control("clear-faults", json!({})).await;
@@ -457,7 +462,7 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, BackendError::Authentication(m) if m.contains("unknown access id")),
+        matches!(&e, BackendError::Authentication(m) if m.contains("access id p-nobody not found")),
         "{e}"
     );
     check(&e);
@@ -540,13 +545,17 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         url: format!("http://127.0.0.1:{port}"),
         ..base.clone()
     };
+    // Unreachable is transient: start-up goes on, and the calls report it.
     let t = Instant::now();
-    let e = AkeylessBackend::connect(&gone, None).await.unwrap_err();
+    let backend = AkeylessBackend::connect(&gone, None)
+        .await
+        .expect("a transient start-up failure does not stop start-up");
+    assert!(t.elapsed() < Duration::from_secs(11));
+    let e = backend.current_key().await.unwrap_err();
     assert!(
         matches!(&e, BackendError::Unavailable(m) if m.contains("cannot reach")),
         "{e}"
     );
-    assert!(t.elapsed() < Duration::from_secs(11));
     check(&e);
 
     // Debug output of a working backend and of the arguments hides the access key.
@@ -557,10 +566,15 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
 
 #[tokio::test]
 async fn other_auth_methods_and_gateway_prefix() {
-    let Some(fake) = Fake::start(&[]) else { return };
+    let Some(fake) = Fake::start(&["--gateway", "--k8s-auth-config", "cluster-a"]) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let sa = dir.path().join("sa-token");
-    std::fs::write(&sa, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n").unwrap();
+    let sa_jwt = jwt(
+        json!({"iss": "kubernetes/serviceaccount", "sub": "system:serviceaccount:kube-system:kms"}),
+    );
+    std::fs::write(&sa, format!("{sa_jwt}\n")).unwrap();
     let k8s = AkeylessArgs {
         url: format!("{}/api/v2", fake.url),
         access_key: None,
@@ -571,18 +585,27 @@ async fn other_auth_methods_and_gateway_prefix() {
     };
     connect(&k8s).await.wrap(b"k8s").await.unwrap();
 
-    let cert = dir.path().join("c.pem");
-    let key = dir.path().join("k.pem");
-    std::fs::write(
-        &cert,
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
-    std::fs::write(
-        &key,
-        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
-    )
-    .unwrap();
+    // A config name the gateway does not know is refused by it.
+    let unknown = AkeylessArgs {
+        k8s_auth_config_name: Some("cluster-b".into()),
+        ..k8s.clone()
+    };
+    let e = AkeylessBackend::connect(&unknown, None).await.unwrap_err();
+    assert!(matches!(e, BackendError::Authentication(_)), "{e}");
+
+    assert!(make_certs(dir.path()));
+    let cert = dir.path().join("client.pem");
+    let key = dir.path().join("client-key.pem");
+    // A certificate with someone else's key is refused.
+    let wrong = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::Cert),
+        cert_file: Some(cert.clone()),
+        key_file: Some(dir.path().join("server-key.pem")),
+        ..fake.args()
+    };
+    let e = AkeylessBackend::connect(&wrong, None).await.unwrap_err();
+    assert!(matches!(e, BackendError::Authentication(_)), "{e}");
     let c = AkeylessArgs {
         access_key: None,
         access_type: Some(AccessType::Cert),
@@ -609,6 +632,19 @@ async fn other_auth_methods_and_gateway_prefix() {
         .map(|r| r["access_type"].as_str().unwrap())
         .collect();
     assert_eq!(types, ["k8s", "cert", "access_key"]);
+    // Without --gateway the fake is the SaaS, which has no k8s auth.
+    let Some(saas) = Fake::start(&["--k8s-auth-config", "cluster-a"]) else {
+        return;
+    };
+    let on_saas = AkeylessArgs {
+        url: saas.url.clone(),
+        ..k8s.clone()
+    };
+    let e = AkeylessBackend::connect(&on_saas, None).await.unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("Gateway")),
+        "{e}"
+    );
     assert_eq!(records[0]["k8s_auth_config_name"], "cluster-a");
 }
 
@@ -642,7 +678,19 @@ struct TestCloud;
 #[async_trait::async_trait]
 impl CloudIdProvider for TestCloud {
     async fn cloud_id(&self, req: &CloudIdRequest) -> Result<String, BackendError> {
-        Ok(format!("cloud-id-for-{}-{}", req.kind, req.gcp_audience))
+        use base64::Engine as _;
+        let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+        Ok(match req.kind {
+            AccessType::AwsIam => {
+                let creds = Credentials::new(AWS_KEY_ID, AWS_SECRET, None);
+                aws_iam_cloud_id(&creds, "https://sts.eu-west-1.amazonaws.com/", "eu-west-1")
+                    .await
+                    .unwrap()
+                    .to_string()
+            }
+            AccessType::Gcp => b64(jwt(json!({"aud": req.gcp_audience, "sub": "gce"}))),
+            _ => b64(jwt(json!({"aud": "https://management.azure.com/"}))),
+        })
     }
     async fn detect(&self) -> Option<AccessType> {
         Some(AccessType::Gcp)
@@ -671,10 +719,41 @@ async fn cloud_identities_go_through_the_provider_hook() {
         .expect("detected gcp");
     let records = fake.control("stats", json!({})).await["auth_records"].clone();
     assert_eq!(records[0]["access_type"], "aws_iam");
-    assert_eq!(records[0]["cloud_id"], "cloud-id-for-aws_iam-akeyless.io");
+    // The fake verified the SigV4 signature with botocore for the region the URL names.
+    assert_eq!(records[0]["sts"]["region"], "eu-west-1");
+    assert_eq!(records[0]["sts"]["access_key_id"], AWS_KEY_ID);
     assert_eq!(records[1]["access_type"], "gcp");
     assert_eq!(records[1]["gcp_audience"], "my-aud");
-    assert_eq!(records[1]["cloud_id"], "cloud-id-for-gcp-my-aud");
+    assert_eq!(records[1]["claims"]["aud"], "my-aud");
+    // A signature by another secret is refused by the fake, as STS would refuse it.
+    struct BadAws;
+    impl std::fmt::Debug for BadAws {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("BadAws")
+        }
+    }
+    #[async_trait::async_trait]
+    impl CloudIdProvider for BadAws {
+        async fn cloud_id(&self, _: &CloudIdRequest) -> Result<String, BackendError> {
+            let creds = Credentials::new(AWS_KEY_ID, "not-the-secret", None);
+            Ok(
+                aws_iam_cloud_id(&creds, "https://sts.amazonaws.com/", "us-east-1")
+                    .await
+                    .unwrap()
+                    .to_string(),
+            )
+        }
+        async fn detect(&self) -> Option<AccessType> {
+            None
+        }
+    }
+    let e = AkeylessBackend::connect_with(&aws, None, Arc::new(BadAws))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("signature")),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -822,10 +901,7 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
             return Resp::new(403, "");
         }
         let body = if req.path.ends_with("/service-accounts/default/identity") {
-            format!(
-                "jwt-for-{}",
-                req.query_param("audience").unwrap_or_default()
-            )
+            jwt(json!({"aud": req.query_param("audience").unwrap_or_default(), "sub": "gce-sa"}))
         } else {
             String::new()
         };
@@ -838,7 +914,8 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
         }
         if req.path == "/metadata/identity/oauth2/token" {
             let oid = req.query_param("object_id").unwrap_or_default();
-            Resp::new(200, format!(r#"{{"access_token":"azure-token-{oid}"}}"#))
+            let token = jwt(json!({"aud": "https://management.azure.com/", "oid": oid}));
+            Resp::new(200, format!(r#"{{"access_token":"{token}"}}"#))
         } else {
             Resp::new(404, "")
         }
@@ -870,9 +947,10 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
         String::from_utf8(raw).unwrap()
     };
     assert_eq!(records[0]["access_type"], "gcp");
-    assert_eq!(decoded(0), "jwt-for-aud-x");
+    assert_eq!(records[0]["claims"]["aud"], "aud-x");
+    assert_eq!(decoded(0).split('.').count(), 3);
     assert_eq!(records[1]["access_type"], "azure_ad");
-    assert_eq!(decoded(1), "azure-token-oid-1");
+    assert_eq!(records[1]["claims"]["oid"], "oid-1");
 }
 
 async fn connect_recorded(
@@ -961,11 +1039,10 @@ async fn uid_rotation_is_reported_to_the_event_hook() {
     };
     let (backend, rec) = connect_recorded(&args, Some(state.path().to_path_buf())).await;
     let backend = backend.expect("connect with UID");
-    // The UID token is proven by a login, rotated at once, then the token manager logs in.
-    assert_eq!(
-        rec.take(),
-        [(Login, "ok"), (IdentityRotation, "ok"), (Login, "ok")]
-    );
+    // The UID token is proven by the one start-up login (whose token the token manager keeps),
+    // then rotated at once.
+    assert_eq!(rec.take(), [(Login, "ok"), (IdentityRotation, "ok")]);
+    assert_eq!(fake.calls("auth").await, 1, "one login at start-up");
     backend.rotate_uid_token().await.unwrap();
     assert_eq!(rec.take(), [(IdentityRotation, "ok")]);
     fake.control(

@@ -184,6 +184,11 @@ pub fn is_certificate_error(err: &(dyn std::error::Error + 'static)) -> bool {
                 }
             }
         }
+        // Connectors box errors in ways a downcast cannot see through; rustls's own wording for
+        // this variant is the fallback.
+        if e.to_string().starts_with("invalid peer certificate") {
+            return true;
+        }
         cur = e.source();
     }
     false
