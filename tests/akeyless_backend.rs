@@ -1053,3 +1053,211 @@ async fn uid_rotation_is_reported_to_the_event_hook() {
     let err = backend.rotate_uid_token().await.unwrap_err();
     assert_eq!(rec.take(), [(IdentityRotation, err.label())]);
 }
+
+/// Answers that are not Akeyless's JSON error shape (a proxy, an ingress default backend, a WAF)
+/// are Unavailable for every call, whatever the status; the same statuses in Akeyless's shape are
+/// authoritative.
+#[tokio::test]
+async fn proxy_answers_are_unavailable_and_akeyless_answers_are_authoritative() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    // A short request budget: the retries of transient answers end quickly.
+    let backend = connect(&AkeylessArgs {
+        timeout: Duration::from_millis(400),
+        ..fake.args()
+    })
+    .await;
+    let w = backend.wrap(b"secret").await.unwrap();
+    let html = "<html><head><title>404 Not Found</title></head><body>nginx</body></html>";
+    for status in [400u16, 401, 403, 404, 410, 502] {
+        for (body, ctype) in [
+            (html, "text/html"),
+            ("", "text/plain"),
+            ("Forbidden", "text/plain"),
+        ] {
+            fake.control(
+                "fail",
+                json!({"command": "*", "status": status, "count": -1, "body": body, "content_type": ctype}),
+            )
+            .await;
+            let errors = [
+                backend.current_key().await.unwrap_err(),
+                backend.wrap(b"x").await.unwrap_err(),
+                backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err(),
+            ];
+            for e in &errors {
+                assert!(
+                    matches!(e, BackendError::Unavailable(m) if m.contains("not an Akeyless answer")),
+                    "{status} {body:?}: {e:?}"
+                );
+                assert!(!e.is_revocation());
+                assert!(
+                    !e.to_string().contains("nginx"),
+                    "the foreign body is not echoed"
+                );
+            }
+            fake.control("clear-faults", json!({})).await;
+        }
+    }
+    // JSON that is not {"error": "..."} is not Akeyless's shape either.
+    for body in [
+        json!({"message": "Not Found"}),
+        json!({"error": {"code": 404}}),
+        json!({}),
+    ] {
+        fake.control(
+            "fail",
+            json!({"command": "describe-item", "status": 404, "count": -1, "body": body}),
+        )
+        .await;
+        let e = backend.current_key().await.unwrap_err();
+        assert!(matches!(e, BackendError::Unavailable(_)), "{body}: {e:?}");
+        fake.control("clear-faults", json!({})).await;
+    }
+    // Akeyless's own answers with those statuses.
+    for (status, label) in [(404, "key_not_found"), (403, "permission_denied")] {
+        fake.control(
+            "fail",
+            json!({"command": "describe-item", "status": status, "count": 1, "body": {"error": "failed to describe item"}}),
+        )
+        .await;
+        let e = backend.current_key().await.unwrap_err();
+        assert_eq!(e.label(), label, "{e}");
+    }
+    // An Akeyless 401 is a rejected token: one re-authentication, then success.
+    let auths = fake.calls("auth").await;
+    fake.control(
+        "fail",
+        json!({"command": "describe-item", "status": 401, "count": 1, "body": {"error": "Unauthorized"}}),
+    )
+    .await;
+    backend.current_key().await.unwrap();
+    assert_eq!(fake.calls("auth").await, auths + 1);
+    // The client-type header Akeyless's own integrations send.
+    assert!(fake.calls("client-type:k8s-kms-plugin").await > 0);
+    assert_eq!(fake.calls("client-type:").await, 0);
+}
+
+#[tokio::test]
+async fn mutual_tls_gateway_needs_the_client_certificate() {
+    let tls = tempfile::tempdir().unwrap();
+    if !make_certs(tls.path()) {
+        return;
+    }
+    let Some(fake) = Fake::start_tls(tls.path(), &["--require-client-cert"]) else {
+        return;
+    };
+    let ca = tls.path().join("ca.pem");
+    let with = AkeylessArgs {
+        ca_file: Some(ca.clone()),
+        client_cert_file: Some(tls.path().join("client.pem")),
+        client_key_file: Some(tls.path().join("client-key.pem")),
+        ..fake.args()
+    };
+    connect(&with).await.wrap(b"mtls").await.unwrap();
+    // Without the client certificate the gateway drops the handshake: not reachable, not revoked.
+    let without = AkeylessArgs {
+        ca_file: Some(ca.clone()),
+        timeout: Duration::from_millis(800),
+        login_timeout: Duration::from_secs(2),
+        ..fake.args()
+    };
+    let b = AkeylessBackend::connect(&without, None).await.unwrap();
+    let e = b.current_key().await.unwrap_err();
+    assert!(e.is_transient() && !e.is_revocation(), "{e:?}");
+    // Half a client pair, a missing CA file or a file that is not PEM: configuration errors naming the option.
+    for (args, flag) in [
+        (
+            AkeylessArgs {
+                client_cert_file: Some(tls.path().join("client.pem")),
+                ..fake.args()
+            },
+            "--akeyless-client-key-file",
+        ),
+        (
+            AkeylessArgs {
+                ca_file: Some(tls.path().join("nope.pem")),
+                ..fake.args()
+            },
+            "--akeyless-ca-file",
+        ),
+        (
+            AkeylessArgs {
+                ca_file: Some(tls.path().join("client-key.pem")),
+                ..fake.args()
+            },
+            "--akeyless-ca-file",
+        ),
+    ] {
+        let e = AkeylessBackend::connect(&args, None).await.unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Config(m) if m.contains(flag)),
+            "{e}"
+        );
+        assert_no_secret(&e.to_string());
+    }
+}
+
+#[tokio::test]
+async fn classic_keys_are_accepted_like_dfc_keys() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    fake.control(
+        "key",
+        json!({"name": "/classic/aes", "action": "create", "type": "CLASSIC_KEY", "key_type": "AES256GCM"}),
+    )
+    .await;
+    fake.control(
+        "key",
+        json!({"name": "/classic/rsa", "action": "create", "type": "CLASSIC_KEY", "key_type": "RSA2048"}),
+    )
+    .await;
+    fake.control(
+        "key",
+        json!({"name": "/dfc/rsa", "action": "create", "type": "RSA2048"}),
+    )
+    .await;
+    let classic = AkeylessArgs {
+        key_name: Some("/classic/aes".into()),
+        ..fake.args()
+    };
+    let b = connect(&classic).await;
+    let w = b.wrap(b"classic").await.unwrap();
+    assert_eq!(
+        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"classic"
+    );
+    for name in ["/classic/rsa", "/dfc/rsa"] {
+        let args = AkeylessArgs {
+            key_name: Some(name.into()),
+            ..fake.args()
+        };
+        let e = AkeylessBackend::connect(&args, None).await.unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Config(m) if m.contains("RSA2048") && m.contains("AES256GCM")),
+            "{name}: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn k8s_auth_against_the_saas_url_says_it_needs_a_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let sa = dir.path().join("sa");
+    std::fs::write(&sa, jwt(json!({"sub": "system:serviceaccount:a:b"}))).unwrap();
+    let args = AkeylessArgs {
+        url: "https://api.akeyless.io".into(),
+        access_id: Some(ACCESS_ID.into()),
+        key_name: Some(KEY.into()),
+        access_type: Some(AccessType::K8s),
+        k8s_auth_config_name: Some("c".into()),
+        k8s_service_account_token_file: sa,
+        ..Default::default()
+    };
+    // Refused before any network call.
+    let e = AkeylessBackend::connect_with(&args, None, Arc::new(NoCloudId))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("Gateway") && m.contains("--akeyless-url")),
+        "{e}"
+    );
+}

@@ -117,3 +117,36 @@ fn bad_credentials_stop_start_up_with_the_cause() {
         "secret audited: {audit}"
     );
 }
+
+/// The original plugin's socket lives in /tmp: a directory others can write to is warned about
+/// loudly; a private one is not.
+#[tokio::test]
+async fn socket_in_a_shared_directory_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(fake) = Fake::start(&[]) else { return };
+    for (mode, warned) in [(0o1777, true), (0o700, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock_dir = dir.path().join("sock");
+        std::fs::create_dir(&sock_dir).unwrap();
+        std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let socket = sock_dir.join("akeyless_kms_plugin.sock");
+        let env = [
+            ("AKEYLESS_URL", fake.url.clone()),
+            ("AKEYLESS_UNIX_SOCKET", socket.display().to_string()),
+            ("AKEYLESS_KEY_ENCRYPTION_KEY", KEY.to_string()),
+            ("AKEYLESS_ACCESS_ID", ACCESS_ID.to_string()),
+            ("AKEYLESS_ACCESS_KEY", ACCESS_KEY.to_string()),
+            ("KMS_PLUGIN_DATA_DIR", dir.path().display().to_string()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let addr = ListenAddr::Path(socket.clone());
+        let p = Plugin::spawn_with_env(&["serve".to_string()], &env, addr, dir.path());
+        p.wait_healthy(Duration::from_secs(20)).await;
+        let log = p.log_text();
+        assert_eq!(
+            log.contains("SOCKET DIRECTORY IS WRITABLE BY GROUP OR OTHERS"),
+            warned,
+            "mode {mode:o}: {log}"
+        );
+    }
+}

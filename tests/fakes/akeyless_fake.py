@@ -43,7 +43,8 @@ Control API for tests (JSON in, JSON out):
   POST /__control/expire-tokens         every issued `t-` token becomes invalid
   POST /__control/token-ttl {"seconds": 2, "expiration_format": "rfc3339"|"go"|"unix"|"none"}
   POST /__control/key       {"name": "k", "action": "create"|"disable"|"enable"|"delete"|"rotate"|
-                             "deny"|"allow"|"delete-version", "version": 1, "type": "AES256GCM"}
+                             "deny"|"allow"|"delete-version", "version": 1, "type": "AES256GCM"
+                             (or "CLASSIC_KEY" with "key_type": "AES256GCM"|"RSA2048"...)}
   POST /__control/uid-token {"ttl": 3600}  → {"token": "u-..."} a new UID token (an auth method)
   POST /__control/uid-expire            every UID token becomes invalid
   GET  /__control/uid-tokens            → {"valid": n} number of live UID tokens
@@ -147,10 +148,13 @@ def sts_region(host):
 
 
 class Key:
-    def __init__(self, name, item_id, item_type="AES256GCM"):
+    def __init__(self, name, item_id, item_type="AES256GCM", classic_type=None):
         self.name = name
         self.item_id = item_id
+        # DFC keys carry their algorithm in item_type; Classic keys say CLASSIC_KEY there and carry
+        # it in item_general_info.classic_key_details.key_type.
         self.item_type = item_type
+        self.classic_type = classic_type
         self.versions = {1: AESGCM.generate_key(bit_length=256)}
         self.enabled = True
         self.deleted = False
@@ -189,9 +193,9 @@ class State:
             self.aws_keys[args.aws_access_key_id] = args.aws_secret_access_key
         self.latencies = []  # [{"command", "seconds", "count"}]
 
-    def create_key(self, name, item_type="AES256GCM"):
+    def create_key(self, name, item_type="AES256GCM", classic_type=None):
         self.next_item_id += 1
-        self.keys[name] = Key(name, self.next_item_id, item_type)
+        self.keys[name] = Key(name, self.next_item_id, item_type, classic_type)
         return self.keys[name]
 
     def new_uid_token(self, ttl=3600):
@@ -448,6 +452,9 @@ class Api:
             "client_permissions": ["read", "list", "update", "delete", "create"],
             "with_customer_fragment": False,
         }
+        if key.item_type == "CLASSIC_KEY":
+            item["item_general_info"] = {"classic_key_details": {"key_type": key.classic_type,
+                                                                 "gw_cluster_id": 1, "public_key": ""}}
         if key.rotated:
             item["last_rotation_date"] = iso(key.rotated)
         if body.get("show-versions"):
@@ -540,7 +547,8 @@ class Api:
             name = body.get("name")
             act = body.get("action")
             if act == "create":
-                return {"item_id": s.create_key(name, body.get("type", "AES256GCM")).item_id}
+                key = s.create_key(name, body.get("type", "AES256GCM"), body.get("key_type"))
+                return {"item_id": key.item_id}
             key = s.keys.get(name)
             if key is None:
                 raise ApiError(404, "no such key %s" % name)
@@ -620,6 +628,8 @@ def make_handler(api, verbose):
                 self.inject(command)
                 with api.s.lock:
                     api.s.calls[command] = api.s.calls.get(command, 0) + 1
+                    kind = "client-type:%s" % self.headers.get("akeylessclienttype", "")
+                    api.s.calls[kind] = api.s.calls.get(kind, 0) + 1
                     out = getattr(api, Api.COMMANDS[command])(body)
                 self.send(200, out)
             except ApiError as e:
