@@ -97,10 +97,11 @@ pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider
     }
     Arc::new(MetadataCloudId {
         aws: CredentialsProvider::new(chain),
-        sts_url: args
-            .aws_sts_url
-            .clone()
-            .unwrap_or_else(|| cloud_id::DEFAULT_STS_URL.to_string()),
+        // Current official clients sign for the regional STS endpoint when AWS_REGION is set.
+        sts_url: args.aws_sts_url.clone().unwrap_or_else(|| {
+            cloud_id::sts_url_for_region(std::env::var("AWS_REGION").ok().as_deref())
+        }),
+        azure_workload: cloud_id::AzureWorkloadIdentity::from_env(|k| std::env::var(k).ok()),
         detect,
     })
 }
@@ -109,6 +110,8 @@ pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider
 struct MetadataCloudId {
     aws: crate::backend::aws::credentials::CredentialsProvider,
     sts_url: String,
+    /// AKS workload identity, preferred over IMDS when its variables are set.
+    azure_workload: Option<cloud_id::AzureWorkloadIdentity>,
     detect: cloud_id::DetectConfig,
 }
 
@@ -116,6 +119,7 @@ impl fmt::Debug for MetadataCloudId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MetadataCloudId")
             .field("sts_url", &self.sts_url)
+            .field("azure_workload", &self.azure_workload)
             .field("detect", &self.detect)
             .finish_non_exhaustive()
     }
@@ -128,6 +132,10 @@ impl CloudIdProvider for MetadataCloudId {
             AccessType::AwsIam => {
                 let region = cloud_id::sts_region_from_url(&self.sts_url);
                 cloud_id::aws_iam_cloud_id_from_chain(&self.aws, &self.sts_url, &region).await
+            }
+            AccessType::AzureAd if self.azure_workload.is_some() => {
+                let wi = self.azure_workload.as_ref().expect("checked");
+                cloud_id::azure_workload_identity_cloud_id(wi).await
             }
             AccessType::AzureAd => {
                 cloud_id::azure_ad_cloud_id(
@@ -145,17 +153,25 @@ impl CloudIdProvider for MetadataCloudId {
                 )))
             }
         };
-        // Cloud identity failures are usually "not on that cloud" or "no role attached": not transient
-        // for our retry logic, and reported as authentication problems with their cause.
-        result.map(|id| id.to_string()).map_err(|e| {
-            BackendError::Authentication(format!(
+        // A metadata service, STS credentials source or Entra ID that does not answer is not
+        // Akeyless refusing us: Unavailable (start-up goes on, logins are retried), with the cause.
+        result.map(|id| id.to_string()).map_err(|e| match e {
+            cloud_id::CloudIdError::Sign(_) => BackendError::Other(format!(
                 "cannot build the {} cloud identity: {e}",
                 req.kind
-            ))
+            )),
+            _ => BackendError::Unavailable(format!(
+                "cannot build the {} cloud identity: {e} (if the plugin does not run on that cloud, \
+                 set --akeyless-access-type)",
+                req.kind
+            )),
         })
     }
 
     async fn detect(&self) -> Option<AccessType> {
+        if self.azure_workload.is_some() {
+            return Some(AccessType::AzureAd);
+        }
         let cloud = cloud_id::detect_cloud(&self.detect).await?;
         AccessType::parse_loose(cloud.access_type())
     }
