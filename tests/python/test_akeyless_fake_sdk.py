@@ -1,7 +1,10 @@
 """Proves the fake Akeyless server (tests/fakes/akeyless_fake.py) speaks the real wire format: the
 official Akeyless Python SDK completes auth (access key and Universal Identity), encrypt, decrypt,
 describe-item, rotate-key and uid-rotate-token against it, and sees errors where the real API gives
-them.
+them. It also pins the fake's strictness: errors are exactly {"error": "..."}, `uid_token` is refused,
+HTTPS works with the generated test CA (and fails without it), AWS cloud-ids signed with botocore the way
+the official helper signs them are accepted and tampered ones refused, k8s auth needs gateway mode, and
+cloud tokens need the right audience.
 
 Skipped (not failed) only when KMS_TEST_OPT_OUT names `akeyless-sdk`.
 """
