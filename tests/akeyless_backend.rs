@@ -1261,3 +1261,29 @@ async fn k8s_auth_against_the_saas_url_says_it_needs_a_gateway() {
         "{e}"
     );
 }
+
+/// A renewal that is due while the token is still valid happens in the background: requests keep
+/// using the current token and never wait for a slow login.
+#[tokio::test]
+async fn slow_renewals_do_not_delay_requests() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    fake.control("token-ttl", json!({"seconds": 12})).await;
+    let backend = connect(&fake.args()).await;
+    // From now on every login takes 1.5 s; the renewal is due at 9 s, the token expires at ~10.8 s.
+    fake.control(
+        "latency",
+        json!({"command": "auth", "seconds": 1.5, "count": -1}),
+    )
+    .await;
+    let start = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while start.elapsed() < Duration::from_millis(10_500) {
+        let t = Instant::now();
+        backend.current_key().await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("slowest request around a 1.5 s background renewal: {slowest:?}");
+    assert!(slowest < Duration::from_millis(1000), "{slowest:?}");
+    assert_eq!(fake.calls("auth").await, 2, "start-up login + one renewal");
+}

@@ -302,7 +302,24 @@ impl TokenManager {
 
     /// A token usable now, authenticating first if needed. Returns the token and its generation
     /// (pass it to [`TokenManager::reject`] if the server refuses it).
+    ///
+    /// A token that is due for renewal but still valid is returned as it is: renewing is the
+    /// background task's job ([`TokenManager::renew`]), so a request never waits for a slow login
+    /// while it holds a usable token.
     pub(crate) async fn get(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
+        if let Some(t) = self.still_valid() {
+            return Ok(t);
+        }
+        self.acquire(deadline).await
+    }
+
+    /// Background renewal: authenticates when the token is due (or missing), keeps the old token
+    /// when that fails while it is still valid.
+    pub(crate) async fn renew(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
+        self.acquire(deadline).await
+    }
+
+    async fn acquire(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
         if let Some(t) = self.fresh() {
             return Ok(t);
         }

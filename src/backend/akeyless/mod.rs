@@ -619,7 +619,7 @@ async fn renew_tokens(tokens: Weak<TokenManager>, budget: Duration) {
         };
         tokio::time::sleep_until(at).await;
         let Some(t) = tokens.upgrade() else { return };
-        if let Err(e) = t.get(Instant::now() + budget).await {
+        if let Err(e) = t.renew(Instant::now() + budget).await {
             tracing::warn!(error = %e, "Akeyless token renewal failed; retrying");
         }
     }
