@@ -1287,3 +1287,40 @@ async fn slow_renewals_do_not_delay_requests() {
     assert!(slowest < Duration::from_millis(1000), "{slowest:?}");
     assert_eq!(fake.calls("auth").await, 2, "start-up login + one renewal");
 }
+
+/// Universal Identity with Akeyless away at start-up: the backend comes up, keeps the token, and
+/// logs in (and rotates) once Akeyless answers.
+#[tokio::test]
+async fn uid_start_up_with_akeyless_away_logs_in_later() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fake.control(
+        "fail",
+        json!({"command": "*", "status": 502, "count": -1, "body": "<html>Bad Gateway</html>", "content_type": "text/html"}),
+    )
+    .await;
+    let args = AkeylessArgs {
+        url: fake.url.clone(),
+        key_name: Some(KEY.into()),
+        uid_token: Some(Secret::new(init)),
+        uid_ttl: Duration::from_secs(20),
+        login_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("a transient failure does not stop start-up");
+    let e = backend.current_key().await.unwrap_err();
+    assert!(e.is_transient() && !e.is_revocation(), "{e:?}");
+    fake.control("clear-faults", json!({})).await;
+    backend.wrap(b"later").await.unwrap();
+    let saved = state.path().join("akeyless-uid-token");
+    assert!(
+        eventually(Duration::from_secs(5), || async { saved.exists() }).await,
+        "the token is rotated once Akeyless is back"
+    );
+}

@@ -176,7 +176,9 @@ impl Client {
             .user_agent(concat!("kms-plugin/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
             .use_preconfigured_tls(tls_config)
-            .connect_timeout(attempt_timeout(budgets.request))
+            // Each request's own timeout bounds the request path; this only keeps a login's
+            // connection set-up (TCP + TLS to a distant SaaS region) from being cut short.
+            .connect_timeout(attempt_timeout(budgets.login))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {e}")))?;
@@ -350,14 +352,11 @@ fn http_error(status: u16, body: &[u8], content_type: &str, retry_after: Option<
     }
 }
 
+/// Markup (HTML, XML): only for describing the body in the message.
 fn looks_like_html(body: &[u8]) -> bool {
-    let head: String = String::from_utf8_lossy(&body[..body.len().min(256)])
+    String::from_utf8_lossy(&body[..body.len().min(64)])
         .trim_start()
-        .to_ascii_lowercase();
-    head.starts_with("<!doctype")
-        || head.starts_with("<html")
-        || head.starts_with("<?xml")
-        || head.starts_with('<')
+        .starts_with('<')
 }
 
 /// Akeyless's error text when `body` is its error shape: a JSON object whose `"error"` is a
