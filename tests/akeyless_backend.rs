@@ -632,6 +632,13 @@ async fn other_auth_methods_and_gateway_prefix() {
         .map(|r| r["access_type"].as_str().unwrap())
         .collect();
     assert_eq!(types, ["k8s", "cert", "access_key"]);
+    // The challenge flow: the key signed a challenge and was not sent.
+    assert_eq!(records[1]["cert_flow"], "challenge");
+    assert_eq!(
+        fake.calls("get-cert-challenge").await,
+        2,
+        "wrong key + good key"
+    );
     // Without --gateway the fake is the SaaS, which has no k8s auth.
     let Some(saas) = Fake::start(&["--k8s-auth-config", "cluster-a"]) else {
         return;
@@ -1323,4 +1330,24 @@ async fn uid_start_up_with_akeyless_away_logs_in_later() {
         eventually(Duration::from_secs(5), || async { saved.exists() }).await,
         "the token is rotated once Akeyless is back"
     );
+}
+
+/// A server without `/get-cert-challenge` gets the client key, as older clients send it.
+#[tokio::test]
+async fn cert_auth_falls_back_to_sending_the_key_where_there_is_no_challenge() {
+    let Some(fake) = Fake::start(&["--no-cert-challenge"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    assert!(make_certs(dir.path()));
+    let c = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::Cert),
+        cert_file: Some(dir.path().join("client.pem")),
+        key_file: Some(dir.path().join("client-key.pem")),
+        ..fake.args()
+    };
+    connect(&c).await.wrap(b"cert").await.unwrap();
+    let records = fake.control("stats", json!({})).await["auth_records"].clone();
+    assert_eq!(records[0]["cert_flow"], "key");
 }

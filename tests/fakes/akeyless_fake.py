@@ -18,7 +18,9 @@ Logins are checked, not just looked at:
   gcp        base64 of a JWT whose `aud` is the request's gcp-audience
   k8s        only in --gateway mode (the SaaS refuses it): a configured --k8s-auth-config name and a
              base64 service-account JWT (sub system:serviceaccount:...)
-  cert       cert-data/key-data: base64 PEM of a valid certificate and its matching private key
+  cert       cert-data plus either a signed challenge from /get-cert-challenge (SHA-256, RSA PKCS#1
+             v1.5 or ECDSA, verified against the certificate; single use) or key-data, the matching
+             private key (older clients; --no-cert-challenge makes the server not offer the challenge)
   jwt        a JWT (three base64url parts, JSON header and claims), not expired
 
 TLS: `--tls-dir DIR` serves HTTPS with DIR/server.pem and DIR/server-key.pem, issued by DIR/ca.pem;
@@ -187,6 +189,8 @@ class State:
         self.auth_records = []
         self.failures = []  # [{"command", "status", "count", "body", "content_type"}]
         self.gateway = args.gateway
+        self.cert_challenge = not args.no_cert_challenge
+        self.challenges = {}  # challenge → (certificate fingerprint, expiry)
         self.k8s_configs = set(args.k8s_auth_config or [])
         self.aws_keys = {}  # access key id → secret
         if args.aws_access_key_id and args.aws_secret_access_key:
@@ -284,7 +288,7 @@ class Api:
                 raise ApiError(401, "failed to authenticate: not a service account token")
             record["k8s_auth_config_name"] = name
         elif access_type == "cert":
-            self.check_cert(body)
+            record["cert_flow"] = self.check_cert(body)
         elif access_type == "jwt":
             jwt_claims(body.get("jwt"), "jwt")
         elif access_type in ("aws_iam", "azure_ad", "gcp"):
@@ -315,9 +319,31 @@ class Api:
         self.s.auth_records.append(record)
         return self.s.issue_token(access_id, access_type)
 
-    def check_cert(self, body):
+    @staticmethod
+    def load_cert(body):
         try:
             cert = x509.load_pem_x509_certificate(b64d(body.get("cert-data") or "", "cert-data"))
+        except ApiError:
+            raise
+        except Exception:
+            raise ApiError(401, "failed to authenticate: invalid certificate")
+        if cert.not_valid_after_utc.timestamp() < now():
+            raise ApiError(401, "failed to authenticate: certificate has expired")
+        return cert
+
+    def get_cert_challenge(self, body):
+        if not self.s.cert_challenge:
+            raise ApiError(404, "", raw=b"404 page not found\n", content_type="text/plain; charset=utf-8")
+        cert = self.load_cert(body)
+        challenge = base64.b64encode(os.urandom(32)).decode()
+        self.s.challenges[challenge] = (cert.fingerprint(hashes.SHA256()), now() + 60)
+        return {"challenge": challenge}
+
+    def check_cert(self, body):
+        if body.get("signed-cert-challenge") is not None:
+            return self.check_signed_challenge(body)
+        cert = self.load_cert(body)
+        try:
             key = serialization.load_pem_private_key(b64d(body.get("key-data") or "", "key-data"), None)
         except ApiError:
             raise
@@ -328,8 +354,33 @@ class Api:
             serialization.Encoding.DER, spki
         ):
             raise ApiError(401, "failed to authenticate: the key does not match the certificate")
-        if cert.not_valid_after_utc.timestamp() < now():
-            raise ApiError(401, "failed to authenticate: certificate has expired")
+        return "key"
+
+    def check_signed_challenge(self, body):
+        """The challenge flow: a challenge we issued for this certificate, signed by its key."""
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        cert = self.load_cert(body)
+        challenge = body.get("cert-challenge")
+        issued = self.s.challenges.pop(challenge, None) if isinstance(challenge, str) else None
+        if issued is None or issued[1] < now() or issued[0] != cert.fingerprint(hashes.SHA256()):
+            raise ApiError(401, "failed to authenticate: unknown or expired certificate challenge")
+        if body.get("key-data"):
+            raise ApiError(400, "failed to authenticate: key-data must not be sent with a signed challenge")
+        signature = b64d(body.get("signed-cert-challenge") or "", "signed-cert-challenge")
+        data = base64.b64decode(challenge)
+        public = cert.public_key()
+        try:
+            if isinstance(public, rsa.RSAPublicKey):
+                public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+            elif isinstance(public, ec.EllipticCurvePublicKey):
+                public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+            else:
+                raise ApiError(401, "failed to authenticate: unsupported certificate key type")
+        except ApiError:
+            raise
+        except Exception:
+            raise ApiError(401, "failed to authenticate: the challenge signature does not match the certificate")
+        return "challenge"
 
     def check_aws(self, raw):
         """Decodes and verifies an aws_iam cloud-id; returns what it names."""
@@ -502,6 +553,7 @@ class Api:
         "rotate-key": "rotate_key",
         "uid-rotate-token": "uid_rotate_token",
         "create-dfc-key": "create_dfc_key",
+        "get-cert-challenge": "get_cert_challenge",
         "list-items": "list_items",
     }
 
@@ -737,6 +789,7 @@ def main():
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help="stop when the parent closes stdin (or dies)")
     p.add_argument("--gateway", action="store_true", help="behave as a customer Gateway (k8s auth allowed)")
+    p.add_argument("--no-cert-challenge", action="store_true", help="an older server without /get-cert-challenge")
     p.add_argument("--k8s-auth-config", action="append", help="a k8s auth config name the gateway knows")
     p.add_argument("--aws-access-key-id", help="AWS key whose SigV4 signatures aws_iam logins must carry")
     p.add_argument("--aws-secret-access-key", default=os.environ.get("FAKE_AKEYLESS_AWS_SECRET"))

@@ -331,3 +331,32 @@ def test_a_proxy_answer_is_not_an_akeyless_error(fake):
         api.describe_item(akeyless.DescribeItem(name=KEY, token=token))
     assert e.value.status == 404 and e.value.body.startswith("<html>")
     assert api.describe_item(akeyless.DescribeItem(name=KEY, token=token)).item_name == KEY
+
+
+def test_cert_challenge_flow(tmp_path):
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    proc, port = start_fake()
+    try:
+        subprocess.run([sys.executable, str(FAKE), "--make-certs", str(tmp_path)], check=True)
+        api = api_for("http://127.0.0.1:%d" % port)
+        cert_b64 = base64.b64encode((tmp_path / "client.pem").read_bytes()).decode()
+        key = serialization.load_pem_private_key((tmp_path / "client-key.pem").read_bytes(), None)
+        challenge = api.get_cert_challenge(akeyless.GetCertChallenge(access_id=ACCESS_ID, cert_data=cert_b64)).challenge
+        signed = base64.b64encode(key.sign(base64.b64decode(challenge), ec.ECDSA(hashes.SHA256()))).decode()
+        auth = akeyless.Auth(access_id=ACCESS_ID, access_type="cert", cert_data=cert_b64,
+                             cert_challenge=challenge, signed_cert_challenge=signed)
+        assert api.auth(auth).token.startswith("t-")
+        with pytest.raises(ApiException) as e:  # a challenge is single-use
+            api.auth(auth)
+        assert e.value.status == 401
+        other = ec.generate_private_key(ec.SECP256R1())
+        challenge = api.get_cert_challenge(akeyless.GetCertChallenge(access_id=ACCESS_ID, cert_data=cert_b64)).challenge
+        forged = base64.b64encode(other.sign(base64.b64decode(challenge), ec.ECDSA(hashes.SHA256()))).decode()
+        with pytest.raises(ApiException) as e:
+            api.auth(akeyless.Auth(access_id=ACCESS_ID, access_type="cert", cert_data=cert_b64,
+                                   cert_challenge=challenge, signed_cert_challenge=forged))
+        assert e.value.status == 401
+    finally:
+        stop(proc)

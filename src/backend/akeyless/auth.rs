@@ -406,7 +406,7 @@ impl TokenManager {
 
     /// Authenticates now (the caller holds the flight lock) and stores the new token.
     async fn authenticate(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
-        let body = self.auth_body().await?;
+        let body = self.auth_body(deadline).await?;
         self.auth_calls.fetch_add(1, Ordering::Relaxed);
         let reply = self
             .client
@@ -460,7 +460,78 @@ impl TokenManager {
         Ok((token, generation))
     }
 
-    async fn auth_body(&self) -> Result<Map<String, Value>, BackendError> {
+    /// The cert method's challenge flow: `/get-cert-challenge` gives a challenge, the client key
+    /// signs it (SHA-256; RSA PKCS#1 v1.5 or ECDSA P-256, DER), and `/auth` gets the signature
+    /// instead of the key. `None` when the server does not offer the command or the key type
+    /// cannot sign that way: then the key itself is sent, as older clients do.
+    async fn cert_challenge(
+        &self,
+        cert_b64: &str,
+        key_pem: &[u8],
+        key_file: &std::path::Path,
+        deadline: Instant,
+    ) -> Result<Option<(String, String)>, BackendError> {
+        use pki_types::pem::PemObject;
+        use rustls::SignatureScheme;
+        let der = pki_types::PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
+            BackendError::Config(format!(
+                "{} (--akeyless-key-file) is not a PEM private key: {e}",
+                key_file.display()
+            ))
+        })?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+            .ok()
+            .and_then(|k| {
+                k.choose_scheme(&[
+                    SignatureScheme::RSA_PKCS1_SHA256,
+                    SignatureScheme::ECDSA_NISTP256_SHA256,
+                ])
+            });
+        let Some(signer) = signer else {
+            tracing::debug!(
+                "the cert auth key cannot sign a challenge (not RSA or P-256); sending the key"
+            );
+            return Ok(None);
+        };
+        let mut body = Map::new();
+        if let Some(id) = &self.access_id {
+            body.insert("access-id".into(), Value::String(id.clone()));
+        }
+        body.insert("cert-data".into(), Value::String(cert_b64.to_string()));
+        let reply = self
+            .client
+            .call_if_offered(Op::Auth, "get-cert-challenge", &body, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Failed(e) => e,
+                CallError::TokenRejected(m) => BackendError::Authentication(m),
+            })?;
+        let Some(reply) = reply else {
+            tracing::info!(
+                "the Akeyless server offers no /get-cert-challenge; sending the client key"
+            );
+            return Ok(None);
+        };
+        let challenge = match reply.get("challenge") {
+            Some(Value::String(c)) if !c.trim().is_empty() => c.trim().to_string(),
+            _ => {
+                return Err(BackendError::Unavailable(
+                    "/get-cert-challenge answered without a challenge".into(),
+                ))
+            }
+        };
+        let raw = B64.decode(&challenge).map_err(|_| {
+            BackendError::Unavailable(
+                "/get-cert-challenge answered a challenge that is not base64".into(),
+            )
+        })?;
+        let signature = signer
+            .sign(&raw)
+            .map_err(|e| BackendError::Other(format!("cannot sign the cert challenge: {e}")))?;
+        Ok(Some((challenge, B64.encode(signature))))
+    }
+
+    async fn auth_body(&self, deadline: Instant) -> Result<Map<String, Value>, BackendError> {
         let mut b = Map::new();
         let s = |v: &str| Value::String(v.to_string());
         b.insert(
@@ -494,11 +565,20 @@ impl TokenManager {
             } => {
                 let cert = read_secret_file(cert_file, "client certificate")?;
                 let key = read_secret_file(key_file, "client key")?;
-                b.insert(
-                    "cert-data".into(),
-                    Value::String(B64.encode(cert.as_bytes())),
-                );
-                b.insert("key-data".into(), Value::String(B64.encode(key.as_bytes())));
+                let cert_b64 = B64.encode(cert.as_bytes());
+                match self
+                    .cert_challenge(&cert_b64, key.as_bytes(), key_file, deadline)
+                    .await?
+                {
+                    Some((challenge, signature)) => {
+                        b.insert("cert-challenge".into(), Value::String(challenge));
+                        b.insert("signed-cert-challenge".into(), Value::String(signature));
+                    }
+                    None => {
+                        b.insert("key-data".into(), Value::String(B64.encode(key.as_bytes())));
+                    }
+                }
+                b.insert("cert-data".into(), Value::String(cert_b64));
             }
             Method::Jwt { file } => {
                 let jwt = read_secret_file(file, "JWT")?;

@@ -208,6 +208,31 @@ impl Client {
         body: &Map<String, Value>,
         deadline: Instant,
     ) -> Result<Map<String, Value>, CallError> {
+        self.call_inner(op, command, body, deadline, false)
+            .await
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// [`Client::call`] for a command some servers do not offer: `Ok(None)` when the server answers
+    /// 404, 405 or 501 (in any shape), the command being absent there.
+    pub(crate) async fn call_if_offered(
+        &self,
+        op: Op,
+        command: &str,
+        body: &Map<String, Value>,
+        deadline: Instant,
+    ) -> Result<Option<Map<String, Value>>, CallError> {
+        self.call_inner(op, command, body, deadline, true).await
+    }
+
+    async fn call_inner(
+        &self,
+        op: Op,
+        command: &str,
+        body: &Map<String, Value>,
+        deadline: Instant,
+        absent_ok: bool,
+    ) -> Result<Option<Map<String, Value>>, CallError> {
         let total = deadline.saturating_duration_since(Instant::now());
         let attempt_limit = match op {
             Op::Auth | Op::UidRotate => {
@@ -224,7 +249,10 @@ impl Client {
             }
             let per_attempt = attempt_limit.min(remaining);
             let raw = match self.send_once(command, body, per_attempt).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => return Ok(Some(v)),
+                Err(Raw::Http { status, .. }) if absent_ok && matches!(status, 404 | 405 | 501) => {
+                    return Ok(None)
+                }
                 Err(raw) => raw,
             };
             let class = classify(op, &raw, body, &self.base, command, per_attempt);
