@@ -614,6 +614,13 @@ async fn other_auth_methods_and_gateway_prefix() {
         ..fake.args()
     };
     connect(&c).await.wrap(b"cert").await.unwrap();
+    // An RSA client key signs the challenge with PKCS#1 v1.5 / SHA-256.
+    let rsa = AkeylessArgs {
+        cert_file: Some(dir.path().join("client-rsa.pem")),
+        key_file: Some(dir.path().join("client-rsa-key.pem")),
+        ..c.clone()
+    };
+    connect(&rsa).await.wrap(b"cert-rsa").await.unwrap();
 
     let akf = dir.path().join("access-key");
     std::fs::write(&akf, format!("{ACCESS_KEY}\n")).unwrap();
@@ -631,13 +638,14 @@ async fn other_auth_methods_and_gateway_prefix() {
         .iter()
         .map(|r| r["access_type"].as_str().unwrap())
         .collect();
-    assert_eq!(types, ["k8s", "cert", "access_key"]);
+    assert_eq!(types, ["k8s", "cert", "cert", "access_key"]);
     // The challenge flow: the key signed a challenge and was not sent.
     assert_eq!(records[1]["cert_flow"], "challenge");
+    assert_eq!(records[2]["cert_flow"], "challenge");
     assert_eq!(
         fake.calls("get-cert-challenge").await,
-        2,
-        "wrong key + good key"
+        3,
+        "wrong key, EC key, RSA key"
     );
     // Without --gateway the fake is the SaaS, which has no k8s auth.
     let Some(saas) = Fake::start(&["--k8s-auth-config", "cluster-a"]) else {

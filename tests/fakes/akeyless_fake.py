@@ -24,7 +24,8 @@ Logins are checked, not just looked at:
   jwt        a JWT (three base64url parts, JSON header and claims), not expired
 
 TLS: `--tls-dir DIR` serves HTTPS with DIR/server.pem and DIR/server-key.pem, issued by DIR/ca.pem;
-`--make-certs DIR` writes those plus a client pair (client.pem, client-key.pem) and exits;
+`--make-certs DIR` writes those plus client pairs (client.pem/client-key.pem with EC P-256,
+client-rsa.pem/client-rsa-key.pem with RSA) and exits;
 `--require-client-cert` asks for a client certificate issued by DIR/ca.pem (mutual TLS).
 
 Cryptography is real: AES-256-GCM per key version, the version travels inside the ciphertext, and the
@@ -758,8 +759,13 @@ def make_certs(directory):
          [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
           x509.IPAddress(ipaddress.ip_address("::1"))]),
         ("client", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("kms-plugin-test-client")]),
+        ("client-rsa", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("kms-plugin-test-client")]),
     ]:
-        key = ec.generate_private_key(ec.SECP256R1())
+        if name.endswith("-rsa"):
+            from cryptography.hazmat.primitives.asymmetric import rsa
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms-plugin test " + name)]))
