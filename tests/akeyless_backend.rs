@@ -11,10 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
+use kms_plugin::backend::akeyless::cloud_id::aws_iam_cloud_id;
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
+use kms_plugin::backend::aws::credentials::Credentials;
 use kms_plugin::backend::{AuthKind, Backend, BackendError};
 use serde_json::json;
-use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
+use support::akeyless_fake::{
+    jwt, make_certs, Fake, ACCESS_ID, ACCESS_KEY, AWS_KEY_ID, AWS_SECRET, KEY,
+};
 use support::events::Recorder;
 
 async fn connect(args: &AkeylessArgs) -> AkeylessBackend {
@@ -340,7 +344,8 @@ async fn server_errors_and_timeouts_are_retried_within_the_deadline() {
             assert!(matches!(err, BackendError::Throttled(_)), "{err}");
         }
         if status == 503 {
-            assert!(err.to_string().contains("plain text outage"), "{err}");
+            // Plain text is not Akeyless's error shape: reported as such, never echoed.
+            assert!(err.to_string().contains("not an Akeyless answer"), "{err}");
         }
         assert_no_secret(&err.to_string());
         fake.control("clear-faults", json!({})).await;
@@ -457,7 +462,7 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, BackendError::Authentication(m) if m.contains("unknown access id")),
+        matches!(&e, BackendError::Authentication(m) if m.contains("access id p-nobody not found")),
         "{e}"
     );
     check(&e);
@@ -540,13 +545,17 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
         url: format!("http://127.0.0.1:{port}"),
         ..base.clone()
     };
+    // Unreachable is transient: start-up goes on, and the calls report it.
     let t = Instant::now();
-    let e = AkeylessBackend::connect(&gone, None).await.unwrap_err();
+    let backend = AkeylessBackend::connect(&gone, None)
+        .await
+        .expect("a transient start-up failure does not stop start-up");
+    assert!(t.elapsed() < Duration::from_secs(11));
+    let e = backend.current_key().await.unwrap_err();
     assert!(
         matches!(&e, BackendError::Unavailable(m) if m.contains("cannot reach")),
         "{e}"
     );
-    assert!(t.elapsed() < Duration::from_secs(11));
     check(&e);
 
     // Debug output of a working backend and of the arguments hides the access key.
@@ -557,10 +566,15 @@ async fn start_up_failures_name_the_cause_and_never_the_secret() {
 
 #[tokio::test]
 async fn other_auth_methods_and_gateway_prefix() {
-    let Some(fake) = Fake::start(&[]) else { return };
+    let Some(fake) = Fake::start(&["--gateway", "--k8s-auth-config", "cluster-a"]) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let sa = dir.path().join("sa-token");
-    std::fs::write(&sa, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n").unwrap();
+    let sa_jwt = jwt(
+        json!({"iss": "kubernetes/serviceaccount", "sub": "system:serviceaccount:kube-system:kms"}),
+    );
+    std::fs::write(&sa, format!("{sa_jwt}\n")).unwrap();
     let k8s = AkeylessArgs {
         url: format!("{}/api/v2", fake.url),
         access_key: None,
@@ -571,18 +585,27 @@ async fn other_auth_methods_and_gateway_prefix() {
     };
     connect(&k8s).await.wrap(b"k8s").await.unwrap();
 
-    let cert = dir.path().join("c.pem");
-    let key = dir.path().join("k.pem");
-    std::fs::write(
-        &cert,
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
-    std::fs::write(
-        &key,
-        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
-    )
-    .unwrap();
+    // A config name the gateway does not know is refused by it.
+    let unknown = AkeylessArgs {
+        k8s_auth_config_name: Some("cluster-b".into()),
+        ..k8s.clone()
+    };
+    let e = AkeylessBackend::connect(&unknown, None).await.unwrap_err();
+    assert!(matches!(e, BackendError::Authentication(_)), "{e}");
+
+    assert!(make_certs(dir.path()));
+    let cert = dir.path().join("client.pem");
+    let key = dir.path().join("client-key.pem");
+    // A certificate with someone else's key is refused.
+    let wrong = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::Cert),
+        cert_file: Some(cert.clone()),
+        key_file: Some(dir.path().join("server-key.pem")),
+        ..fake.args()
+    };
+    let e = AkeylessBackend::connect(&wrong, None).await.unwrap_err();
+    assert!(matches!(e, BackendError::Authentication(_)), "{e}");
     let c = AkeylessArgs {
         access_key: None,
         access_type: Some(AccessType::Cert),
@@ -591,6 +614,13 @@ async fn other_auth_methods_and_gateway_prefix() {
         ..fake.args()
     };
     connect(&c).await.wrap(b"cert").await.unwrap();
+    // An RSA client key signs the challenge with PKCS#1 v1.5 / SHA-256.
+    let rsa = AkeylessArgs {
+        cert_file: Some(dir.path().join("client-rsa.pem")),
+        key_file: Some(dir.path().join("client-rsa-key.pem")),
+        ..c.clone()
+    };
+    connect(&rsa).await.wrap(b"cert-rsa").await.unwrap();
 
     let akf = dir.path().join("access-key");
     std::fs::write(&akf, format!("{ACCESS_KEY}\n")).unwrap();
@@ -608,7 +638,28 @@ async fn other_auth_methods_and_gateway_prefix() {
         .iter()
         .map(|r| r["access_type"].as_str().unwrap())
         .collect();
-    assert_eq!(types, ["k8s", "cert", "access_key"]);
+    assert_eq!(types, ["k8s", "cert", "cert", "access_key"]);
+    // The challenge flow: the key signed a challenge and was not sent.
+    assert_eq!(records[1]["cert_flow"], "challenge");
+    assert_eq!(records[2]["cert_flow"], "challenge");
+    assert_eq!(
+        fake.calls("get-cert-challenge").await,
+        3,
+        "wrong key, EC key, RSA key"
+    );
+    // Without --gateway the fake is the SaaS, which has no k8s auth.
+    let Some(saas) = Fake::start(&["--k8s-auth-config", "cluster-a"]) else {
+        return;
+    };
+    let on_saas = AkeylessArgs {
+        url: saas.url.clone(),
+        ..k8s.clone()
+    };
+    let e = AkeylessBackend::connect(&on_saas, None).await.unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("Gateway")),
+        "{e}"
+    );
     assert_eq!(records[0]["k8s_auth_config_name"], "cluster-a");
 }
 
@@ -642,7 +693,19 @@ struct TestCloud;
 #[async_trait::async_trait]
 impl CloudIdProvider for TestCloud {
     async fn cloud_id(&self, req: &CloudIdRequest) -> Result<String, BackendError> {
-        Ok(format!("cloud-id-for-{}-{}", req.kind, req.gcp_audience))
+        use base64::Engine as _;
+        let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+        Ok(match req.kind {
+            AccessType::AwsIam => {
+                let creds = Credentials::new(AWS_KEY_ID, AWS_SECRET, None);
+                aws_iam_cloud_id(&creds, "https://sts.eu-west-1.amazonaws.com/", "eu-west-1")
+                    .await
+                    .unwrap()
+                    .to_string()
+            }
+            AccessType::Gcp => b64(jwt(json!({"aud": req.gcp_audience, "sub": "gce"}))),
+            _ => b64(jwt(json!({"aud": "https://management.azure.com/"}))),
+        })
     }
     async fn detect(&self) -> Option<AccessType> {
         Some(AccessType::Gcp)
@@ -671,10 +734,41 @@ async fn cloud_identities_go_through_the_provider_hook() {
         .expect("detected gcp");
     let records = fake.control("stats", json!({})).await["auth_records"].clone();
     assert_eq!(records[0]["access_type"], "aws_iam");
-    assert_eq!(records[0]["cloud_id"], "cloud-id-for-aws_iam-akeyless.io");
+    // The fake verified the SigV4 signature with botocore for the region the URL names.
+    assert_eq!(records[0]["sts"]["region"], "eu-west-1");
+    assert_eq!(records[0]["sts"]["access_key_id"], AWS_KEY_ID);
     assert_eq!(records[1]["access_type"], "gcp");
     assert_eq!(records[1]["gcp_audience"], "my-aud");
-    assert_eq!(records[1]["cloud_id"], "cloud-id-for-gcp-my-aud");
+    assert_eq!(records[1]["claims"]["aud"], "my-aud");
+    // A signature by another secret is refused by the fake, as STS would refuse it.
+    struct BadAws;
+    impl std::fmt::Debug for BadAws {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("BadAws")
+        }
+    }
+    #[async_trait::async_trait]
+    impl CloudIdProvider for BadAws {
+        async fn cloud_id(&self, _: &CloudIdRequest) -> Result<String, BackendError> {
+            let creds = Credentials::new(AWS_KEY_ID, "not-the-secret", None);
+            Ok(
+                aws_iam_cloud_id(&creds, "https://sts.amazonaws.com/", "us-east-1")
+                    .await
+                    .unwrap()
+                    .to_string(),
+            )
+        }
+        async fn detect(&self) -> Option<AccessType> {
+            None
+        }
+    }
+    let e = AkeylessBackend::connect_with(&aws, None, Arc::new(BadAws))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Authentication(m) if m.contains("signature")),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -822,10 +916,7 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
             return Resp::new(403, "");
         }
         let body = if req.path.ends_with("/service-accounts/default/identity") {
-            format!(
-                "jwt-for-{}",
-                req.query_param("audience").unwrap_or_default()
-            )
+            jwt(json!({"aud": req.query_param("audience").unwrap_or_default(), "sub": "gce-sa"}))
         } else {
             String::new()
         };
@@ -838,7 +929,8 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
         }
         if req.path == "/metadata/identity/oauth2/token" {
             let oid = req.query_param("object_id").unwrap_or_default();
-            Resp::new(200, format!(r#"{{"access_token":"azure-token-{oid}"}}"#))
+            let token = jwt(json!({"aud": "https://management.azure.com/", "oid": oid}));
+            Resp::new(200, format!(r#"{{"access_token":"{token}"}}"#))
         } else {
             Resp::new(404, "")
         }
@@ -870,9 +962,10 @@ async fn real_cloud_provider_detects_gcp_and_builds_azure_identity() {
         String::from_utf8(raw).unwrap()
     };
     assert_eq!(records[0]["access_type"], "gcp");
-    assert_eq!(decoded(0), "jwt-for-aud-x");
+    assert_eq!(records[0]["claims"]["aud"], "aud-x");
+    assert_eq!(decoded(0).split('.').count(), 3);
     assert_eq!(records[1]["access_type"], "azure_ad");
-    assert_eq!(decoded(1), "azure-token-oid-1");
+    assert_eq!(records[1]["claims"]["oid"], "oid-1");
 }
 
 async fn connect_recorded(
@@ -961,11 +1054,10 @@ async fn uid_rotation_is_reported_to_the_event_hook() {
     };
     let (backend, rec) = connect_recorded(&args, Some(state.path().to_path_buf())).await;
     let backend = backend.expect("connect with UID");
-    // The UID token is proven by a login, rotated at once, then the token manager logs in.
-    assert_eq!(
-        rec.take(),
-        [(Login, "ok"), (IdentityRotation, "ok"), (Login, "ok")]
-    );
+    // The UID token is proven by the one start-up login (whose token the token manager keeps),
+    // then rotated at once.
+    assert_eq!(rec.take(), [(Login, "ok"), (IdentityRotation, "ok")]);
+    assert_eq!(fake.calls("auth").await, 1, "one login at start-up");
     backend.rotate_uid_token().await.unwrap();
     assert_eq!(rec.take(), [(IdentityRotation, "ok")]);
     fake.control(
@@ -975,4 +1067,295 @@ async fn uid_rotation_is_reported_to_the_event_hook() {
     .await;
     let err = backend.rotate_uid_token().await.unwrap_err();
     assert_eq!(rec.take(), [(IdentityRotation, err.label())]);
+}
+
+/// Answers that are not Akeyless's JSON error shape (a proxy, an ingress default backend, a WAF)
+/// are Unavailable for every call, whatever the status; the same statuses in Akeyless's shape are
+/// authoritative.
+#[tokio::test]
+async fn proxy_answers_are_unavailable_and_akeyless_answers_are_authoritative() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    // A short request budget: the retries of transient answers end quickly.
+    let backend = connect(&AkeylessArgs {
+        timeout: Duration::from_millis(400),
+        ..fake.args()
+    })
+    .await;
+    let w = backend.wrap(b"secret").await.unwrap();
+    let html = "<html><head><title>404 Not Found</title></head><body>nginx</body></html>";
+    for status in [400u16, 401, 403, 404, 410, 502] {
+        for (body, ctype) in [
+            (html, "text/html"),
+            ("", "text/plain"),
+            ("Forbidden", "text/plain"),
+        ] {
+            fake.control(
+                "fail",
+                json!({"command": "*", "status": status, "count": -1, "body": body, "content_type": ctype}),
+            )
+            .await;
+            let errors = [
+                backend.current_key().await.unwrap_err(),
+                backend.wrap(b"x").await.unwrap_err(),
+                backend.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err(),
+            ];
+            for e in &errors {
+                assert!(
+                    matches!(e, BackendError::Unavailable(m) if m.contains("not an Akeyless answer")),
+                    "{status} {body:?}: {e:?}"
+                );
+                assert!(!e.is_revocation());
+                assert!(
+                    !e.to_string().contains("nginx"),
+                    "the foreign body is not echoed"
+                );
+            }
+            fake.control("clear-faults", json!({})).await;
+        }
+    }
+    // JSON that is not {"error": "..."} is not Akeyless's shape either.
+    for body in [
+        json!({"message": "Not Found"}),
+        json!({"error": {"code": 404}}),
+        json!({}),
+    ] {
+        fake.control(
+            "fail",
+            json!({"command": "describe-item", "status": 404, "count": -1, "body": body}),
+        )
+        .await;
+        let e = backend.current_key().await.unwrap_err();
+        assert!(matches!(e, BackendError::Unavailable(_)), "{body}: {e:?}");
+        fake.control("clear-faults", json!({})).await;
+    }
+    // Akeyless's own answers with those statuses.
+    for (status, label) in [(404, "key_not_found"), (403, "permission_denied")] {
+        fake.control(
+            "fail",
+            json!({"command": "describe-item", "status": status, "count": 1, "body": {"error": "failed to describe item"}}),
+        )
+        .await;
+        let e = backend.current_key().await.unwrap_err();
+        assert_eq!(e.label(), label, "{e}");
+    }
+    // An Akeyless 401 is a rejected token: one re-authentication, then success.
+    let auths = fake.calls("auth").await;
+    fake.control(
+        "fail",
+        json!({"command": "describe-item", "status": 401, "count": 1, "body": {"error": "Unauthorized"}}),
+    )
+    .await;
+    backend.current_key().await.unwrap();
+    assert_eq!(fake.calls("auth").await, auths + 1);
+    // The client-type header Akeyless's own integrations send.
+    assert!(fake.calls("client-type:k8s-kms-plugin").await > 0);
+    assert_eq!(fake.calls("client-type:").await, 0);
+}
+
+#[tokio::test]
+async fn mutual_tls_gateway_needs_the_client_certificate() {
+    let tls = tempfile::tempdir().unwrap();
+    if !make_certs(tls.path()) {
+        return;
+    }
+    let Some(fake) = Fake::start_tls(tls.path(), &["--require-client-cert"]) else {
+        return;
+    };
+    let ca = tls.path().join("ca.pem");
+    let with = AkeylessArgs {
+        ca_file: Some(ca.clone()),
+        client_cert_file: Some(tls.path().join("client.pem")),
+        client_key_file: Some(tls.path().join("client-key.pem")),
+        ..fake.args()
+    };
+    connect(&with).await.wrap(b"mtls").await.unwrap();
+    // Without the client certificate the gateway drops the handshake: not reachable, not revoked.
+    let without = AkeylessArgs {
+        ca_file: Some(ca.clone()),
+        timeout: Duration::from_millis(800),
+        login_timeout: Duration::from_secs(2),
+        ..fake.args()
+    };
+    let b = AkeylessBackend::connect(&without, None).await.unwrap();
+    let e = b.current_key().await.unwrap_err();
+    assert!(e.is_transient() && !e.is_revocation(), "{e:?}");
+    // Half a client pair, a missing CA file or a file that is not PEM: configuration errors naming the option.
+    for (args, flag) in [
+        (
+            AkeylessArgs {
+                client_cert_file: Some(tls.path().join("client.pem")),
+                ..fake.args()
+            },
+            "--akeyless-client-key-file",
+        ),
+        (
+            AkeylessArgs {
+                ca_file: Some(tls.path().join("nope.pem")),
+                ..fake.args()
+            },
+            "--akeyless-ca-file",
+        ),
+        (
+            AkeylessArgs {
+                ca_file: Some(tls.path().join("client-key.pem")),
+                ..fake.args()
+            },
+            "--akeyless-ca-file",
+        ),
+    ] {
+        let e = AkeylessBackend::connect(&args, None).await.unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Config(m) if m.contains(flag)),
+            "{e}"
+        );
+        assert_no_secret(&e.to_string());
+    }
+}
+
+#[tokio::test]
+async fn classic_keys_are_accepted_like_dfc_keys() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    fake.control(
+        "key",
+        json!({"name": "/classic/aes", "action": "create", "type": "CLASSIC_KEY", "key_type": "AES256GCM"}),
+    )
+    .await;
+    fake.control(
+        "key",
+        json!({"name": "/classic/rsa", "action": "create", "type": "CLASSIC_KEY", "key_type": "RSA2048"}),
+    )
+    .await;
+    fake.control(
+        "key",
+        json!({"name": "/dfc/rsa", "action": "create", "type": "RSA2048"}),
+    )
+    .await;
+    let classic = AkeylessArgs {
+        key_name: Some("/classic/aes".into()),
+        ..fake.args()
+    };
+    let b = connect(&classic).await;
+    let w = b.wrap(b"classic").await.unwrap();
+    assert_eq!(
+        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"classic"
+    );
+    for name in ["/classic/rsa", "/dfc/rsa"] {
+        let args = AkeylessArgs {
+            key_name: Some(name.into()),
+            ..fake.args()
+        };
+        let e = AkeylessBackend::connect(&args, None).await.unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Config(m) if m.contains("RSA2048") && m.contains("AES256GCM")),
+            "{name}: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn k8s_auth_against_the_saas_url_says_it_needs_a_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let sa = dir.path().join("sa");
+    std::fs::write(&sa, jwt(json!({"sub": "system:serviceaccount:a:b"}))).unwrap();
+    let args = AkeylessArgs {
+        url: "https://api.akeyless.io".into(),
+        access_id: Some(ACCESS_ID.into()),
+        key_name: Some(KEY.into()),
+        access_type: Some(AccessType::K8s),
+        k8s_auth_config_name: Some("c".into()),
+        k8s_service_account_token_file: sa,
+        ..Default::default()
+    };
+    // Refused before any network call.
+    let e = AkeylessBackend::connect_with(&args, None, Arc::new(NoCloudId))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BackendError::Config(m) if m.contains("Gateway") && m.contains("--akeyless-url")),
+        "{e}"
+    );
+}
+
+/// A renewal that is due while the token is still valid happens in the background: requests keep
+/// using the current token and never wait for a slow login.
+#[tokio::test]
+async fn slow_renewals_do_not_delay_requests() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    fake.control("token-ttl", json!({"seconds": 12})).await;
+    let backend = connect(&fake.args()).await;
+    // From now on every login takes 1.5 s; the renewal is due at 9 s, the token expires at ~10.8 s.
+    fake.control(
+        "latency",
+        json!({"command": "auth", "seconds": 1.5, "count": -1}),
+    )
+    .await;
+    let start = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while start.elapsed() < Duration::from_millis(10_500) {
+        let t = Instant::now();
+        backend.current_key().await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("slowest request around a 1.5 s background renewal: {slowest:?}");
+    assert!(slowest < Duration::from_millis(1000), "{slowest:?}");
+    assert_eq!(fake.calls("auth").await, 2, "start-up login + one renewal");
+}
+
+/// Universal Identity with Akeyless away at start-up: the backend comes up, keeps the token, and
+/// logs in (and rotates) once Akeyless answers.
+#[tokio::test]
+async fn uid_start_up_with_akeyless_away_logs_in_later() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fake.control(
+        "fail",
+        json!({"command": "*", "status": 502, "count": -1, "body": "<html>Bad Gateway</html>", "content_type": "text/html"}),
+    )
+    .await;
+    let args = AkeylessArgs {
+        url: fake.url.clone(),
+        key_name: Some(KEY.into()),
+        uid_token: Some(Secret::new(init)),
+        uid_ttl: Duration::from_secs(20),
+        login_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
+        .await
+        .expect("a transient failure does not stop start-up");
+    let e = backend.current_key().await.unwrap_err();
+    assert!(e.is_transient() && !e.is_revocation(), "{e:?}");
+    fake.control("clear-faults", json!({})).await;
+    backend.wrap(b"later").await.unwrap();
+    let saved = state.path().join("akeyless-uid-token");
+    assert!(
+        eventually(Duration::from_secs(5), || async { saved.exists() }).await,
+        "the token is rotated once Akeyless is back"
+    );
+}
+
+/// A server without `/get-cert-challenge` gets the client key, as older clients send it.
+#[tokio::test]
+async fn cert_auth_falls_back_to_sending_the_key_where_there_is_no_challenge() {
+    let Some(fake) = Fake::start(&["--no-cert-challenge"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    assert!(make_certs(dir.path()));
+    let c = AkeylessArgs {
+        access_key: None,
+        access_type: Some(AccessType::Cert),
+        cert_file: Some(dir.path().join("client.pem")),
+        key_file: Some(dir.path().join("client-key.pem")),
+        ..fake.args()
+    };
+    connect(&c).await.wrap(b"cert").await.unwrap();
+    let records = fake.control("stats", json!({})).await["auth_records"].clone();
+    assert_eq!(records[0]["cert_flow"], "key");
 }

@@ -117,3 +117,94 @@ fn bad_credentials_stop_start_up_with_the_cause() {
         "secret audited: {audit}"
     );
 }
+
+/// The original plugin's socket lives in /tmp: a directory others can write to is warned about
+/// loudly; a private one is not.
+#[tokio::test]
+async fn socket_in_a_shared_directory_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(fake) = Fake::start(&[]) else { return };
+    for (mode, warned) in [(0o1777, true), (0o700, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock_dir = dir.path().join("sock");
+        std::fs::create_dir(&sock_dir).unwrap();
+        std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let socket = sock_dir.join("akeyless_kms_plugin.sock");
+        let env = [
+            ("AKEYLESS_URL", fake.url.clone()),
+            ("AKEYLESS_UNIX_SOCKET", socket.display().to_string()),
+            ("AKEYLESS_KEY_ENCRYPTION_KEY", KEY.to_string()),
+            ("AKEYLESS_ACCESS_ID", ACCESS_ID.to_string()),
+            ("AKEYLESS_ACCESS_KEY", ACCESS_KEY.to_string()),
+            ("KMS_PLUGIN_DATA_DIR", dir.path().display().to_string()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let addr = ListenAddr::Path(socket.clone());
+        let p = Plugin::spawn_with_env(&["serve".to_string()], &env, addr, dir.path());
+        p.wait_healthy(Duration::from_secs(20)).await;
+        let log = p.log_text();
+        assert_eq!(
+            log.contains("SOCKET DIRECTORY IS WRITABLE BY GROUP OR OTHERS"),
+            warned,
+            "mode {mode:o}: {log}"
+        );
+    }
+}
+
+/// aws_iam through the real binary and the real credentials chain: the cloud-id is signed for the
+/// regional STS endpoint of AWS_REGION (China's partition included), and the fake verifies it.
+#[tokio::test]
+async fn aws_iam_signs_for_the_region_of_aws_region() {
+    use support::akeyless_fake::{AWS_KEY_ID, AWS_SECRET};
+    let Some(fake) = Fake::start(&[]) else { return };
+    for (region, url) in [
+        (
+            Some("cn-north-1"),
+            "https://sts.cn-north-1.amazonaws.com.cn/",
+        ),
+        (
+            Some("eu-central-1"),
+            "https://sts.eu-central-1.amazonaws.com/",
+        ),
+        (None, "https://sts.amazonaws.com/"),
+    ] {
+        fake.control("reset-stats", json!({})).await;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kms.sock");
+        let args: Vec<String> = [
+            "serve",
+            "--backend",
+            "akeyless",
+            "--listen",
+            &format!("unix://{}", socket.display()),
+            "--akeyless-url",
+            &fake.url,
+            "--akeyless-access-id",
+            ACCESS_ID,
+            "--akeyless-access-type",
+            "aws_iam",
+            "--akeyless-key-name",
+            KEY,
+            "--data-dir",
+            &dir.path().display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // An empty AWS_REGION counts as unset (and hides one the test runner may have).
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID", AWS_KEY_ID),
+            ("AWS_SECRET_ACCESS_KEY", AWS_SECRET),
+            ("AWS_REGION", region.unwrap_or("")),
+            ("AWS_CONFIG_FILE", "/nonexistent"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ];
+        let p = Plugin::spawn_with_env(&args, &env, ListenAddr::Path(socket), dir.path());
+        p.wait_healthy(Duration::from_secs(20)).await;
+        let stats = fake.control("stats", json!({})).await;
+        let rec = &stats["auth_records"][0];
+        assert_eq!(rec["access_type"], "aws_iam", "{stats}");
+        assert_eq!(rec["sts"]["url"], url, "{region:?}");
+        assert!(!p.log_text().contains(AWS_SECRET));
+    }
+}

@@ -403,3 +403,69 @@ async fn async_entry_point_signs_now() {
     let now_year = 1970 + before.duration_since(UNIX_EPOCH).unwrap().as_secs() / 31_556_952;
     assert!(year.abs_diff(now_year) <= 1, "{date}");
 }
+
+#[tokio::test]
+async fn azure_imds_is_retried_on_404_429_and_5xx_but_not_400() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let imds = start(move |_req| match c.fetch_add(1, Ordering::SeqCst) {
+        0 => Resp::new(404, "identity not found"),
+        1 => Resp::new(429, "slow down"),
+        2 => Resp::new(503, ""),
+        _ => Resp::new(200, r#"{"access_token":"azure-after-retries"}"#),
+    })
+    .await;
+    let id = azure_ad_cloud_id(&imds.url, None).await.unwrap();
+    assert_eq!(B64.decode(&*id).unwrap(), b"azure-after-retries");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+    let bad = start(|_req| Resp::new(400, r#"{"error":"invalid_request"}"#)).await;
+    assert!(azure_ad_cloud_id(&bad.url, None).await.is_err());
+    assert_eq!(bad.requests().len(), 1, "400 is not retried");
+}
+
+#[tokio::test]
+async fn azure_workload_identity_exchanges_the_federated_token() {
+    use kms_plugin::backend::akeyless::cloud_id::{
+        azure_workload_identity_cloud_id, AzureWorkloadIdentity,
+    };
+    let entra = start(|req| {
+        let body = String::from_utf8_lossy(&req.body).to_string();
+        let ok = req.method == "POST"
+            && req.path == "/tenant-1/oauth2/v2.0/token"
+            && form_param(&body, "client_id").as_deref() == Some("client-1")
+            && form_param(&body, "grant_type").as_deref() == Some("client_credentials")
+            && form_param(&body, "client_assertion").as_deref() == Some("projected-sa-jwt")
+            && form_param(&body, "scope").as_deref()
+                == Some("https://management.azure.com/.default");
+        if ok {
+            Resp::new(
+                200,
+                r#"{"access_token":"entra-token","token_type":"Bearer"}"#,
+            )
+        } else {
+            Resp::new(400, r#"{"error":"invalid_client"}"#)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("azure-identity-token");
+    std::fs::write(&file, "projected-sa-jwt\n").unwrap();
+    let wi = AzureWorkloadIdentity {
+        authority_host: format!("{}/", entra.url),
+        tenant_id: "tenant-1".into(),
+        client_id: "client-1".into(),
+        token_file: file.clone(),
+    };
+    let id = azure_workload_identity_cloud_id(&wi).await.unwrap();
+    assert_eq!(B64.decode(&*id).unwrap(), b"entra-token");
+    // The file is re-read: a rotated token is what is sent next.
+    std::fs::write(&file, "rotated").unwrap();
+    let e = azure_workload_identity_cloud_id(&wi).await.unwrap_err();
+    assert!(
+        !e.to_string().contains("rotated"),
+        "the assertion is never echoed: {e}"
+    );
+}

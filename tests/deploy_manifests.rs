@@ -247,6 +247,49 @@ fn check_pod_spec(file: &str, spec: &Value) -> PluginPod {
             assert!(covered, "{file}: {key} {path} is not on a read-only mount");
         }
     }
+    // Akeyless pods: the state directory (rotated Universal Identity tokens) is a writable hostPath,
+    // so a container restart comes back with the newest token, not the consumed init token.
+    let env_value = |name: &str| {
+        seq(c, &["env"])
+            .iter()
+            .find(|e| s(e, &["name"]) == Some(name))
+            .and_then(|e| s(e, &["value"]))
+            .map(str::to_owned)
+    };
+    let akeyless = seq(c, &["env"]).iter().any(|e| {
+        s(e, &["name"])
+            .is_some_and(|n| n.starts_with("AKEYLESS_") || n.starts_with("KMS_PLUGIN_AKEYLESS_"))
+    }) || flag(&args, "--backend") == Some("akeyless");
+    if akeyless {
+        let state = flag(&args, "--state-dir")
+            .map(str::to_owned)
+            .or_else(|| env_value("KMS_PLUGIN_STATE_DIR"))
+            .or_else(|| flag(&args, "--data-dir").map(str::to_owned))
+            .or_else(|| env_value("KMS_PLUGIN_DATA_DIR"))
+            .unwrap_or_else(|| "/var/lib/kms-plugin".to_owned());
+        let mount = seq(c, &["volumeMounts"])
+            .iter()
+            .find(|m| {
+                s(m, &["mountPath"])
+                    .is_some_and(|mp| Path::new(&state).starts_with(mp) && mp != "/")
+            })
+            .unwrap_or_else(|| {
+                panic!("{file}: the Akeyless state directory {state} is not mounted")
+            });
+        assert!(
+            get(mount, &["readOnly"]).and_then(Value::as_bool) != Some(true),
+            "{file}: state directory {state} is read-only"
+        );
+        let vol_name = s(mount, &["name"]).unwrap();
+        let vol = seq(spec, &["volumes"])
+            .iter()
+            .find(|v| s(v, &["name"]) == Some(vol_name))
+            .unwrap();
+        assert!(
+            get(vol, &["hostPath"]).is_some(),
+            "{file}: state directory {state} must be a hostPath that survives a restart, not {vol:?}"
+        );
+    }
     // A writable /tmp despite the read-only root.
     assert!(
         seq(c, &["volumeMounts"])

@@ -25,6 +25,8 @@ pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
+pub mod tls;
 #[cfg(feature = "vault")]
 pub mod vault;
 

@@ -159,6 +159,12 @@ pub struct VaultArgs {
 
 const K8S_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
+const TLS_FLAGS: super::tls::TlsFlags = super::tls::TlsFlags {
+    ca_file: "--vault-cacert",
+    client_cert_file: "--vault-client-cert-file",
+    client_key_file: "--vault-client-key-file",
+};
+
 fn config(msg: impl Into<String>) -> BackendError {
     BackendError::Config(msg.into())
 }
@@ -298,63 +304,22 @@ impl VaultBackend {
                 "--vault-transit-key must be a key name (no '/', at most 200 bytes)",
             ));
         }
-        let mut builder = reqwest::Client::builder()
+        // Trust as every HTTPS backend: the system store (or SSL_CERT_FILE/SSL_CERT_DIR), plus
+        // --vault-cacert / VAULT_CACERT; the client certificate for cert auth and mTLS listeners.
+        let tls = super::tls::TlsOptions {
+            ca_file: args
+                .vault_cacert
+                .clone()
+                .or_else(|| env("VAULT_CACERT").map(PathBuf::from)),
+            client_cert_file: args.vault_client_cert_file.clone(),
+            client_key_file: args.vault_client_key_file.clone(),
+        };
+        let (tls_config, _roots) = super::tls::client_config(&tls, &TLS_FLAGS)?;
+        let http = reqwest::Client::builder()
             .user_agent(concat!("kms-plugin/", env!("CARGO_PKG_VERSION")))
+            .use_preconfigured_tls(tls_config)
             .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(60));
-        let cacert = args
-            .vault_cacert
-            .clone()
-            .or_else(|| env("VAULT_CACERT").map(PathBuf::from));
-        if let Some(path) = cacert {
-            let pem = std::fs::read(&path).map_err(|e| {
-                config(format!(
-                    "cannot read the Vault CA file {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                config(format!(
-                    "the Vault CA file {} is not a PEM bundle: {e}",
-                    path.display()
-                ))
-            })?;
-            if certs.is_empty() {
-                return Err(config(format!(
-                    "the Vault CA file {} holds no certificate",
-                    path.display()
-                )));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
-        if let (Some(cert), Some(key_file)) =
-            (&args.vault_client_cert_file, &args.vault_client_key_file)
-        {
-            let mut pem = std::fs::read(cert).map_err(|e| {
-                config(format!(
-                    "cannot read --vault-client-cert-file {}: {e}",
-                    cert.display()
-                ))
-            })?;
-            let key_pem = Zeroizing::new(std::fs::read(key_file).map_err(|e| {
-                config(format!(
-                    "cannot read --vault-client-key-file {}: {e}",
-                    key_file.display()
-                ))
-            })?);
-            pem.push(b'\n');
-            pem.extend_from_slice(&key_pem);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                config(format!(
-                    "the Vault client certificate or key is not valid PEM: {e}"
-                ))
-            })?;
-            pem.iter_mut().for_each(|b| *b = 0);
-            builder = builder.identity(identity);
-        }
-        let http = builder
+            .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| config(format!("cannot build the HTTP client: {e}")))?;
         let mount_of = |default: &str| {

@@ -189,12 +189,33 @@ fn bind_abstract(name: &str) -> Result<tokio::net::UnixListener, SocketError> {
     tokio::net::UnixListener::from_std(std_listener).map_err(io_err("register", Path::new(name)))
 }
 
+/// A socket in a directory others can write to (e.g. /tmp, the original Akeyless plugin's default)
+/// can be bound first by another local user, who then receives the apiserver's plaintext DEKs.
+fn warn_if_shared_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = fs::metadata(dir) {
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "SOCKET DIRECTORY IS WRITABLE BY GROUP OR OTHERS: another local user could bind the \
+                 KMS socket before the plugin and receive the apiserver's plaintext keys; move the \
+                 socket to a directory only the plugin's user can write (e.g. --listen \
+                 unix:///var/run/kms-plugin/kms.sock, or AKEYLESS_UNIX_SOCKET in drop-in mode) and \
+                 point the EncryptionConfiguration endpoint there"
+            );
+        }
+    }
+}
+
 fn bind_path(
     path: &Path,
     options: &SocketOptions,
 ) -> Result<(tokio::net::UnixListener, Cleanup), SocketError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    warn_if_shared_dir(dir);
     let gid = options.group.as_deref().map(resolve_gid).transpose()?;
 
     let lock_path = PathBuf::from(format!("{}.lock", path.display()));

@@ -1,11 +1,32 @@
 #!/usr/bin/env python3
 """A fake Akeyless API server for tests. Loopback only.
 
-It speaks the wire format of the real API: every command is `POST <prefix>/<command>` with a JSON body
-(any path prefix, e.g. /api/v2, is accepted), credentials travel in the body (`token`, `uid-token`),
-errors are JSON `{"error": ...}` (sometimes with `"message"`) or plain text. Implemented commands:
-auth (access_key, universal_identity, k8s, cert, jwt, aws_iam/azure_ad/gcp), encrypt, decrypt,
-describe-item, rotate-key, uid-rotate-token, create-dfc-key (AES keys only), list-items (minimal).
+It speaks the wire format of the real API, and is as strict as it: every command is
+`POST <prefix>/<command>` with a JSON body (any path prefix, e.g. /api/v2, is accepted), credentials
+travel in the body (`token`, `uid-token`; the old `uid_token` spelling is refused), and every error is
+exactly `{"error": "..."}` with the real status and no other field (an unknown path answers Go's plain
+`404 page not found`, as the real server does). Implemented commands: auth (access_key,
+universal_identity, k8s, cert, jwt, aws_iam/azure_ad/gcp), encrypt, decrypt, describe-item, rotate-key,
+uid-rotate-token, create-dfc-key (AES keys only), list-items (minimal).
+
+Logins are checked, not just looked at:
+  aws_iam    base64 JSON {sts_request_method, sts_request_url, sts_request_body, sts_request_headers};
+             a GetCallerIdentity POST to an STS endpoint, SigV4-signed (verified with botocore) by the
+             access key given with --aws-access-key-id/--aws-secret-access-key for the region the URL
+             names, signed within the last 15 minutes
+  azure_ad   base64 of a JWT whose `aud` is https://management.azure.com/
+  gcp        base64 of a JWT whose `aud` is the request's gcp-audience
+  k8s        only in --gateway mode (the SaaS refuses it): a configured --k8s-auth-config name and a
+             base64 service-account JWT (sub system:serviceaccount:...)
+  cert       cert-data plus either a signed challenge from /get-cert-challenge (SHA-256, RSA PKCS#1
+             v1.5 or ECDSA, verified against the certificate; single use) or key-data, the matching
+             private key (older clients; --no-cert-challenge makes the server not offer the challenge)
+  jwt        a JWT (three base64url parts, JSON header and claims), not expired
+
+TLS: `--tls-dir DIR` serves HTTPS with DIR/server.pem and DIR/server-key.pem, issued by DIR/ca.pem;
+`--make-certs DIR` writes those plus client pairs (client.pem/client-key.pem with EC P-256,
+client-rsa.pem/client-rsa-key.pem with RSA) and exits;
+`--require-client-cert` asks for a client certificate issued by DIR/ca.pem (mutual TLS).
 
 Cryptography is real: AES-256-GCM per key version, the version travels inside the ciphertext, and the
 encryption context is bound as associated data, so old ciphertexts decrypt after rotation and a wrong
@@ -14,13 +35,19 @@ context is refused.
 Control API for tests (JSON in, JSON out):
   GET  /__control/stats                 calls per command, auth records (access types, cloud ids)
   POST /__control/reset-stats
-  POST /__control/fail      {"command": "encrypt"|"*", "status": 503, "count": 2, "body": "...",
-                             "content_type": "text/plain"}   next `count` calls fail
+  POST /__control/fail      {"command": "encrypt"|"*", "status": 503, "count": 2, "body": ...,
+                             "content_type": "text/plain"}   next `count` calls fail (count -1 =
+                             until cleared): no body = an Akeyless error {"error": "injected ..."};
+                             a string body is sent as it is with content_type (what a proxy, an
+                             ingress or a WAF in front of Akeyless answers: HTML, empty, text); a
+                             JSON body is sent as that JSON
+  POST /__control/clear-faults          drop every injected failure and latency
   POST /__control/latency   {"command": "*", "seconds": 1.5, "count": 1}  (count -1 = until cleared)
   POST /__control/expire-tokens         every issued `t-` token becomes invalid
   POST /__control/token-ttl {"seconds": 2, "expiration_format": "rfc3339"|"go"|"unix"|"none"}
   POST /__control/key       {"name": "k", "action": "create"|"disable"|"enable"|"delete"|"rotate"|
-                             "deny"|"allow"|"delete-version", "version": 1, "type": "AES256GCM"}
+                             "deny"|"allow"|"delete-version", "version": 1, "type": "AES256GCM"
+                             (or "CLASSIC_KEY" with "key_type": "AES256GCM"|"RSA2048"...)}
   POST /__control/uid-token {"ttl": 3600}  → {"token": "u-..."} a new UID token (an auth method)
   POST /__control/uid-expire            every UID token becomes invalid
   GET  /__control/uid-tokens            → {"valid": n} number of live UID tokens
@@ -32,16 +59,30 @@ the first line on stdout is `PORT <n>`.
 import argparse
 import base64
 import datetime
+import ipaddress
 import json
 import os
 import secrets
+import ssl
 import struct
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.x509.oid import NameOID
+
+try:  # moto brings botocore; without it AWS signatures cannot be checked and aws_iam is refused
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+except ImportError:  # pragma: no cover - depends on the environment
+    SigV4Auth = None
 
 MAGIC = b"FAK1"
 
@@ -60,19 +101,63 @@ def fmt_time(ts, style):
 
 
 class ApiError(Exception):
-    def __init__(self, status, error, message=None, plain=False):
+    """An Akeyless error: answered as exactly {"error": text}. `raw` bodies are sent as they are."""
+
+    def __init__(self, status, error, message=None, raw=None, content_type="application/json"):
         super().__init__(error)
         self.status = status
-        self.error = error
-        self.message = message
-        self.plain = plain
+        self.error = error if not message else "%s: %s" % (error, message)
+        self.raw = raw
+        self.content_type = content_type
+
+
+AZURE_AUDIENCES = ("https://management.azure.com/", "https://management.azure.com")
+STS_BODY = b"Action=GetCallerIdentity&Version=2011-06-15"
+
+
+def b64url(data):
+    return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+
+
+def jwt_claims(token, what):
+    """Header and claims of a JWT-shaped token (the signature is the issuer's business)."""
+    parts = token.strip().split(".") if isinstance(token, str) else []
+    if len(parts) != 3 or not all(parts[:2]):
+        raise ApiError(401, "failed to authenticate: %s is not a JWT" % what)
+    try:
+        header = json.loads(b64url(parts[0]))
+        claims = json.loads(b64url(parts[1]))
+    except Exception:
+        raise ApiError(401, "failed to authenticate: %s is not a JWT" % what)
+    if not isinstance(header, dict) or "alg" not in header or not isinstance(claims, dict):
+        raise ApiError(401, "failed to authenticate: %s is not a JWT" % what)
+    exp = claims.get("exp")
+    if isinstance(exp, (int, float)) and exp < now():
+        raise ApiError(401, "failed to authenticate: %s has expired" % what)
+    return claims
+
+
+def sts_region(host):
+    """Signing region of an STS host; None if it is not an STS endpoint."""
+    host = host.lower()
+    if host in ("sts.amazonaws.com",):
+        return "us-east-1"
+    for suffix in (".amazonaws.com.cn", ".amazonaws.com"):
+        if host.startswith("sts.") and host.endswith(suffix):
+            region = host[len("sts."):-len(suffix)]
+            if region and "." not in region:
+                return region
+    return None
 
 
 class Key:
-    def __init__(self, name, item_id, item_type="AES256GCM"):
+    def __init__(self, name, item_id, item_type="AES256GCM", classic_type=None):
         self.name = name
         self.item_id = item_id
+        # DFC keys carry their algorithm in item_type; Classic keys say CLASSIC_KEY there and carry
+        # it in item_general_info.classic_key_details.key_type.
         self.item_type = item_type
+        self.classic_type = classic_type
         self.versions = {1: AESGCM.generate_key(bit_length=256)}
         self.enabled = True
         self.deleted = False
@@ -104,11 +189,18 @@ class State:
         self.calls = {}
         self.auth_records = []
         self.failures = []  # [{"command", "status", "count", "body", "content_type"}]
+        self.gateway = args.gateway
+        self.cert_challenge = not args.no_cert_challenge
+        self.challenges = {}  # challenge → (certificate fingerprint, expiry)
+        self.k8s_configs = set(args.k8s_auth_config or [])
+        self.aws_keys = {}  # access key id → secret
+        if args.aws_access_key_id and args.aws_secret_access_key:
+            self.aws_keys[args.aws_access_key_id] = args.aws_secret_access_key
         self.latencies = []  # [{"command", "seconds", "count"}]
 
-    def create_key(self, name, item_type="AES256GCM"):
+    def create_key(self, name, item_type="AES256GCM", classic_type=None):
         self.next_item_id += 1
-        self.keys[name] = Key(name, self.next_item_id, item_type)
+        self.keys[name] = Key(name, self.next_item_id, item_type, classic_type)
         return self.keys[name]
 
     def new_uid_token(self, ttl=3600):
@@ -178,38 +270,177 @@ class Api:
             if access_id not in self.s.access_keys:
                 raise ApiError(401, "failed to authenticate: access id %s not found" % access_id)
             if not secrets.compare_digest(str(body.get("access-key") or ""), self.s.access_keys[access_id]):
-                raise ApiError(401, "failed to authenticate", "access key is invalid")
+                raise ApiError(401, "failed to authenticate: access key is invalid")
         elif access_type == "universal_identity":
-            tok = body.get("uid-token") or body.get("uid_token")
+            tok = body.get("uid-token")
             exp = self.s.uid_tokens.get(tok)
             if exp is None or exp < now():
-                raise ApiError(401, "failed to authenticate", "universal identity token is invalid or expired")
+                raise ApiError(401, "failed to authenticate: universal identity token is invalid or expired")
             access_id = self.s.uid_access_id
         elif access_type == "k8s":
+            if not self.s.gateway:
+                raise ApiError(400, "failed to authenticate: k8s auth is supported only through an Akeyless Gateway")
+            name = body.get("k8s-auth-config-name")
+            if name not in self.s.k8s_configs:
+                raise ApiError(404, "failed to authenticate: k8s auth config %s not found" % name)
             raw = b64d(body.get("k8s-service-account-token") or "", "k8s-service-account-token")
-            if not body.get("k8s-auth-config-name") or raw.count(b".") != 2:
-                raise ApiError(401, "failed to authenticate", "invalid k8s service account token or config name")
-            record["k8s_auth_config_name"] = body["k8s-auth-config-name"]
+            claims = jwt_claims(raw.decode("utf-8", "replace"), "k8s-service-account-token")
+            if not str(claims.get("sub", "")).startswith("system:serviceaccount:"):
+                raise ApiError(401, "failed to authenticate: not a service account token")
+            record["k8s_auth_config_name"] = name
         elif access_type == "cert":
-            cert = b64d(body.get("cert-data") or "", "cert-data")
-            key = b64d(body.get("key-data") or "", "key-data")
-            if b"BEGIN CERTIFICATE" not in cert or b"PRIVATE KEY" not in key:
-                raise ApiError(401, "failed to authenticate", "invalid certificate or key")
+            record["cert_flow"] = self.check_cert(body)
         elif access_type == "jwt":
-            if not body.get("jwt"):
-                raise ApiError(401, "failed to authenticate", "jwt is missing")
+            jwt_claims(body.get("jwt"), "jwt")
         elif access_type in ("aws_iam", "azure_ad", "gcp"):
-            if not body.get("cloud-id"):
-                raise ApiError(401, "failed to authenticate", "cloud-id is missing")
-            record["cloud_id"] = body["cloud-id"]
-            if access_type == "gcp":
+            cloud_id = body.get("cloud-id")
+            if not isinstance(cloud_id, str) or not cloud_id:
+                raise ApiError(400, "failed to authenticate: cloud-id is required")
+            record["cloud_id"] = cloud_id
+            raw = b64d(cloud_id, "cloud-id")
+            if access_type == "aws_iam":
+                record["sts"] = self.check_aws(raw)
+            elif access_type == "azure_ad":
+                claims = jwt_claims(raw.decode("utf-8", "replace"), "cloud-id")
+                if claims.get("aud") not in AZURE_AUDIENCES:
+                    raise ApiError(401, "failed to authenticate: azure token audience %r" % claims.get("aud"))
+                record["claims"] = claims
+            else:
+                audience = body.get("gcp-audience") or "akeyless.io"
+                claims = jwt_claims(raw.decode("utf-8", "replace"), "cloud-id")
+                if claims.get("aud") != audience:
+                    raise ApiError(401, "failed to authenticate: gcp token audience %r, expected %r"
+                                   % (claims.get("aud"), audience))
                 record["gcp_audience"] = body.get("gcp-audience")
+                record["claims"] = claims
         else:
             raise ApiError(400, "unsupported access type %s" % access_type)
         if access_type != "universal_identity" and not access_id:
             raise ApiError(400, "access-id is required")
         self.s.auth_records.append(record)
         return self.s.issue_token(access_id, access_type)
+
+    @staticmethod
+    def load_cert(body):
+        try:
+            cert = x509.load_pem_x509_certificate(b64d(body.get("cert-data") or "", "cert-data"))
+        except ApiError:
+            raise
+        except Exception:
+            raise ApiError(401, "failed to authenticate: invalid certificate")
+        if cert.not_valid_after_utc.timestamp() < now():
+            raise ApiError(401, "failed to authenticate: certificate has expired")
+        return cert
+
+    def get_cert_challenge(self, body):
+        if not self.s.cert_challenge:
+            raise ApiError(404, "", raw=b"404 page not found\n", content_type="text/plain; charset=utf-8")
+        cert = self.load_cert(body)
+        challenge = base64.b64encode(os.urandom(32)).decode()
+        self.s.challenges[challenge] = (cert.fingerprint(hashes.SHA256()), now() + 60)
+        return {"challenge": challenge}
+
+    def check_cert(self, body):
+        if body.get("signed-cert-challenge") is not None:
+            return self.check_signed_challenge(body)
+        cert = self.load_cert(body)
+        try:
+            key = serialization.load_pem_private_key(b64d(body.get("key-data") or "", "key-data"), None)
+        except ApiError:
+            raise
+        except Exception:
+            raise ApiError(401, "failed to authenticate: invalid certificate or key")
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
+            serialization.Encoding.DER, spki
+        ):
+            raise ApiError(401, "failed to authenticate: the key does not match the certificate")
+        return "key"
+
+    def check_signed_challenge(self, body):
+        """The challenge flow: a challenge we issued for this certificate, signed by its key."""
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        cert = self.load_cert(body)
+        challenge = body.get("cert-challenge")
+        issued = self.s.challenges.pop(challenge, None) if isinstance(challenge, str) else None
+        if issued is None or issued[1] < now() or issued[0] != cert.fingerprint(hashes.SHA256()):
+            raise ApiError(401, "failed to authenticate: unknown or expired certificate challenge")
+        if body.get("key-data"):
+            raise ApiError(400, "failed to authenticate: key-data must not be sent with a signed challenge")
+        signature = b64d(body.get("signed-cert-challenge") or "", "signed-cert-challenge")
+        data = base64.b64decode(challenge)
+        public = cert.public_key()
+        try:
+            if isinstance(public, rsa.RSAPublicKey):
+                public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+            elif isinstance(public, ec.EllipticCurvePublicKey):
+                public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+            else:
+                raise ApiError(401, "failed to authenticate: unsupported certificate key type")
+        except ApiError:
+            raise
+        except Exception:
+            raise ApiError(401, "failed to authenticate: the challenge signature does not match the certificate")
+        return "challenge"
+
+    def check_aws(self, raw):
+        """Decodes and verifies an aws_iam cloud-id; returns what it names."""
+        try:
+            doc = json.loads(raw)
+            method = doc["sts_request_method"]
+            url = base64.b64decode(doc["sts_request_url"], validate=True).decode()
+            body = base64.b64decode(doc["sts_request_body"], validate=True)
+            headers = json.loads(base64.b64decode(doc["sts_request_headers"], validate=True))
+        except Exception:
+            raise ApiError(401, "failed to authenticate: malformed aws cloud-id")
+        if method != "POST" or body != STS_BODY:
+            raise ApiError(401, "failed to authenticate: the cloud-id is not an STS GetCallerIdentity request")
+        if not isinstance(headers, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in headers.values()
+        ):
+            raise ApiError(401, "failed to authenticate: sts_request_headers must map names to arrays")
+        parsed = urllib.parse.urlsplit(url)
+        region = sts_region(parsed.hostname or "")
+        if parsed.scheme != "https" or region is None:
+            raise ApiError(401, "failed to authenticate: %s is not an STS endpoint" % url)
+        one = {k.lower(): v[0] for k, v in headers.items()}
+        auth = one.get("authorization", "")
+        fields = dict(
+            part.strip().split("=", 1) for part in auth[len("AWS4-HMAC-SHA256 "):].split(",") if "=" in part
+        ) if auth.startswith("AWS4-HMAC-SHA256 ") else {}
+        try:
+            akid, date, scope_region, service, _ = fields["Credential"].split("/")
+            signed = fields["SignedHeaders"].split(";")
+            signature = fields["Signature"]
+            amz_date = one["x-amz-date"]
+        except Exception:
+            raise ApiError(401, "failed to authenticate: the STS request is not SigV4-signed")
+        if scope_region != region or service != "sts":
+            raise ApiError(401, "failed to authenticate: signed for %s/%s, the URL needs %s/sts"
+                           % (scope_region, service, region))
+        secret = self.s.aws_keys.get(akid)
+        if secret is None or SigV4Auth is None:
+            raise ApiError(401, "failed to authenticate: unknown AWS access key id")
+        signed_at = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+        if abs(signed_at.timestamp() - now()) > 900 or not amz_date.startswith(date):
+            raise ApiError(401, "failed to authenticate: the STS request signature has expired")
+        req_headers = {}
+        for name in signed:
+            if name == "host":
+                req_headers["Host"] = parsed.netloc
+            elif name in one:
+                req_headers[name] = one[name]
+            else:
+                raise ApiError(401, "failed to authenticate: signed header %s is missing" % name)
+        req = AWSRequest(method="POST", url=url, data=body, headers=req_headers)
+        req.context["timestamp"] = amz_date
+        signer = SigV4Auth(Credentials(akid, secret, one.get("x-amz-security-token")), "sts", region)
+        if set(signer.headers_to_sign(req).keys()) != set(signed):
+            raise ApiError(401, "failed to authenticate: unexpected signed header set")
+        want = signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req)
+        if not secrets.compare_digest(want, signature):
+            raise ApiError(401, "failed to authenticate: the STS request signature does not match")
+        return {"url": url, "region": region, "access_key_id": akid}
 
     def encrypt(self, body):
         self.require_token(body)
@@ -273,6 +504,9 @@ class Api:
             "client_permissions": ["read", "list", "update", "delete", "create"],
             "with_customer_fragment": False,
         }
+        if key.item_type == "CLASSIC_KEY":
+            item["item_general_info"] = {"classic_key_details": {"key_type": key.classic_type,
+                                                                 "gw_cluster_id": 1, "public_key": ""}}
         if key.rotated:
             item["last_rotation_date"] = iso(key.rotated)
         if body.get("show-versions"):
@@ -290,7 +524,7 @@ class Api:
         return {"new_item_version": key.last_version, "item_type": key.item_type}
 
     def uid_rotate_token(self, body):
-        tok = body.get("uid-token") or body.get("uid_token")
+        tok = body.get("uid-token")
         exp = self.s.uid_tokens.get(tok)
         if exp is None or exp < now():
             raise ApiError(401, "failed to rotate token", "universal identity token is invalid or expired")
@@ -320,6 +554,7 @@ class Api:
         "rotate-key": "rotate_key",
         "uid-rotate-token": "uid_rotate_token",
         "create-dfc-key": "create_dfc_key",
+        "get-cert-challenge": "get_cert_challenge",
         "list-items": "list_items",
     }
 
@@ -365,10 +600,11 @@ class Api:
             name = body.get("name")
             act = body.get("action")
             if act == "create":
-                return {"item_id": s.create_key(name, body.get("type", "AES256GCM")).item_id}
+                key = s.create_key(name, body.get("type", "AES256GCM"), body.get("key_type"))
+                return {"item_id": key.item_id}
             key = s.keys.get(name)
             if key is None:
-                raise ApiError(404, "no such key")
+                raise ApiError(404, "no such key %s" % name)
             if act == "disable":
                 key.enabled = False
             elif act == "enable":
@@ -440,19 +676,19 @@ def make_handler(api, verbose):
                     return self.send(200, out)
                 command = path.rsplit("/", 1)[-1]
                 if self.command != "POST" or command not in Api.COMMANDS:
-                    raise ApiError(404, "unknown command %s" % command, plain=True)
+                    # Go's default mux answer, not Akeyless's error shape.
+                    raise ApiError(404, "", raw=b"404 page not found\n", content_type="text/plain; charset=utf-8")
                 self.inject(command)
                 with api.s.lock:
                     api.s.calls[command] = api.s.calls.get(command, 0) + 1
+                    kind = "client-type:%s" % self.headers.get("akeylessclienttype", "")
+                    api.s.calls[kind] = api.s.calls.get(kind, 0) + 1
                     out = getattr(api, Api.COMMANDS[command])(body)
                 self.send(200, out)
             except ApiError as e:
-                if e.plain:
-                    return self.send(e.status, e.error.encode(), "text/plain")
-                payload = {"error": e.error}
-                if e.message:
-                    payload["message"] = e.message
-                self.send(e.status, payload)
+                if e.raw is not None:
+                    return self.send(e.status, e.raw, e.content_type)
+                self.send(e.status, {"error": e.error})
 
         def inject(self, command):
             delay = 0.0
@@ -464,8 +700,8 @@ def make_handler(api, verbose):
                         lat["count"] -= 1 if lat["count"] > 0 else 0
                         break
                 for f in api.s.failures:
-                    if f["count"] > 0 and f["command"] in ("*", command):
-                        f["count"] -= 1
+                    if f["count"] != 0 and f["command"] in ("*", command):
+                        f["count"] -= 1 if f["count"] > 0 else 0
                         fail = f
                         break
                 api.s.calls["injected:" + command] = api.s.calls.get("injected:" + command, 0) + (
@@ -475,12 +711,74 @@ def make_handler(api, verbose):
             if fail:
                 body = fail["body"]
                 if body is None:
-                    body = {"error": "injected failure", "message": "status %d" % fail["status"]}
+                    raise ApiError(fail["status"], "injected failure (status %d)" % fail["status"])
                 if isinstance(body, str):
-                    raise ApiError(fail["status"], body, plain=True)
-                raise ApiError(fail["status"], body.get("error", ""), body.get("message"))
+                    raise ApiError(fail["status"], "", raw=body.encode(), content_type=fail["content_type"])
+                raise ApiError(fail["status"], "", raw=json.dumps(body).encode())
 
     return Handler
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A refused TLS handshake (wrong CA, no client cert, plain http) is a test's point, not news.
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            return
+        super().handle_error(request, client_address)
+
+
+def make_certs(directory):
+    """A throw-away CA, a server certificate for 127.0.0.1/::1/localhost and a client certificate."""
+    os.makedirs(directory, exist_ok=True)
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    end = start + datetime.timedelta(days=2)
+
+    def write(name, data, mode=0o644):
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms-plugin test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
+    key_pem = lambda k: k.private_bytes(  # noqa: E731
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write("ca.pem", pem(ca))
+    for name, usage, sans in [
+        ("server", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+         [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+          x509.IPAddress(ipaddress.ip_address("::1"))]),
+        ("client", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("kms-plugin-test-client")]),
+        ("client-rsa", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("kms-plugin-test-client")]),
+    ]:
+        if name.endswith("-rsa"):
+            from cryptography.hazmat.primitives.asymmetric import rsa
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms-plugin test " + name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write(name + ".pem", pem(cert))
+        write(name + "-key.pem", key_pem(key), 0o600)
 
 
 def main():
@@ -496,7 +794,18 @@ def main():
     p.add_argument("--uid-token-file", help="create a UID token and write it here (mode 0600)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help="stop when the parent closes stdin (or dies)")
+    p.add_argument("--gateway", action="store_true", help="behave as a customer Gateway (k8s auth allowed)")
+    p.add_argument("--no-cert-challenge", action="store_true", help="an older server without /get-cert-challenge")
+    p.add_argument("--k8s-auth-config", action="append", help="a k8s auth config name the gateway knows")
+    p.add_argument("--aws-access-key-id", help="AWS key whose SigV4 signatures aws_iam logins must carry")
+    p.add_argument("--aws-secret-access-key", default=os.environ.get("FAKE_AKEYLESS_AWS_SECRET"))
+    p.add_argument("--tls-dir", help="serve HTTPS with DIR/server.pem (made with --make-certs if missing)")
+    p.add_argument("--require-client-cert", action="store_true", help="mutual TLS: client cert from DIR/ca.pem")
+    p.add_argument("--make-certs", metavar="DIR", help="write a test CA, server and client pairs to DIR and exit")
     args = p.parse_args()
+    if args.make_certs:
+        make_certs(args.make_certs)
+        return
 
     state = State(args)
     api = Api(state)
@@ -505,8 +814,17 @@ def main():
         fd = os.open(args.uid_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(tok)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(api, args.verbose))
-    server.daemon_threads = True
+    server = Server((args.host, args.port), make_handler(api, args.verbose))
+    if args.tls_dir:
+        if not os.path.exists(os.path.join(args.tls_dir, "server.pem")):
+            make_certs(args.tls_dir)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(os.path.join(args.tls_dir, "server.pem"), os.path.join(args.tls_dir, "server-key.pem"))
+        if args.require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(os.path.join(args.tls_dir, "ca.pem"))
+        # Handshake in the handler thread, so one stuck client cannot block the accept loop.
+        server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     port = server.server_address[1]
     if args.port_file:
         tmp = args.port_file + ".tmp"

@@ -1,7 +1,10 @@
 """Proves the fake Akeyless server (tests/fakes/akeyless_fake.py) speaks the real wire format: the
 official Akeyless Python SDK completes auth (access key and Universal Identity), encrypt, decrypt,
 describe-item, rotate-key and uid-rotate-token against it, and sees errors where the real API gives
-them.
+them. It also pins the fake's strictness: errors are exactly {"error": "..."}, `uid_token` is refused,
+HTTPS works with the generated test CA (and fails without it), AWS cloud-ids signed with botocore the way
+the official helper signs them are accepted and tampered ones refused, k8s auth needs gateway mode, and
+cloud tokens need the right audience.
 
 Skipped (not failed) only when KMS_TEST_OPT_OUT names `akeyless-sdk`.
 """
@@ -11,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -179,3 +183,180 @@ def test_errors_for_disabled_missing_and_denied_keys(fake):
     with pytest.raises(ApiException) as e:
         api.describe_item(akeyless.DescribeItem(name=KEY, token=token))
     assert e.value.status == 401
+
+
+# -- strictness -------------------------------------------------------------------------------------
+
+AWS_KEY_ID = "AKIDSDKPROOF"
+AWS_SECRET = "sdk-proof-aws-secret/0123456789"
+
+
+def start_fake(*extra):
+    env = dict(os.environ, FAKE_AKEYLESS_ACCESS_KEY=ACCESS_KEY, FAKE_AKEYLESS_AWS_SECRET=AWS_SECRET)
+    proc = subprocess.Popen(
+        [sys.executable, str(FAKE), "--port", "0", "--access-id", ACCESS_ID, "--key", KEY,
+         "--aws-access-key-id", AWS_KEY_ID, "--exit-on-stdin-eof", *extra],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), "fake did not start: %r" % line
+    return proc, int(line.split()[1])
+
+
+def stop(proc):
+    proc.stdin.close()
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_errors_are_exactly_an_error_string(fake):
+    api = api_for(fake)
+    token = access_key_token(api)
+    calls = [
+        lambda: api.auth(akeyless.Auth(access_id=ACCESS_ID, access_key="wrong")),
+        lambda: api.describe_item(akeyless.DescribeItem(name="/no/such", token=token)),
+        lambda: api.decrypt(akeyless.Decrypt(key_name=KEY, ciphertext="bm90LWEtY2lwaGVydGV4dA==", token=token)),
+        lambda: api.describe_item(akeyless.DescribeItem(name=KEY, token="t-bogus")),
+    ]
+    for call in calls:
+        with pytest.raises(ApiException) as e:
+            call()
+        body = json.loads(e.value.body)
+        assert list(body) == ["error"] and isinstance(body["error"], str) and body["error"], body
+
+
+def test_old_uid_token_spelling_is_refused(fake):
+    init = control(fake, "uid-token", {"ttl": 3600})["token"]
+    req = urllib.request.Request(
+        fake + "/auth", data=json.dumps({"access-type": "universal_identity", "uid_token": init}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 401
+
+
+def test_https_with_a_test_ca(tmp_path):
+    proc, port = start_fake("--tls-dir", str(tmp_path))
+    try:
+        url = "https://127.0.0.1:%d" % port
+        conf = akeyless.Configuration(host=url)
+        conf.ssl_ca_cert = str(tmp_path / "ca.pem")
+        assert access_key_token(akeyless.V2Api(akeyless.ApiClient(conf))).startswith("t-")
+        plain = akeyless.Configuration(host=url)
+        plain.retries = 0
+        with pytest.raises(Exception) as e:
+            access_key_token(akeyless.V2Api(akeyless.ApiClient(plain)))
+        assert "CERTIFICATE_VERIFY_FAILED" in str(e.value) or "SSL" in str(e.value)
+    finally:
+        stop(proc)
+
+
+def aws_cloud_id(secret, url="https://sts.amazonaws.com/", region="us-east-1"):
+    """An aws_iam cloud-id built the way the official helper builds it: a signed, unsent STS call."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    body = "Action=GetCallerIdentity&Version=2011-06-15"
+    req = AWSRequest(method="POST", url=url, data=body,
+                     headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+    SigV4Auth(Credentials(AWS_KEY_ID, secret), "sts", region).add_auth(req)
+    headers = {k: [v] for k, v in req.headers.items()}
+    doc = {
+        "sts_request_method": "POST",
+        "sts_request_url": base64.b64encode(url.encode()).decode(),
+        "sts_request_body": base64.b64encode(body.encode()).decode(),
+        "sts_request_headers": base64.b64encode(json.dumps(headers).encode()).decode(),
+    }
+    return base64.b64encode(json.dumps(doc).encode()).decode()
+
+
+def test_aws_cloud_id_signature_is_verified():
+    pytest.importorskip("botocore")
+    proc, port = start_fake()
+    try:
+        api = api_for("http://127.0.0.1:%d" % port)
+        for url, region in [("https://sts.amazonaws.com/", "us-east-1"),
+                            ("https://sts.cn-north-1.amazonaws.com.cn/", "cn-north-1")]:
+            out = api.auth(akeyless.Auth(access_id=ACCESS_ID, access_type="aws_iam",
+                                         cloud_id=aws_cloud_id(AWS_SECRET, url, region)))
+            assert out.token.startswith("t-")
+        for bad in [aws_cloud_id("wrong-secret"),
+                    aws_cloud_id(AWS_SECRET, "https://sts.eu-west-1.amazonaws.com/", "us-east-1"),
+                    base64.b64encode(b"not json").decode(), "cloud-id"]:
+            with pytest.raises(ApiException) as e:
+                api.auth(akeyless.Auth(access_id=ACCESS_ID, access_type="aws_iam", cloud_id=bad))
+            assert e.value.status in (400, 401)
+    finally:
+        stop(proc)
+
+
+def jwt(claims):
+    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
+    return "%s.%s.c2ln" % (enc({"alg": "RS256"}), enc(claims))
+
+
+def test_k8s_only_through_a_gateway_and_cloud_tokens_need_their_audience():
+    sa = base64.b64encode(jwt({"sub": "system:serviceaccount:kube-system:kms"}).encode()).decode()
+    k8s = akeyless.Auth(access_id=ACCESS_ID, access_type="k8s", k8s_auth_config_name="c1",
+                        k8s_service_account_token=sa)
+    saas, port = start_fake("--k8s-auth-config", "c1")
+    gw, gw_port = start_fake("--gateway", "--k8s-auth-config", "c1")
+    try:
+        with pytest.raises(ApiException) as e:
+            api_for("http://127.0.0.1:%d" % port).auth(k8s)
+        assert "Gateway" in json.loads(e.value.body)["error"]
+        gw_api = api_for("http://127.0.0.1:%d/api/v2" % gw_port)
+        assert gw_api.auth(k8s).token.startswith("t-")
+        api = api_for("http://127.0.0.1:%d" % port)
+        good = base64.b64encode(jwt({"aud": "akeyless.io"}).encode()).decode()
+        assert api.auth(akeyless.Auth(access_id=ACCESS_ID, access_type="gcp", cloud_id=good)).token
+        wrong = base64.b64encode(jwt({"aud": "someone-else"}).encode()).decode()
+        with pytest.raises(ApiException):
+            api.auth(akeyless.Auth(access_id=ACCESS_ID, access_type="gcp", cloud_id=wrong))
+        azure = base64.b64encode(jwt({"aud": "https://management.azure.com/"}).encode()).decode()
+        assert api.auth(akeyless.Auth(access_id=ACCESS_ID, access_type="azure_ad", cloud_id=azure)).token
+    finally:
+        stop(saas)
+        stop(gw)
+
+
+def test_a_proxy_answer_is_not_an_akeyless_error(fake):
+    api = api_for(fake)
+    token = access_key_token(api)
+    control(fake, "fail", {"command": "describe-item", "status": 404, "count": 1,
+                           "body": "<html><body>Not Found</body></html>", "content_type": "text/html"})
+    with pytest.raises(ApiException) as e:
+        api.describe_item(akeyless.DescribeItem(name=KEY, token=token))
+    assert e.value.status == 404 and e.value.body.startswith("<html>")
+    assert api.describe_item(akeyless.DescribeItem(name=KEY, token=token)).item_name == KEY
+
+
+def test_cert_challenge_flow(tmp_path):
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    proc, port = start_fake()
+    try:
+        subprocess.run([sys.executable, str(FAKE), "--make-certs", str(tmp_path)], check=True)
+        api = api_for("http://127.0.0.1:%d" % port)
+        cert_b64 = base64.b64encode((tmp_path / "client.pem").read_bytes()).decode()
+        key = serialization.load_pem_private_key((tmp_path / "client-key.pem").read_bytes(), None)
+        challenge = api.get_cert_challenge(akeyless.GetCertChallenge(access_id=ACCESS_ID, cert_data=cert_b64)).challenge
+        signed = base64.b64encode(key.sign(base64.b64decode(challenge), ec.ECDSA(hashes.SHA256()))).decode()
+        auth = akeyless.Auth(access_id=ACCESS_ID, access_type="cert", cert_data=cert_b64,
+                             cert_challenge=challenge, signed_cert_challenge=signed)
+        assert api.auth(auth).token.startswith("t-")
+        with pytest.raises(ApiException) as e:  # a challenge is single-use
+            api.auth(auth)
+        assert e.value.status == 401
+        other = ec.generate_private_key(ec.SECP256R1())
+        challenge = api.get_cert_challenge(akeyless.GetCertChallenge(access_id=ACCESS_ID, cert_data=cert_b64)).challenge
+        forged = base64.b64encode(other.sign(base64.b64decode(challenge), ec.ECDSA(hashes.SHA256()))).decode()
+        with pytest.raises(ApiException) as e:
+            api.auth(akeyless.Auth(access_id=ACCESS_ID, access_type="cert", cert_data=cert_b64,
+                                   cert_challenge=challenge, signed_cert_challenge=forged))
+        assert e.value.status == 401
+    finally:
+        stop(proc)

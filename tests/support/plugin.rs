@@ -74,10 +74,21 @@ impl Plugin {
     }
 
     pub fn spawn(args: &[String], addr: ListenAddr, log_dir: &Path) -> Plugin {
+        Self::spawn_with_env(args, &[], addr, log_dir)
+    }
+
+    /// [`Plugin::spawn`] with extra environment variables for the child only.
+    pub fn spawn_with_env(
+        args: &[String],
+        env: &[(&str, &str)],
+        addr: ListenAddr,
+        log_dir: &Path,
+    ) -> Plugin {
         let log = log_dir.join(format!("plugin-{}.log", rand::random::<u32>()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("KMS_PLUGIN_LOG_LEVEL", "debug")
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))

@@ -97,10 +97,11 @@ pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider
     }
     Arc::new(MetadataCloudId {
         aws: CredentialsProvider::new(chain),
-        sts_url: args
-            .aws_sts_url
-            .clone()
-            .unwrap_or_else(|| cloud_id::DEFAULT_STS_URL.to_string()),
+        // Current official clients sign for the regional STS endpoint when AWS_REGION is set.
+        sts_url: args.aws_sts_url.clone().unwrap_or_else(|| {
+            cloud_id::sts_url_for_region(std::env::var("AWS_REGION").ok().as_deref())
+        }),
+        azure_workload: cloud_id::AzureWorkloadIdentity::from_env(|k| std::env::var(k).ok()),
         detect,
     })
 }
@@ -109,6 +110,8 @@ pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider
 struct MetadataCloudId {
     aws: crate::backend::aws::credentials::CredentialsProvider,
     sts_url: String,
+    /// AKS workload identity, preferred over IMDS when its variables are set.
+    azure_workload: Option<cloud_id::AzureWorkloadIdentity>,
     detect: cloud_id::DetectConfig,
 }
 
@@ -116,6 +119,7 @@ impl fmt::Debug for MetadataCloudId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MetadataCloudId")
             .field("sts_url", &self.sts_url)
+            .field("azure_workload", &self.azure_workload)
             .field("detect", &self.detect)
             .finish_non_exhaustive()
     }
@@ -128,6 +132,10 @@ impl CloudIdProvider for MetadataCloudId {
             AccessType::AwsIam => {
                 let region = cloud_id::sts_region_from_url(&self.sts_url);
                 cloud_id::aws_iam_cloud_id_from_chain(&self.aws, &self.sts_url, &region).await
+            }
+            AccessType::AzureAd if self.azure_workload.is_some() => {
+                let wi = self.azure_workload.as_ref().expect("checked");
+                cloud_id::azure_workload_identity_cloud_id(wi).await
             }
             AccessType::AzureAd => {
                 cloud_id::azure_ad_cloud_id(
@@ -145,17 +153,25 @@ impl CloudIdProvider for MetadataCloudId {
                 )))
             }
         };
-        // Cloud identity failures are usually "not on that cloud" or "no role attached": not transient
-        // for our retry logic, and reported as authentication problems with their cause.
-        result.map(|id| id.to_string()).map_err(|e| {
-            BackendError::Authentication(format!(
+        // A metadata service, STS credentials source or Entra ID that does not answer is not
+        // Akeyless refusing us: Unavailable (start-up goes on, logins are retried), with the cause.
+        result.map(|id| id.to_string()).map_err(|e| match e {
+            cloud_id::CloudIdError::Sign(_) => BackendError::Other(format!(
                 "cannot build the {} cloud identity: {e}",
                 req.kind
-            ))
+            )),
+            _ => BackendError::Unavailable(format!(
+                "cannot build the {} cloud identity: {e} (if the plugin does not run on that cloud, \
+                 set --akeyless-access-type)",
+                req.kind
+            )),
         })
     }
 
     async fn detect(&self) -> Option<AccessType> {
+        if self.azure_workload.is_some() {
+            return Some(AccessType::AzureAd);
+        }
         let cloud = cloud_id::detect_cloud(&self.detect).await?;
         AccessType::parse_loose(cloud.access_type())
     }
@@ -281,18 +297,35 @@ impl TokenManager {
     }
 
     fn retry_pause(&self) -> Duration {
-        (self.client.budget() * 2).max(Duration::from_secs(1))
+        (self.client.budgets().request * 2).max(Duration::from_secs(1))
     }
 
     /// A token usable now, authenticating first if needed. Returns the token and its generation
     /// (pass it to [`TokenManager::reject`] if the server refuses it).
+    ///
+    /// A token that is due for renewal but still valid is returned as it is: renewing is the
+    /// background task's job ([`TokenManager::renew`]), so a request never waits for a slow login
+    /// while it holds a usable token.
     pub(crate) async fn get(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
+        if let Some(t) = self.still_valid() {
+            return Ok(t);
+        }
+        self.acquire(deadline).await
+    }
+
+    /// Background renewal: authenticates when the token is due (or missing), keeps the old token
+    /// when that fails while it is still valid.
+    pub(crate) async fn renew(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
+        self.acquire(deadline).await
+    }
+
+    async fn acquire(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
         if let Some(t) = self.fresh() {
             return Ok(t);
         }
         let _flight = tokio::time::timeout_at(deadline, self.flight.lock())
             .await
-            .map_err(|_| BackendError::Timeout(self.client.budget()))?;
+            .map_err(|_| BackendError::Timeout(self.client.budgets().request))?;
         // Someone else may have authenticated while we waited.
         if let Some(t) = self.fresh() {
             return Ok(t);
@@ -373,7 +406,7 @@ impl TokenManager {
 
     /// Authenticates now (the caller holds the flight lock) and stores the new token.
     async fn authenticate(&self, deadline: Instant) -> Result<(Secret, u64), BackendError> {
-        let body = self.auth_body().await?;
+        let body = self.auth_body(deadline).await?;
         self.auth_calls.fetch_add(1, Ordering::Relaxed);
         let reply = self
             .client
@@ -383,6 +416,22 @@ impl TokenManager {
                 CallError::Failed(e) => e,
                 CallError::TokenRejected(m) => BackendError::Authentication(m),
             })?;
+        self.store(&reply)
+    }
+
+    /// Uses the answer of a `/auth` made elsewhere (the Universal Identity start-up check) as the
+    /// current token, so start-up logs in once.
+    pub(crate) fn install_login(&self, reply: &Map<String, Value>) -> Result<(), BackendError> {
+        let _flight = self
+            .flight
+            .try_lock()
+            .map_err(|_| BackendError::Other("a login is already in flight at start-up".into()))?;
+        self.auth_calls.fetch_add(1, Ordering::Relaxed);
+        self.store(reply).map(|_| ())
+    }
+
+    /// Stores the token of an `/auth` answer.
+    fn store(&self, reply: &Map<String, Value>) -> Result<(Secret, u64), BackendError> {
         let token =
             match reply.get("token") {
                 Some(Value::String(t)) if !t.is_empty() => Secret::new(t.clone()),
@@ -392,7 +441,7 @@ impl TokenManager {
                         .into(),
                 )),
             };
-        let expiration = expiration_of(&reply);
+        let expiration = expiration_of(reply);
         let (refresh_at, expires_at) = schedule(Instant::now(), SystemTime::now(), expiration);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.slot.write().unwrap() = Some(Slot {
@@ -411,7 +460,78 @@ impl TokenManager {
         Ok((token, generation))
     }
 
-    async fn auth_body(&self) -> Result<Map<String, Value>, BackendError> {
+    /// The cert method's challenge flow: `/get-cert-challenge` gives a challenge, the client key
+    /// signs it (SHA-256; RSA PKCS#1 v1.5 or ECDSA P-256, DER), and `/auth` gets the signature
+    /// instead of the key. `None` when the server does not offer the command or the key type
+    /// cannot sign that way: then the key itself is sent, as older clients do.
+    async fn cert_challenge(
+        &self,
+        cert_b64: &str,
+        key_pem: &[u8],
+        key_file: &std::path::Path,
+        deadline: Instant,
+    ) -> Result<Option<(String, String)>, BackendError> {
+        use pki_types::pem::PemObject;
+        use rustls::SignatureScheme;
+        let der = pki_types::PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
+            BackendError::Config(format!(
+                "{} (--akeyless-key-file) is not a PEM private key: {e}",
+                key_file.display()
+            ))
+        })?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+            .ok()
+            .and_then(|k| {
+                k.choose_scheme(&[
+                    SignatureScheme::RSA_PKCS1_SHA256,
+                    SignatureScheme::ECDSA_NISTP256_SHA256,
+                ])
+            });
+        let Some(signer) = signer else {
+            tracing::debug!(
+                "the cert auth key cannot sign a challenge (not RSA or P-256); sending the key"
+            );
+            return Ok(None);
+        };
+        let mut body = Map::new();
+        if let Some(id) = &self.access_id {
+            body.insert("access-id".into(), Value::String(id.clone()));
+        }
+        body.insert("cert-data".into(), Value::String(cert_b64.to_string()));
+        let reply = self
+            .client
+            .call_if_offered(Op::Auth, "get-cert-challenge", &body, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Failed(e) => e,
+                CallError::TokenRejected(m) => BackendError::Authentication(m),
+            })?;
+        let Some(reply) = reply else {
+            tracing::info!(
+                "the Akeyless server offers no /get-cert-challenge; sending the client key"
+            );
+            return Ok(None);
+        };
+        let challenge = match reply.get("challenge") {
+            Some(Value::String(c)) if !c.trim().is_empty() => c.trim().to_string(),
+            _ => {
+                return Err(BackendError::Unavailable(
+                    "/get-cert-challenge answered without a challenge".into(),
+                ))
+            }
+        };
+        let raw = B64.decode(&challenge).map_err(|_| {
+            BackendError::Unavailable(
+                "/get-cert-challenge answered a challenge that is not base64".into(),
+            )
+        })?;
+        let signature = signer
+            .sign(&raw)
+            .map_err(|e| BackendError::Other(format!("cannot sign the cert challenge: {e}")))?;
+        Ok(Some((challenge, B64.encode(signature))))
+    }
+
+    async fn auth_body(&self, deadline: Instant) -> Result<Map<String, Value>, BackendError> {
         let mut b = Map::new();
         let s = |v: &str| Value::String(v.to_string());
         b.insert(
@@ -445,11 +565,20 @@ impl TokenManager {
             } => {
                 let cert = read_secret_file(cert_file, "client certificate")?;
                 let key = read_secret_file(key_file, "client key")?;
-                b.insert(
-                    "cert-data".into(),
-                    Value::String(B64.encode(cert.as_bytes())),
-                );
-                b.insert("key-data".into(), Value::String(B64.encode(key.as_bytes())));
+                let cert_b64 = B64.encode(cert.as_bytes());
+                match self
+                    .cert_challenge(&cert_b64, key.as_bytes(), key_file, deadline)
+                    .await?
+                {
+                    Some((challenge, signature)) => {
+                        b.insert("cert-challenge".into(), Value::String(challenge));
+                        b.insert("signed-cert-challenge".into(), Value::String(signature));
+                    }
+                    None => {
+                        b.insert("key-data".into(), Value::String(B64.encode(key.as_bytes())));
+                    }
+                }
+                b.insert("cert-data".into(), Value::String(cert_b64));
             }
             Method::Jwt { file } => {
                 let jwt = read_secret_file(file, "JWT")?;

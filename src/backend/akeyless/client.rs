@@ -1,9 +1,17 @@
-//! HTTP transport for the Akeyless API: `POST <base>/<command>` with a JSON body, tolerant error
-//! parsing, classification of failures, and bounded retries with backoff and jitter.
+//! HTTP transport for the Akeyless API: `POST <base>/<command>` with a JSON body, error
+//! classification, and bounded retries with backoff and jitter.
 //!
 //! Retries happen only for failures that may go away (transport errors, timeouts, 5xx, 429) and only
 //! while the caller's deadline leaves room. 4xx answers are never retried here; the caller decides
 //! whether a rejected token is worth one re-authentication.
+//!
+//! # Who answered
+//! Akeyless itself answers an error as a JSON object with an `"error"` string and the HTTP status
+//! that goes with it. Anything else (an HTML page, an empty or non-JSON body, JSON without an
+//! `"error"` string) was written by something between the plugin and Akeyless: a proxy, an ingress
+//! default backend, a load balancer, a WAF, a gateway that is still starting. Such an answer never
+//! says anything about the key or our credentials, so it is always `Unavailable` (`Throttled` for
+//! 429), whatever its status. Only Akeyless's own answers are read further, by [`classify`]'s table.
 
 use std::time::Duration;
 
@@ -11,7 +19,20 @@ use rand::Rng;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use crate::backend::tls::{TlsFlags, TlsOptions};
 use crate::backend::BackendError;
+
+/// Header Akeyless's own integrations send to name the client kind.
+pub(crate) const CLIENT_TYPE_HEADER: &str = "akeylessclienttype";
+/// Our value of [`CLIENT_TYPE_HEADER`].
+pub(crate) const CLIENT_TYPE: &str = "k8s-kms-plugin";
+
+/// Option names for TLS errors.
+pub(crate) const TLS_FLAGS: TlsFlags = TlsFlags {
+    ca_file: "--akeyless-ca-file",
+    client_cert_file: "--akeyless-client-cert-file",
+    client_key_file: "--akeyless-client-key-file",
+};
 
 /// Most attempts for one operation, whatever the remaining time.
 const MAX_ATTEMPTS: u32 = 4;
@@ -62,35 +83,55 @@ impl From<BackendError> for CallError {
 enum Raw {
     Transport {
         timed_out: bool,
+        /// The server's certificate failed verification: our trust set-up, not the network.
+        certificate: bool,
         text: String,
     },
     Http {
         status: u16,
+        /// The body is Akeyless's own error shape (a JSON object with an `"error"` string).
+        from_akeyless: bool,
+        /// Akeyless's error text, or a short description of the foreign body.
         text: String,
         retry_after: Option<Duration>,
     },
+    /// A success status whose body is not a JSON object: not Akeyless either.
     BadBody(String),
+}
+
+/// Time limits of one client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Budgets {
+    /// One request-path operation (Describe, Encrypt, Decrypt) including retries: below the
+    /// apiserver's KMS deadline.
+    pub(crate) request: Duration,
+    /// Start-up, logins, renewals and rotations, which no apiserver call waits for (cloud logins
+    /// make Akeyless call the cloud provider, which can take seconds).
+    pub(crate) login: Duration,
 }
 
 pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
-    budget: Duration,
+    budgets: Budgets,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("base", &self.base)
-            .field("budget", &self.budget)
+            .field("budgets", &self.budgets)
             .finish()
     }
 }
 
 impl Client {
-    /// `base` is the API URL (path prefixes such as `/api/v2` are kept). `budget` is the time one
-    /// operation may take including retries.
-    pub(crate) fn new(base: &str, budget: Duration) -> Result<Self, BackendError> {
+    /// `base` is the API URL (path prefixes such as `/api/v2` are kept).
+    pub(crate) fn new(
+        base: &str,
+        budgets: Budgets,
+        tls: &TlsOptions,
+    ) -> Result<Self, BackendError> {
         let parsed = reqwest::Url::parse(base.trim()).map_err(|e| {
             BackendError::Config(format!("--akeyless-url {base:?} is not a URL: {e}"))
         })?;
@@ -112,21 +153,39 @@ impl Client {
                 "--akeyless-url must not contain user credentials".into(),
             ));
         }
-        if budget < Duration::from_millis(50) {
+        if budgets.request < Duration::from_millis(50) {
             return Err(BackendError::Config(
                 "--akeyless-timeout must be at least 50ms".into(),
             ));
         }
+        if budgets.login < budgets.request {
+            return Err(BackendError::Config(
+                "--akeyless-login-timeout must not be shorter than --akeyless-timeout".into(),
+            ));
+        }
+        let (tls_config, roots) = crate::backend::tls::client_config(tls, &TLS_FLAGS)?;
+        if parsed.scheme() == "https" {
+            tracing::info!(roots = ?roots, ca_file = ?tls.ca_file, mutual_tls = tls.client_cert_file.is_some(), "Akeyless TLS trust");
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            CLIENT_TYPE_HEADER,
+            reqwest::header::HeaderValue::from_static(CLIENT_TYPE),
+        );
         let http = reqwest::Client::builder()
             .user_agent(concat!("kms-plugin/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(attempt_timeout(budget))
+            .default_headers(headers)
+            .use_preconfigured_tls(tls_config)
+            // Each request's own timeout bounds the request path; this only keeps a login's
+            // connection set-up (TCP + TLS to a distant SaaS region) from being cut short.
+            .connect_timeout(attempt_timeout(budgets.login))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Client {
             http,
             base: parsed.as_str().trim_end_matches('/').to_string(),
-            budget,
+            budgets,
         })
     }
 
@@ -134,11 +193,14 @@ impl Client {
         &self.base
     }
 
-    pub(crate) fn budget(&self) -> Duration {
-        self.budget
+    pub(crate) fn budgets(&self) -> Budgets {
+        self.budgets
     }
 
-    /// Calls `command` with `body`, retrying transient failures until `deadline`.
+    /// Calls `command` with `body`, retrying transient failures until `deadline`. Each attempt gets
+    /// 40% of the time the call was given (a hung connection still leaves room to retry); a login
+    /// or rotation may use up to 40% of the login budget even on the request path, so a slow cloud
+    /// login is not cut off after a second.
     pub(crate) async fn call(
         &self,
         op: Op,
@@ -146,7 +208,38 @@ impl Client {
         body: &Map<String, Value>,
         deadline: Instant,
     ) -> Result<Map<String, Value>, CallError> {
+        self.call_inner(op, command, body, deadline, false)
+            .await
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// [`Client::call`] for a command some servers do not offer: `Ok(None)` when the server answers
+    /// 404, 405 or 501 (in any shape), the command being absent there.
+    pub(crate) async fn call_if_offered(
+        &self,
+        op: Op,
+        command: &str,
+        body: &Map<String, Value>,
+        deadline: Instant,
+    ) -> Result<Option<Map<String, Value>>, CallError> {
+        self.call_inner(op, command, body, deadline, true).await
+    }
+
+    async fn call_inner(
+        &self,
+        op: Op,
+        command: &str,
+        body: &Map<String, Value>,
+        deadline: Instant,
+        absent_ok: bool,
+    ) -> Result<Option<Map<String, Value>>, CallError> {
         let total = deadline.saturating_duration_since(Instant::now());
+        let attempt_limit = match op {
+            Op::Auth | Op::UidRotate => {
+                attempt_timeout(total).max(attempt_timeout(self.budgets.login).min(total))
+            }
+            _ => attempt_timeout(total),
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -154,9 +247,12 @@ impl Client {
             if remaining.is_zero() {
                 return Err(CallError::Failed(BackendError::Timeout(total)));
             }
-            let per_attempt = attempt_timeout(self.budget).min(remaining);
+            let per_attempt = attempt_limit.min(remaining);
             let raw = match self.send_once(command, body, per_attempt).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => return Ok(Some(v)),
+                Err(Raw::Http { status, .. }) if absent_ok && matches!(status, 404 | 405 | 501) => {
+                    return Ok(None)
+                }
                 Err(raw) => raw,
             };
             let class = classify(op, &raw, body, &self.base, command, per_attempt);
@@ -208,7 +304,13 @@ impl Client {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .map(|s| Duration::from_secs(s.min(30)));
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         // Bounded read; the buffer may hold a token, so it is wiped when dropped.
         let mut bytes = zeroize::Zeroizing::new(Vec::new());
         while let Some(chunk) = resp.chunk().await.map_err(|e| transport(&e))? {
@@ -220,24 +322,84 @@ impl Client {
             bytes.extend_from_slice(&chunk);
         }
         if !(200..300).contains(&status) {
-            return Err(Raw::Http {
-                status,
-                text: error_text(&bytes),
-                retry_after,
-            });
+            return Err(http_error(status, &bytes, &content_type, retry_after));
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(map),
             // Never echo the body of a success: it may carry a token.
             Ok(_) => Err(Raw::BadBody(format!(
-                "/{command} answered with JSON that is not an object"
+                "/{command} answered HTTP {status} with JSON that is not an object"
             ))),
             Err(_) => Err(Raw::BadBody(format!(
-                "/{command} answered HTTP {status} with a body that is not JSON ({} bytes); is \
+                "/{command} answered HTTP {status} with a body that is not JSON ({} bytes{}); is \
                  --akeyless-url the API (or gateway /api/v2) address?",
-                bytes.len()
+                bytes.len(),
+                describe_type(&content_type)
             ))),
         }
+    }
+}
+
+fn describe_type(content_type: &str) -> String {
+    let t = content_type.split(';').next().unwrap_or("").trim();
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", t.chars().take(60).collect::<String>())
+    }
+}
+
+/// An error status and its body, with the answer's origin decided (see the module documentation).
+fn http_error(status: u16, body: &[u8], content_type: &str, retry_after: Option<Duration>) -> Raw {
+    match akeyless_error(body) {
+        Some(text) => Raw::Http {
+            status,
+            from_akeyless: true,
+            text,
+            retry_after,
+        },
+        None => {
+            let what = if body.iter().all(u8::is_ascii_whitespace) {
+                "an empty body".to_string()
+            } else if looks_like_html(body) {
+                format!("an HTML page ({} bytes)", body.len())
+            } else {
+                format!(
+                    "a body that is not an Akeyless error ({} bytes{})",
+                    body.len(),
+                    describe_type(content_type)
+                )
+            };
+            Raw::Http {
+                status,
+                from_akeyless: false,
+                text: what,
+                retry_after,
+            }
+        }
+    }
+}
+
+/// Markup (HTML, XML): only for describing the body in the message.
+fn looks_like_html(body: &[u8]) -> bool {
+    String::from_utf8_lossy(&body[..body.len().min(64)])
+        .trim_start()
+        .starts_with('<')
+}
+
+/// Akeyless's error text when `body` is its error shape: a JSON object whose `"error"` is a
+/// non-empty string (a `"message"` string next to it is appended).
+fn akeyless_error(body: &[u8]) -> Option<String> {
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let error = m.get("error")?.as_str()?.trim();
+    if error.is_empty() {
+        return None;
+    }
+    match m.get("message").and_then(Value::as_str).map(str::trim) {
+        Some(msg) if !msg.is_empty() && !error.contains(msg) => Some(format!("{error}: {msg}")),
+        _ => Some(error.to_string()),
     }
 }
 
@@ -266,11 +428,7 @@ pub(crate) fn interpret_for_fuzzing(status: u16, body: &[u8]) -> Vec<String> {
             Err(_) => format!("not JSON ({} bytes)", body.len()),
         }];
     }
-    let raw = Raw::Http {
-        status,
-        text: error_text(body),
-        retry_after: None,
-    };
+    let raw = http_error(status, body, "", None);
     [
         Op::Auth,
         Op::UidRotate,
@@ -321,35 +479,9 @@ fn transport(e: &reqwest::Error) -> Raw {
     }
     Raw::Transport {
         timed_out: e.is_timeout(),
+        certificate: crate::backend::tls::is_certificate_error(e),
         text,
     }
-}
-
-/// The server's error text from a body in any of the shapes seen: `{"error": ...}`,
-/// `{"error": ..., "message": ...}`, `{"message": ...}`, plain text, or nothing.
-pub(crate) fn error_text(body: &[u8]) -> String {
-    if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) {
-        let field = |k: &str| match m.get(k) {
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
-            Some(v @ (Value::Object(_) | Value::Array(_))) => Some(v.to_string()),
-            _ => None,
-        };
-        let parts: Vec<String> = ["error", "message", "error_description", "detail"]
-            .iter()
-            .filter_map(|k| field(k))
-            .collect();
-        if !parts.is_empty() {
-            let mut out: Vec<String> = Vec::new();
-            for p in parts {
-                if !out.iter().any(|o| o.contains(&p)) {
-                    out.push(p);
-                }
-            }
-            return out.join(": ");
-        }
-        return String::new();
-    }
-    String::from_utf8_lossy(body).trim().to_string()
 }
 
 /// Shortens server text and removes anything we sent as a credential, in case the server echoed it.
@@ -375,26 +507,27 @@ fn sanitize(text: &str, sent: &Map<String, Value>) -> String {
     }
 }
 
-/// Lowercase words for matching: `ItemNotFound`, `item_not_found` and `item-not-found` all become
-/// `item not found`.
-fn normalize(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 8);
-    let mut prev_lower = false;
-    for c in text.chars() {
-        if c.is_ascii_uppercase() && prev_lower {
-            out.push(' ');
-        }
-        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
-        out.push(match c {
-            '_' | '-' => ' ',
-            c => c.to_ascii_lowercase(),
-        });
-    }
-    out
-}
+/// Exact phrases of Akeyless's error texts that say the *token* (not the key) was refused. Matched
+/// case-insensitively inside an Akeyless error; never applied to foreign bodies.
+const TOKEN_REJECTED: &[&str] = &[
+    "token is expired",
+    "token expired",
+    "invalid token",
+    "token is invalid",
+    "token not valid",
+    "token is not valid",
+    "token was revoked",
+    "token revoked",
+    "failed to validate token",
+];
+/// Akeyless phrases for a key that exists but is switched off.
+const KEY_DISABLED: &[&str] = &["is disabled", "key disabled", "item is not enabled"];
+/// Akeyless phrases for an item that does not exist (it also answers 404 with them).
+const ITEM_NOT_FOUND: &[&str] = &["item not found", "not found", "does not exist"];
 
-fn any(hay: &str, needles: &[&str]) -> bool {
-    needles.iter().any(|n| hay.contains(n))
+fn has(text: &str, phrases: &[&str]) -> bool {
+    let t = text.to_ascii_lowercase();
+    phrases.iter().any(|p| t.contains(p))
 }
 
 fn key_name_of(sent: &Map<String, Value>) -> String {
@@ -404,6 +537,29 @@ fn key_name_of(sent: &Map<String, Value>) -> String {
     }
 }
 
+/// The error table. Rows are tried top to bottom; "key op" is describe-item, encrypt or decrypt.
+///
+/// | # | answer                                            | op      | result                    |
+/// |---|---------------------------------------------------|---------|---------------------------|
+/// | 1 | transport: certificate not trusted                | any     | Config (names CA options) |
+/// | 2 | transport: timed out / other                      | any     | Timeout / Unavailable     |
+/// | 3 | 2xx whose body is not a JSON object               | any     | Unavailable               |
+/// | 4 | not Akeyless's error shape, 429                   | any     | Throttled                 |
+/// | 5 | not Akeyless's error shape, any other status      | any     | Unavailable               |
+/// | 6 | Akeyless 429                                      | any     | Throttled                 |
+/// | 7 | Akeyless, text in [`TOKEN_REJECTED`]              | key op  | TokenRejected (re-auth)   |
+/// | 8 | Akeyless 5xx or 408                               | any     | Unavailable               |
+/// | 9 | Akeyless 4xx                                      | auth    | Authentication            |
+/// |10 | Akeyless 4xx                                      | rotate  | Authentication            |
+/// |11 | Akeyless 401                                      | key op  | TokenRejected (re-auth)   |
+/// |12 | Akeyless 403                                      | key op  | PermissionDenied          |
+/// |13 | Akeyless 404                                      | key op  | KeyNotFound               |
+/// |14 | Akeyless 4xx, text in [`KEY_DISABLED`]            | key op  | KeyDisabled               |
+/// |15 | Akeyless 4xx, text in [`ITEM_NOT_FOUND`]          | key op  | KeyNotFound               |
+/// |16 | Akeyless 400                                      | decrypt | InvalidCiphertext         |
+/// |17 | anything else                                     | any     | Other                     |
+///
+/// A second refusal of a fresh token (row 7 or 11 twice) becomes Authentication in the caller.
 fn classify(
     op: Op,
     raw: &Raw,
@@ -412,140 +568,86 @@ fn classify(
     command: &str,
     waited: Duration,
 ) -> CallError {
-    let (status, text) = match raw {
+    use BackendError as E;
+    let fail = |e: BackendError| CallError::Failed(e);
+    let (status, from_akeyless, text) = match raw {
+        Raw::Transport {
+            certificate: true,
+            text,
+            ..
+        } => {
+            return fail(E::Config(format!(
+                "the TLS certificate of {base} is not trusted: {}; trust its CA with \
+                 --akeyless-ca-file (PEM bundle) or SSL_CERT_FILE/SSL_CERT_DIR",
+                sanitize(text, sent)
+            )))
+        }
         Raw::Transport {
             timed_out: true, ..
-        } => return CallError::Failed(BackendError::Timeout(waited)),
+        } => return fail(E::Timeout(waited)),
         Raw::Transport { text, .. } => {
-            return CallError::Failed(BackendError::Unavailable(format!(
+            return fail(E::Unavailable(format!(
                 "cannot reach Akeyless at {base}: {}",
                 sanitize(text, sent)
             )))
         }
-        Raw::BadBody(t) => return CallError::Failed(BackendError::Other(t.clone())),
-        Raw::Http { status, text, .. } => (*status, sanitize(text, sent)),
+        Raw::BadBody(t) => {
+            return fail(E::Unavailable(format!(
+                "{t}; not an Akeyless answer (a proxy or captive portal in the path?)"
+            )))
+        }
+        Raw::Http {
+            status,
+            from_akeyless,
+            text,
+            ..
+        } => (*status, *from_akeyless, sanitize(text, sent)),
     };
-    let lower = normalize(&text);
+    if !from_akeyless {
+        let what = format!(
+            "/{command} HTTP {status} with {text}: not an Akeyless answer; something between the \
+             plugin and {base} (proxy, ingress, load balancer, gateway starting up) answered"
+        );
+        return fail(if status == 429 {
+            E::Throttled(what)
+        } else {
+            E::Unavailable(what)
+        });
+    }
     let what = format!("/{command} HTTP {status}: {text}");
-    if status == 429
-        || (status >= 500 && any(&lower, &["rate limit", "too many requests", "throttl"]))
-    {
-        return CallError::Failed(BackendError::Throttled(what));
+    let key_op = matches!(op, Op::Describe | Op::Encrypt | Op::Decrypt);
+    if status == 429 {
+        return fail(E::Throttled(what));
     }
-    let token_hint = any(
-        &lower,
-        &[
-            "token expired",
-            "token is expired",
-            "expired token",
-            "invalid token",
-            "token is invalid",
-            "token not valid",
-            "token revoked",
-            "token is not valid",
-            "malformed token",
-            "auth token",
-        ],
-    ) || (lower.contains("token")
-        && any(
-            &lower,
-            &["expired", "revoked", "invalid", "not valid", "unauthorized"],
-        ));
-    if status >= 500 {
-        if token_hint && op != Op::Auth && op != Op::UidRotate {
-            return CallError::TokenRejected(what);
-        }
-        return CallError::Failed(BackendError::Unavailable(what));
+    if key_op && has(&text, TOKEN_REJECTED) {
+        return CallError::TokenRejected(what);
     }
-    match op {
-        Op::Auth => {
-            let msg = if any(
-                &lower,
-                &["access id", "access-id", "accessid", "auth method"],
-            ) && any(
-                &lower,
-                &[
-                    "not found",
-                    "does not exist",
-                    "not exist",
-                    "unknown",
-                    "invalid",
-                ],
-            ) {
-                format!("unknown access id (the auth method does not exist): {what}")
-            } else if any(
-                &lower,
-                &["access key", "access-key", "signature", "credential"],
-            ) {
-                format!("wrong access key or credentials: {what}")
-            } else {
-                format!("credentials rejected: {what}")
-            };
-            CallError::Failed(BackendError::Authentication(msg))
-        }
-        Op::UidRotate => CallError::Failed(BackendError::Authentication(format!(
+    if status >= 500 || status == 408 || status < 400 {
+        return fail(E::Unavailable(what));
+    }
+    let key = key_name_of(sent);
+    match (op, status) {
+        (Op::Auth, _) => fail(E::Authentication(format!(
+            "Akeyless refused the login (check the access id, the credentials and the auth \
+             method's type): {what}"
+        ))),
+        (Op::UidRotate, _) => fail(E::Authentication(format!(
             "Universal Identity token rejected (expired, revoked or already rotated): {what}"
         ))),
-        Op::Describe | Op::Encrypt | Op::Decrypt => {
-            let key = key_name_of(sent);
-            if token_hint
-                || (status == 401 && !any(&lower, &["permission", "access denied", "not allowed"]))
-            {
-                return CallError::TokenRejected(what);
-            }
-            if any(
-                &lower,
-                &[
-                    "disabled",
-                    "not enabled",
-                    "is not active",
-                    "inactive",
-                    "suspended",
-                ],
-            ) {
-                return CallError::Failed(BackendError::KeyDisabled(format!(
-                    "Akeyless key {key:?}: {what}"
-                )));
-            }
-            if status == 404
-                || any(
-                    &lower,
-                    &[
-                        "not found",
-                        "does not exist",
-                        "not exist",
-                        "no such",
-                        "deleted",
-                        "no item",
-                    ],
-                )
-            {
-                return CallError::Failed(BackendError::KeyNotFound(format!(
-                    "Akeyless key {key:?}: {what}"
-                )));
-            }
-            if status == 403
-                || any(
-                    &lower,
-                    &[
-                        "permission",
-                        "access denied",
-                        "not allowed",
-                        "forbidden",
-                        "unauthorized",
-                        "not authorized",
-                    ],
-                )
-            {
-                return CallError::Failed(BackendError::PermissionDenied(format!(
-                    "Akeyless key {key:?}: {what}; the auth method's role needs read on this key (describe, encrypt, decrypt)"
-                )));
-            }
-            if op == Op::Decrypt && (400..500).contains(&status) {
-                return CallError::Failed(BackendError::InvalidCiphertext(what));
-            }
-            CallError::Failed(BackendError::Other(what))
+        (_, 401) => CallError::TokenRejected(what),
+        (_, 403) => fail(E::PermissionDenied(format!(
+            "Akeyless key {key:?}: {what}; the auth method's role needs read on this key \
+             (describe, encrypt, decrypt)"
+        ))),
+        (_, 404) => fail(E::KeyNotFound(format!("Akeyless key {key:?}: {what}"))),
+        _ if has(&text, KEY_DISABLED) => {
+            fail(E::KeyDisabled(format!("Akeyless key {key:?}: {what}")))
         }
+        _ if has(&text, ITEM_NOT_FOUND) => {
+            fail(E::KeyNotFound(format!("Akeyless key {key:?}: {what}")))
+        }
+        (Op::Decrypt, 400) => fail(E::InvalidCiphertext(what)),
+        _ => fail(E::Other(what)),
     }
 }
 
@@ -553,12 +655,17 @@ fn classify(
 mod tests {
     use super::*;
 
-    fn http(status: u16, text: &str) -> Raw {
-        Raw::Http {
+    fn akeyless(status: u16, error: &str) -> Raw {
+        http_error(
             status,
-            text: text.into(),
-            retry_after: None,
-        }
+            serde_json::json!({ "error": error }).to_string().as_bytes(),
+            "application/json",
+            None,
+        )
+    }
+
+    fn foreign(status: u16, body: &[u8]) -> Raw {
+        http_error(status, body, "text/html", None)
     }
 
     fn body(pairs: &[(&str, &str)]) -> Map<String, Value> {
@@ -576,97 +683,164 @@ mod tests {
     }
 
     #[test]
-    fn parses_error_bodies_tolerantly() {
-        assert_eq!(error_text(br#"{"error":"boom"}"#), "boom");
+    fn only_a_json_error_string_is_akeylesss_shape() {
         assert_eq!(
-            error_text(br#"{"error":"boom","message":"more"}"#),
-            "boom: more"
+            akeyless_error(br#"{"error":"boom"}"#).as_deref(),
+            Some("boom")
         );
-        assert_eq!(error_text(br#"{"error":"same","message":"same"}"#), "same");
-        assert_eq!(error_text(br#"{"message":"only"}"#), "only");
-        assert_eq!(error_text(b"plain text\n"), "plain text");
-        assert_eq!(error_text(b""), "");
-        assert_eq!(error_text(br#"{"other":1}"#), "");
-        assert_eq!(error_text(br#"{"error":{"code":3}}"#), r#"{"code":3}"#);
+        assert_eq!(
+            akeyless_error(br#"{"error":"boom","message":"more"}"#).as_deref(),
+            Some("boom: more")
+        );
+        for not in [
+            &b""[..],
+            b"   ",
+            b"<html><body>404 Not Found</body></html>",
+            b"item not found",
+            br#"{"message":"item not found"}"#,
+            br#"{"error":""}"#,
+            br#"{"error":{"code":3}}"#,
+            br#"{"error":null}"#,
+            br#"["error"]"#,
+        ] {
+            assert_eq!(
+                akeyless_error(not),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(not)
+            );
+        }
     }
 
     #[test]
-    fn classifies_key_states_and_status_codes() {
+    fn foreign_answers_are_never_revocations() {
+        let b = body(&[("key-name", "/k"), ("token", "t-secret-token-value")]);
+        let bodies: [&[u8]; 5] = [
+            b"",
+            b"<!DOCTYPE html><html><title>403 Forbidden</title>item not found, key is disabled</html>",
+            b"Not Found",
+            br#"{"message":"Forbidden"}"#,
+            br#"{"error":{"reason":"not found"}}"#,
+        ];
+        for op in [
+            Op::Auth,
+            Op::UidRotate,
+            Op::Describe,
+            Op::Encrypt,
+            Op::Decrypt,
+        ] {
+            for status in [400u16, 401, 403, 404, 410, 500, 502, 503] {
+                for raw in bodies {
+                    let c = classify(
+                        op,
+                        &foreign(status, raw),
+                        &b,
+                        "https://x",
+                        "encrypt",
+                        Duration::from_secs(1),
+                    );
+                    let e = failed(c);
+                    assert!(
+                        matches!(e, BackendError::Unavailable(_)),
+                        "{op:?} {status}: {e}"
+                    );
+                    assert!(e.to_string().contains("not an Akeyless answer"), "{e}");
+                }
+            }
+            let c = classify(
+                op,
+                &foreign(429, b""),
+                &b,
+                "https://x",
+                "encrypt",
+                Duration::from_secs(1),
+            );
+            assert!(matches!(failed(c), BackendError::Throttled(_)));
+        }
+    }
+
+    #[test]
+    fn the_table_for_akeyless_answers() {
         let b = body(&[("key-name", "/k"), ("token", "t-secret-token-value")]);
         let c = |op, raw| classify(op, &raw, &b, "https://x", "encrypt", Duration::from_secs(1));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(400, "key is disabled"))),
-            BackendError::KeyDisabled(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(400, "ItemNotFound"))),
-            BackendError::KeyNotFound(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(400, "AccessDenied: no rule"))),
-            BackendError::PermissionDenied(_)
-        ));
-        assert!(matches!(
-            c(Op::Encrypt, http(400, "TokenExpired")),
-            CallError::TokenRejected(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(404, ""))),
-            BackendError::KeyNotFound(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(400, "Item not found"))),
-            BackendError::KeyNotFound(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(403, ""))),
-            BackendError::PermissionDenied(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(401, "permission denied on item"))),
-            BackendError::PermissionDenied(_)
-        ));
-        assert!(matches!(
-            c(Op::Encrypt, http(401, "")),
-            CallError::TokenRejected(_)
-        ));
-        assert!(matches!(
-            c(Op::Describe, http(400, "token expired")),
-            CallError::TokenRejected(_)
-        ));
-        assert!(matches!(
-            c(Op::Describe, http(500, "Token is expired")),
-            CallError::TokenRejected(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(503, "down"))),
-            BackendError::Unavailable(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Encrypt, http(429, ""))),
-            BackendError::Throttled(_)
-        ));
-        assert!(matches!(
-            failed(c(Op::Decrypt, http(400, "failed to decrypt"))),
-            BackendError::InvalidCiphertext(_)
-        ));
-        assert!(
-            matches!(failed(c(Op::Auth, http(401, "access id not found"))), BackendError::Authentication(m) if m.contains("unknown access id"))
-        );
+        use BackendError as E;
+        let cases: &[(Op, u16, &str, &str)] = &[
+            (Op::Encrypt, 429, "rate limit", "Throttled"),
+            (Op::Encrypt, 503, "down", "Unavailable"),
+            (Op::Encrypt, 408, "timeout", "Unavailable"),
+            (Op::Auth, 401, "access id not found", "Authentication"),
+            (Op::Auth, 400, "failed to authenticate", "Authentication"),
+            (Op::Auth, 500, "internal", "Unavailable"),
+            (Op::UidRotate, 401, "expired", "Authentication"),
+            (Op::Encrypt, 403, "access denied", "PermissionDenied"),
+            (Op::Describe, 404, "failed to get item", "KeyNotFound"),
+            (Op::Encrypt, 400, "key is disabled", "KeyDisabled"),
+            (Op::Encrypt, 400, "Item not found", "KeyNotFound"),
+            (Op::Decrypt, 400, "failed to decrypt", "InvalidCiphertext"),
+            (Op::Encrypt, 400, "bad request", "Other"),
+        ];
+        for (op, status, text, want) in cases {
+            let got = failed(c(*op, akeyless(*status, text)));
+            let name = format!("{got:?}");
+            assert!(name.starts_with(want), "{op:?} {status} {text:?}: {got}");
+        }
+        for (op, status, text) in [
+            (Op::Encrypt, 401, ""),
+            (Op::Encrypt, 401, "Unauthorized"),
+            (Op::Describe, 400, "Token is expired"),
+            (
+                Op::Describe,
+                500,
+                "failed to validate token: token is expired",
+            ),
+            (Op::Decrypt, 403, "invalid token"),
+        ] {
+            let raw = if text.is_empty() {
+                // An Akeyless 401 whose error string is blank is not its shape: Unavailable.
+                assert!(matches!(
+                    failed(c(op, akeyless(status, text))),
+                    E::Unavailable(_)
+                ));
+                continue;
+            } else {
+                akeyless(status, text)
+            };
+            assert!(
+                matches!(c(op, raw), CallError::TokenRejected(_)),
+                "{op:?} {status} {text}"
+            );
+        }
         assert!(matches!(
             failed(c(
                 Op::Encrypt,
                 Raw::Transport {
                     timed_out: true,
+                    certificate: false,
                     text: String::new()
                 }
             )),
-            BackendError::Timeout(_)
+            E::Timeout(_)
+        ));
+        let e = failed(c(
+            Op::Encrypt,
+            Raw::Transport {
+                timed_out: false,
+                certificate: true,
+                text: "invalid peer certificate: UnknownIssuer".into(),
+            },
+        ));
+        assert!(
+            matches!(&e, E::Config(m) if m.contains("--akeyless-ca-file") && m.contains("SSL_CERT_FILE")),
+            "{e}"
+        );
+        assert!(matches!(
+            failed(c(Op::Describe, Raw::BadBody("x".into()))),
+            E::Unavailable(_)
         ));
         // A server that echoes our token gets it redacted.
         let e = failed(c(
             Op::Encrypt,
-            http(400, "bad token t-secret-token-value here, item not found"),
+            akeyless(400, "bad token t-secret-token-value here, item not found"),
         ));
         assert!(!e.to_string().contains("t-secret-token-value"), "{e}");
     }

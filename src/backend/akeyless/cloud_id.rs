@@ -64,6 +64,30 @@ pub enum CloudIdError {
     },
 }
 
+/// The STS endpoint current official clients sign for: the regional one of `region` (China:
+/// `.amazonaws.com.cn`; GovCloud regions are ordinary `sts.us-gov-*.amazonaws.com` hosts), or the
+/// global [`DEFAULT_STS_URL`] when no region is set. `region` usually comes from `AWS_REGION`.
+pub fn sts_url_for_region(region: Option<&str>) -> String {
+    let Some(r) = region.map(str::trim).filter(|r| !r.is_empty()) else {
+        return DEFAULT_STS_URL.to_string();
+    };
+    if !r
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        tracing::warn!(
+            region = r,
+            "AWS_REGION is not a region name; signing for the global STS endpoint"
+        );
+        return DEFAULT_STS_URL.to_string();
+    }
+    if r.starts_with("cn-") {
+        format!("https://sts.{r}.amazonaws.com.cn/")
+    } else {
+        format!("https://sts.{r}.amazonaws.com/")
+    }
+}
+
 /// The region whose STS endpoint `url` names (`sts.<region>.amazonaws.com`), else `us-east-1`.
 pub fn sts_region_from_url(url: &str) -> String {
     url.parse::<http::Uri>()
@@ -181,6 +205,100 @@ async fn fetch(
     Ok(body)
 }
 
+/// Attempts at Azure IMDS for one token (pauses 0.5, 1, 2, 4 s between them).
+const AZURE_IMDS_ATTEMPTS: u32 = 5;
+
+fn azure_imds_retryable(e: &CloudIdError) -> bool {
+    let CloudIdError::Metadata { detail, .. } = e else {
+        return false;
+    };
+    // `fetch` words a status answer as "HTTP <code> ...".
+    detail
+        .strip_prefix("HTTP ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|code| code.parse::<u16>().ok())
+        .is_some_and(|code| matches!(code, 404 | 410 | 429 | 500..=599))
+}
+
+/// AKS workload identity: the federated service-account token that the webhook projects
+/// (`AZURE_FEDERATED_TOKEN_FILE`), exchanged at Microsoft Entra ID for an access token of the
+/// identity `AZURE_CLIENT_ID` in `AZURE_TENANT_ID`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AzureWorkloadIdentity {
+    /// `AZURE_AUTHORITY_HOST`, default `https://login.microsoftonline.com/`.
+    pub authority_host: String,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub token_file: std::path::PathBuf,
+}
+
+impl AzureWorkloadIdentity {
+    /// From the variables the workload identity webhook sets; `None` unless all three are set.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let get = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Some(AzureWorkloadIdentity {
+            authority_host: get("AZURE_AUTHORITY_HOST")
+                .unwrap_or_else(|| "https://login.microsoftonline.com/".into()),
+            tenant_id: get("AZURE_TENANT_ID")?,
+            client_id: get("AZURE_CLIENT_ID")?,
+            token_file: get("AZURE_FEDERATED_TOKEN_FILE")?.into(),
+        })
+    }
+}
+
+/// The Azure cloud-id through workload identity: base64 of the access token for [`AZURE_RESOURCE`]
+/// that Entra ID issues for the federated token (re-read on every call: the kubelet rotates it).
+pub async fn azure_workload_identity_cloud_id(
+    wi: &AzureWorkloadIdentity,
+) -> Result<Zeroizing<String>, CloudIdError> {
+    let url = format!(
+        "{}/{}/oauth2/v2.0/token",
+        wi.authority_host.trim_end_matches('/'),
+        wi.tenant_id
+    );
+    let err = |detail: String| CloudIdError::Metadata {
+        service: "Azure workload identity",
+        url: url.clone(),
+        detail,
+    };
+    let assertion = Zeroizing::new(
+        std::fs::read_to_string(&wi.token_file)
+            .map_err(|e| err(format!("cannot read {}: {e}", wi.token_file.display())))?,
+    );
+    let scope = format!("{}.default", AZURE_RESOURCE);
+    let form = [
+        ("client_id", wi.client_id.as_str()),
+        ("grant_type", "client_credentials"),
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ("client_assertion", assertion.trim()),
+        ("scope", scope.as_str()),
+    ];
+    // Entra ID is a public endpoint: proxies apply, redirects do not.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| err(format!("HTTP client: {e}")))?;
+    let body = fetch("Azure workload identity", http.post(&url).form(&form), &url).await?;
+    #[derive(serde::Deserialize, zeroize::ZeroizeOnDrop)]
+    struct Token {
+        access_token: String,
+    }
+    let tok: Token =
+        serde_json::from_str(&body).map_err(|e| err(format!("unexpected token response: {e}")))?;
+    if tok.access_token.is_empty() {
+        return Err(err("empty access_token".into()));
+    }
+    Ok(Zeroizing::new(B64.encode(tok.access_token.as_bytes())))
+}
+
 /// The Azure cloud-id (`access-type: azure_ad`): base64 of a managed-identity access token for
 /// [`AZURE_RESOURCE`] from IMDS at `imds_url` (base URL), optionally for the identity `object_id`.
 pub async fn azure_ad_cloud_id(
@@ -195,11 +313,23 @@ pub async fn azure_ad_cloud_id(
     if let Some(id) = object_id.filter(|s| !s.is_empty()) {
         query.push(("object_id", id));
     }
-    let req = client(METADATA_TIMEOUT)
-        .get(&url)
-        .query(&query)
-        .header("Metadata", "true");
-    let body = fetch("Azure IMDS", req, &url).await?;
+    let http = client(METADATA_TIMEOUT);
+    // IMDS answers 404 while the identity is still being attached, 429 when called too often and
+    // 5xx while it restarts: retried with backoff, as Azure's own identity clients do.
+    let mut attempt = 0u32;
+    let body = loop {
+        attempt += 1;
+        let req = http.get(&url).query(&query).header("Metadata", "true");
+        match fetch("Azure IMDS", req, &url).await {
+            Ok(body) => break body,
+            Err(e) if attempt < AZURE_IMDS_ATTEMPTS && azure_imds_retryable(&e) => {
+                let pause = Duration::from_millis(500 * (1 << (attempt - 1)));
+                tracing::debug!(attempt, error = %e, "Azure IMDS not ready; retrying");
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     #[derive(serde::Deserialize, zeroize::ZeroizeOnDrop)]
     struct Token {
         access_token: String,
@@ -358,6 +488,51 @@ pub async fn detect_cloud(cfg: &DetectConfig) -> Option<Cloud> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sts_url_follows_the_region_and_partition() {
+        assert_eq!(sts_url_for_region(None), DEFAULT_STS_URL);
+        assert_eq!(sts_url_for_region(Some(" ")), DEFAULT_STS_URL);
+        assert_eq!(
+            sts_url_for_region(Some("eu-west-1")),
+            "https://sts.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(
+            sts_url_for_region(Some("cn-north-1")),
+            "https://sts.cn-north-1.amazonaws.com.cn/"
+        );
+        assert_eq!(
+            sts_url_for_region(Some("us-gov-west-1")),
+            "https://sts.us-gov-west-1.amazonaws.com/"
+        );
+        assert_eq!(sts_url_for_region(Some("x/../y")), DEFAULT_STS_URL);
+        for r in ["eu-west-1", "cn-north-1", "us-gov-west-1"] {
+            assert_eq!(sts_region_from_url(&sts_url_for_region(Some(r))), r);
+        }
+    }
+
+    #[test]
+    fn workload_identity_needs_all_three_variables() {
+        let env = |k: &str| {
+            Some(
+                match k {
+                    "AZURE_TENANT_ID" => "t",
+                    "AZURE_CLIENT_ID" => "c",
+                    "AZURE_FEDERATED_TOKEN_FILE" => {
+                        "/var/run/secrets/azure/tokens/azure-identity-token"
+                    }
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        };
+        let wi = AzureWorkloadIdentity::from_env(env).unwrap();
+        assert_eq!(wi.authority_host, "https://login.microsoftonline.com/");
+        assert!(AzureWorkloadIdentity::from_env(|k| (k != "AZURE_CLIENT_ID")
+            .then(|| env(k))
+            .flatten())
+        .is_none());
+    }
 
     #[test]
     fn region_from_sts_url() {

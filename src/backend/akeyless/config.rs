@@ -112,8 +112,9 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 /// Options of `--backend akeyless`.
 #[derive(clap::Args, Clone, Debug, PartialEq)]
 pub struct AkeylessArgs {
-    /// Akeyless API base URL: the public API, or a gateway such as https://gw:8000/api/v2 (legacy
-    /// ports 8080/8081 too). Plain http is accepted for in-cluster gateways, with a warning.
+    /// Akeyless API base URL: the public API, or a Gateway: https://gw:8000/api/v2, legacy
+    /// https://gw:8080/v2 (the /v2 suffix is needed; 8080's root is the old form API) or
+    /// https://gw:8081 (at the root). Plain http is accepted for in-cluster gateways, with a warning.
     #[arg(long = "akeyless-url", env = "KMS_PLUGIN_AKEYLESS_URL", default_value = DEFAULT_URL)]
     pub url: String,
 
@@ -232,6 +233,32 @@ pub struct AkeylessArgs {
     #[arg(long = "akeyless-timeout", env = "KMS_PLUGIN_AKEYLESS_TIMEOUT", default_value = "2500ms", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
+    /// Time budget of start-up calls, logins, token renewals and UID rotations, including their
+    /// retries (each attempt gets 40% of it). These have no apiserver waiting, and cloud logins make
+    /// Akeyless call the cloud provider, so they get more time than the request path.
+    #[arg(long = "akeyless-login-timeout", env = "KMS_PLUGIN_AKEYLESS_LOGIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub login_timeout: Duration,
+
+    /// Extra CA certificates (PEM bundle) trusted for the Akeyless URL, e.g. a private Gateway's CA.
+    /// Added to the system trust store (or to SSL_CERT_FILE / SSL_CERT_DIR when those are set).
+    #[arg(long = "akeyless-ca-file", env = "KMS_PLUGIN_AKEYLESS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a Gateway that requires mutual TLS; needs
+    /// --akeyless-client-key-file. Not the cert auth method (see --akeyless-cert-file).
+    #[arg(
+        long = "akeyless-client-cert-file",
+        env = "KMS_PLUGIN_AKEYLESS_CLIENT_CERT_FILE"
+    )]
+    pub client_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --akeyless-client-cert-file.
+    #[arg(
+        long = "akeyless-client-key-file",
+        env = "KMS_PLUGIN_AKEYLESS_CLIENT_KEY_FILE"
+    )]
+    pub client_key_file: Option<PathBuf>,
+
     /// Access key, from env or file (never a flag).
     #[arg(skip)]
     pub access_key: Option<Secret>,
@@ -264,8 +291,23 @@ impl Default for AkeylessArgs {
             jwt_file: None,
             encryption_context: Vec::new(),
             timeout: Duration::from_millis(2500),
+            login_timeout: Duration::from_secs(30),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             access_key: None,
             uid_token: None,
+        }
+    }
+}
+
+impl AkeylessArgs {
+    /// The TLS trust options of the Akeyless URL.
+    pub fn tls(&self) -> crate::backend::tls::TlsOptions {
+        crate::backend::tls::TlsOptions {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: self.client_cert_file.clone(),
+            client_key_file: self.client_key_file.clone(),
         }
     }
 }

@@ -6,6 +6,10 @@
 //! - [`uid`]: Universal Identity token rotation and persistence.
 //!
 //! Start-up mirrors the original plugin: authenticate, describe the key, one encryption round trip.
+//! A permanent answer there (credentials refused by Akeyless, missing key, wrong key type, bad
+//! configuration) stops start-up with its cause; a transient one (Akeyless or the network away)
+//! does not: the backend is returned, the engine's start-up probe reports it unhealthy, and the
+//! next calls log in again by themselves.
 //! `current_key` is `/describe-item` (cheap, no cryptography): the key_id carries the item id and
 //! last version, so "rotate key" in Akeyless is noticed by the engine's probe, while old ciphertexts
 //! keep decrypting because Akeyless puts the key version inside its ciphertext.
@@ -29,7 +33,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use self::auth::{CloudIdProvider, CloudIdRequest, Method, TokenManager};
-use self::client::{CallError, Client, Op};
+use self::client::{Budgets, CallError, Client, Op};
 pub use self::config::{AccessType, AkeylessArgs, Secret};
 use self::uid::UidState;
 use super::{Backend, BackendError, BackendEvents, KeyIdentity, SecretBytes, WrappedKey};
@@ -39,8 +43,8 @@ pub(crate) const KIND: &str = "akeyless";
 
 /// Longest key name we accept: it is stored in clear in every ciphertext.
 const MAX_KEY_NAME: usize = 255;
-/// Time allowed for start-up calls (and background renewals), which have no apiserver waiting.
-const SLOW_BUDGET: Duration = Duration::from_secs(10);
+/// Hosts of the Akeyless SaaS: some auth methods (k8s) only work through a customer Gateway.
+const SAAS_HOST_SUFFIX: &str = "akeyless.io";
 
 /// See the module documentation.
 pub struct AkeylessBackend {
@@ -50,6 +54,16 @@ pub struct AkeylessBackend {
     uid: Option<Arc<UidState>>,
     context: Option<Map<String, Value>>,
     tasks: Vec<AbortHandle>,
+    /// Budget of background logins and rotations.
+    login_budget: Duration,
+}
+
+/// True when `url` is the Akeyless SaaS rather than a Gateway.
+fn is_saas(url: &str) -> bool {
+    reqwest::Url::parse(url.trim())
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+        .is_some_and(|h| h == SAAS_HOST_SUFFIX || h.ends_with(&format!(".{SAAS_HOST_SUFFIX}")))
 }
 
 impl std::fmt::Debug for AkeylessBackend {
@@ -160,8 +174,12 @@ impl AkeylessBackend {
                 "Akeyless key name is longer than {MAX_KEY_NAME} bytes"
             )));
         }
-        let client = Arc::new(Client::new(&args.url, args.timeout)?);
-        let slow = || Instant::now() + SLOW_BUDGET.max(args.timeout);
+        let budgets = Budgets {
+            request: args.timeout,
+            login: args.login_timeout,
+        };
+        let client = Arc::new(Client::new(&args.url, budgets, &args.tls())?);
+        let slow = || Instant::now() + budgets.login;
 
         let access_key = match (&args.access_key, &args.access_key_file) {
             (Some(k), _) => Some(k.clone()),
@@ -201,7 +219,15 @@ impl AkeylessBackend {
                 "KMS_PLUGIN_AKEYLESS_ACCESS_ID",
             ));
         }
+        if access_type == AccessType::K8s && is_saas(&args.url) {
+            return Err(BackendError::Config(format!(
+                "the k8s auth method works only through an Akeyless Gateway, not the SaaS URL {}: \
+                 set --akeyless-url to your Gateway (e.g. https://gw:8000/api/v2)",
+                args.url
+            )));
+        }
         let mut uid_state = None;
+        let mut uid_login = None;
         let method = match access_type {
             AccessType::AccessKey => Method::AccessKey(access_key.ok_or_else(|| {
                 BackendError::Config(
@@ -211,18 +237,18 @@ impl AkeylessBackend {
                 )
             })?),
             AccessType::UniversalIdentity => {
-                let state = Arc::new(
-                    UidState::start(
-                        &client,
-                        args.access_id.as_deref(),
-                        uid_init,
-                        state_dir.as_deref(),
-                        args.uid_ttl,
-                        slow(),
-                        events.clone(),
-                    )
-                    .await?,
-                );
+                let (state, login) = UidState::start(
+                    &client,
+                    args.access_id.as_deref(),
+                    uid_init,
+                    state_dir.as_deref(),
+                    args.uid_ttl,
+                    slow(),
+                    events.clone(),
+                )
+                .await?;
+                let state = Arc::new(state);
+                uid_login = login;
                 uid_state = Some(state.clone());
                 Method::Uid(state)
             }
@@ -266,6 +292,9 @@ impl AkeylessBackend {
             method,
             events,
         ));
+        if let Some(login) = &uid_login {
+            tokens.install_login(login)?;
+        }
         let context = (!args.encryption_context.is_empty()).then(|| {
             args.encryption_context
                 .iter()
@@ -279,50 +308,32 @@ impl AkeylessBackend {
             uid: uid_state,
             context,
             tasks: Vec::new(),
+            login_budget: budgets.login,
         };
 
-        // 1. authenticate
-        tokens.get(slow()).await?;
-        // 2. the key exists, is enabled and is an AES key
-        let item = backend.describe(slow()).await?;
-        match item.get("item_type").and_then(Value::as_str) {
-            Some(t) if !t.to_ascii_uppercase().contains("AES") => {
-                return Err(BackendError::Config(format!(
-                    "Akeyless item {:?} is of type {t}, not an AES key; create an AES256GCM key",
-                    backend.key_name
-                )))
+        match backend.startup_check(slow()).await {
+            Ok(id) => {
+                tracing::info!(url = backend.client.base(), key_id = %id.key_id, "Akeyless backend ready")
             }
-            Some(t) if !t.to_ascii_uppercase().contains("GCM") => {
-                tracing::warn!(
-                    item_type = t,
-                    "the Akeyless key is not AES-GCM; AES256GCM is recommended"
-                )
-            }
-            _ => {}
+            Err(e) if e.is_transient() => tracing::warn!(
+                url = backend.client.base(),
+                error = %e,
+                "Akeyless is not reachable at start-up; starting unhealthy, logging in and checking \
+                 the key again in the background"
+            ),
+            Err(e) => return Err(e),
         }
-        let id = identity(&backend.key_name, &item)?;
-        // 3. one round trip
-        let probe = Zeroizing::new(rand::random::<[u8; 32]>());
-        let wrapped = backend.encrypt(&probe[..], slow()).await?;
-        let back = backend
-            .decrypt(&backend.key_name.clone(), &wrapped, slow())
-            .await?;
-        if back[..] != probe[..] {
-            return Err(BackendError::Other(
-                "the start-up round trip through Akeyless returned different data".into(),
-            ));
-        }
-        tracing::info!(url = backend.client.base(), key_id = %id.key_id, "Akeyless backend ready");
 
-        backend
-            .tasks
-            .push(tokio::spawn(renew_tokens(Arc::downgrade(&tokens))).abort_handle());
+        backend.tasks.push(
+            tokio::spawn(renew_tokens(Arc::downgrade(&tokens), budgets.login)).abort_handle(),
+        );
         if let Some(uid) = &backend.uid {
             backend.tasks.push(
                 tokio::spawn(rotate_uid(
                     Arc::downgrade(uid),
                     Arc::downgrade(&tokens),
                     client.clone(),
+                    budgets.login,
                 ))
                 .abort_handle(),
             );
@@ -342,7 +353,49 @@ impl AkeylessBackend {
             .as_ref()
             .ok_or_else(|| BackendError::Config("not using Universal Identity".into()))?;
         let _flight = self.tokens.flight().lock().await;
-        uid.rotate(&self.client, Instant::now() + SLOW_BUDGET).await
+        uid.rotate(&self.client, Instant::now() + self.login_budget)
+            .await
+    }
+
+    /// What the original plugin checks before listening: log in, the key exists, is enabled and
+    /// is an AES key, and one encryption round trip works.
+    async fn startup_check(&self, deadline: Instant) -> Result<KeyIdentity, BackendError> {
+        self.tokens.get(deadline).await?;
+        let item = self.describe(deadline).await?;
+        let kind = if is_classic(&item) { "Classic" } else { "DFC" };
+        match key_algorithm(&item) {
+            Some(t) if !t.to_ascii_uppercase().contains("AES") => {
+                return Err(BackendError::Config(format!(
+                    "Akeyless item {:?} is a {kind} key of type {t}, not an AES key; create an \
+                     AES256GCM key",
+                    self.key_name
+                )))
+            }
+            Some(t) if !t.to_ascii_uppercase().contains("GCM") => tracing::warn!(
+                item_type = t,
+                "the Akeyless key is not AES-GCM; AES256GCM is recommended"
+            ),
+            Some(_) => {}
+            None => tracing::warn!(
+                "Akeyless did not say the key's algorithm; the round trip decides whether it works"
+            ),
+        }
+        let id = identity(&self.key_name, &item)?;
+        let display_id = item
+            .get("display_id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        tracing::info!(key = %self.key_name, display_id, "using {kind} key");
+        let probe = Zeroizing::new(rand::random::<[u8; 32]>());
+        let wrapped = self.encrypt(&probe[..], deadline).await?;
+        let back = self.decrypt(&self.key_name, &wrapped, deadline).await?;
+        if back[..] != probe[..] {
+            return Err(BackendError::Other(
+                "the start-up round trip through Akeyless returned different data".into(),
+            ));
+        }
+        Ok(id)
     }
 
     /// A call that needs a token: one re-authentication if the server rejects it.
@@ -461,7 +514,7 @@ impl AkeylessBackend {
     }
 
     fn deadline(&self) -> Instant {
-        Instant::now() + self.client.budget()
+        Instant::now() + self.client.budgets().request
     }
 }
 
@@ -540,6 +593,26 @@ fn legacy_dek(plain: SecretBytes) -> Result<SecretBytes, BackendError> {
     )))
 }
 
+/// A Classic key: `item_type` says so and the algorithm sits in
+/// `item_general_info.classic_key_details.key_type`.
+fn is_classic(item: &Map<String, Value>) -> bool {
+    item.get("item_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.eq_ignore_ascii_case("CLASSIC_KEY"))
+}
+
+/// The key's algorithm: `item_type` for DFC keys (`AES256GCM`), the classic key details otherwise.
+fn key_algorithm(item: &Map<String, Value>) -> Option<&str> {
+    if is_classic(item) {
+        return item
+            .get("item_general_info")?
+            .get("classic_key_details")?
+            .get("key_type")?
+            .as_str();
+    }
+    item.get("item_type").and_then(Value::as_str)
+}
+
 /// Disabled or deleted keys, as `/describe-item` reports them.
 fn check_state(name: &str, item: &Map<String, Value>) -> Result<(), BackendError> {
     if item.get("is_enabled").and_then(Value::as_bool) == Some(false) {
@@ -600,21 +673,26 @@ fn identity(name: &str, item: &Map<String, Value>) -> Result<KeyIdentity, Backen
 }
 
 /// Background: renew the token before it expires.
-async fn renew_tokens(tokens: Weak<TokenManager>) {
+async fn renew_tokens(tokens: Weak<TokenManager>, budget: Duration) {
     loop {
         let Some(at) = tokens.upgrade().map(|t| t.next_check()) else {
             return;
         };
         tokio::time::sleep_until(at).await;
         let Some(t) = tokens.upgrade() else { return };
-        if let Err(e) = t.get(Instant::now() + SLOW_BUDGET).await {
+        if let Err(e) = t.renew(Instant::now() + budget).await {
             tracing::warn!(error = %e, "Akeyless token renewal failed; retrying");
         }
     }
 }
 
 /// Background: rotate the UID token at half its TTL; retry sooner after a failure.
-async fn rotate_uid(uid: Weak<UidState>, tokens: Weak<TokenManager>, client: Arc<Client>) {
+async fn rotate_uid(
+    uid: Weak<UidState>,
+    tokens: Weak<TokenManager>,
+    client: Arc<Client>,
+    budget: Duration,
+) {
     let mut wait = uid.upgrade().map(|u| u.first_wait()).unwrap_or_default();
     loop {
         tokio::time::sleep(wait).await;
@@ -622,7 +700,7 @@ async fn rotate_uid(uid: Weak<UidState>, tokens: Weak<TokenManager>, client: Arc
             return;
         };
         let _flight = t.flight().lock().await;
-        wait = match u.rotate(&client, Instant::now() + SLOW_BUDGET).await {
+        wait = match u.rotate(&client, Instant::now() + budget).await {
             Ok(()) => u.interval(),
             Err(e) => {
                 tracing::warn!(error = %e, "Akeyless UID token rotation failed; keeping the current token and retrying");

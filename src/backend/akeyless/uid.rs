@@ -104,7 +104,7 @@ impl UidState {
         ttl: Duration,
         deadline: Instant,
         events: Arc<dyn BackendEvents>,
-    ) -> Result<UidState, BackendError> {
+    ) -> Result<(UidState, Option<Map<String, Value>>), BackendError> {
         let path = state_dir.map(|d| d.join(UID_TOKEN_FILE));
         let persisted = path.as_deref().and_then(load);
         if path.is_none() {
@@ -136,10 +136,24 @@ impl UidState {
             events.auth(AuthEvent {
                 backend: super::KIND,
                 kind: AuthKind::Login,
-                outcome: result.as_ref().copied(),
+                outcome: result.as_ref().map(|_| ()),
             });
+            let transient = matches!(&result, Err(e) if e.is_transient());
             match result {
-                Ok(()) => {
+                // Akeyless is not reachable: keep this token (the saved one is preferred) and let
+                // the token manager log in once it is.
+                Err(e) if transient => {
+                    tracing::warn!(source, error = %e, "cannot check the Universal Identity token at start-up; will retry");
+                    let state = UidState {
+                        current: Mutex::new(token),
+                        path,
+                        ttl,
+                        rotated_at_start: AtomicBool::new(false),
+                        events,
+                    };
+                    return Ok((state, None));
+                }
+                Ok(login) => {
                     let state = UidState {
                         current: Mutex::new(token),
                         path,
@@ -155,7 +169,8 @@ impl UidState {
                             "could not rotate the Akeyless Universal Identity token at start-up; retrying soon"
                         ),
                     }
-                    return Ok(state);
+                    // The login that proved the token is the token manager's first login.
+                    return Ok((state, Some(login)));
                 }
                 Err(BackendError::Authentication(msg)) => {
                     tracing::warn!(source, error = %msg, "Akeyless refused a Universal Identity token");
@@ -181,13 +196,13 @@ impl UidState {
     }
 }
 
-/// `/auth` with the UID token: is it alive?
+/// `/auth` with the UID token: is it alive? Returns the `/auth` answer.
 async fn accepted(
     client: &Client,
     access_id: Option<&str>,
     token: &Secret,
     deadline: Instant,
-) -> Result<(), BackendError> {
+) -> Result<Map<String, Value>, BackendError> {
     let mut body = Map::new();
     body.insert(
         "access-type".into(),
@@ -203,7 +218,6 @@ async fn accepted(
     client
         .call(Op::Auth, "auth", &body, deadline)
         .await
-        .map(|_| ())
         .map_err(|e| match e {
             CallError::Failed(e) => e,
             CallError::TokenRejected(m) => BackendError::Authentication(m),
