@@ -335,6 +335,11 @@ impl AkeylessBackend {
         self.tokens.auth_calls()
     }
 
+    /// Seconds until the Universal Identity token expires, when UID is in use and this is known.
+    pub fn uid_token_seconds_left(&self) -> Option<f64> {
+        self.uid.as_ref()?.seconds_left()
+    }
+
     /// Rotates the Universal Identity token now (for tests and an operator endpoint).
     pub async fn rotate_uid_token(&self) -> Result<(), BackendError> {
         let uid = self
@@ -578,6 +583,10 @@ impl Backend for AkeylessBackend {
     }
 
     async fn current_key(&self) -> Result<KeyIdentity, BackendError> {
+        // A UID token about to expire while rotation fails is a fact the operator must see.
+        if let Some(uid) = &self.uid {
+            uid.health()?;
+        }
         let item = self.describe(self.deadline()).await?;
         identity(&self.key_name, &item)
     }
