@@ -32,6 +32,7 @@ Control API for tests (JSON in, JSON out):
   POST /__control/drop      {"command": "uid-rotate-token", "count": 1}  apply, then drop the answer
   POST /__control/stall     {"phase": "rotate"|"ack", "seconds": 30, "count": 1}  hold a rotation's
                              answer after applying it ("rotate"), or hold an ack before applying it
+  POST /__control/uid-clear-faults      forget pending drops and stalls
 
 Start: `akeyless_fake.py --port 0 [--port-file F] [--access-id p-x --access-key K] [--key NAME]...`;
 the first line on stdout is `PORT <n>`.
@@ -663,6 +664,10 @@ def uid_control(api, action, body):
         return {"valid": tree.find(body.get("token")) is not None}
     if action == "drop":
         tree.drops.append({"command": body["command"], "count": int(body.get("count", 1))})
+        return {}
+    if action == "uid-clear-faults":
+        tree.drops.clear()
+        tree.stalls.clear()
         return {}
     if action == "stall":
         tree.stalls.append({"phase": body["phase"], "seconds": float(body.get("seconds", 30)),

@@ -402,9 +402,13 @@ impl UidState {
         (left / 2).max(Duration::from_secs(1))
     }
 
-    /// Pause before retrying a failed rotation: short against the TTL.
+    /// Pause before retrying a failed rotation: short against the TTL, shorter as expiry nears.
     pub(crate) fn retry_pause(&self) -> Duration {
-        (self.ttl() / 20).clamp(Duration::from_millis(500), Duration::from_secs(60))
+        let mut pause = self.ttl() / 20;
+        if let Some(left) = self.left() {
+            pause = pause.min(left / 8);
+        }
+        pause.clamp(Duration::from_millis(500), Duration::from_secs(60))
     }
 
     /// Fails when the token expires soon (under a third of its TTL left) and rotation keeps
