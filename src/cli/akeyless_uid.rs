@@ -138,10 +138,10 @@ struct Failure(u8, String);
 
 impl From<BackendError> for Failure {
     fn from(e: BackendError) -> Self {
-        let code = if matches!(e, BackendError::Authentication(_)) {
-            3
-        } else {
-            1
+        let code = match e {
+            BackendError::Authentication(_) => 3,
+            BackendError::Config(_) => 2,
+            _ => 1,
         };
         Failure(code, e.to_string())
     }

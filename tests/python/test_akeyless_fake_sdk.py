@@ -255,3 +255,21 @@ def test_universal_identity_ttl_is_enforced(fake):
     with pytest.raises(ApiException) as e:
         api.auth(akeyless.Auth(access_type="universal_identity", uid_token=None))
     assert e.value.status == 401
+
+
+def test_universal_identity_accepts_only_the_current_spelling(fake):
+    root = control(fake, "uid-method", {"name": "/kms/spelling", "ttl": 60})["token"]
+    for field, status in [("uid_token", 401), ("uid-token", 200)]:
+        req = urllib.request.Request(
+            fake + "/auth",
+            data=json.dumps({"access-type": "universal_identity", field: root}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                got, body = resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            got, body = e.code, json.loads(e.read())
+        assert got == status, (field, body)
+        assert ("error" in body) == (status != 200)

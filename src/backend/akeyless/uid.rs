@@ -508,18 +508,24 @@ impl UidState {
         match list_children(client, &self.current(), deadline).await {
             Ok(node) => {
                 let mut life = self.life.lock().unwrap();
+                let stated = node.ttl_minutes.map(|m| Duration::from_secs(m * 60));
                 if let Some(expires) = node.expires {
-                    let left = expires
+                    // A local clock running behind the server's must not stretch the lifetime
+                    // beyond the stated TTL.
+                    let mut left = expires
                         .duration_since(SystemTime::now())
                         .unwrap_or(Duration::ZERO);
-                    life.expires = Some(expires);
+                    if let Some(t) = stated {
+                        left = left.min(t);
+                    }
+                    life.expires = Some(SystemTime::now() + left);
                     if just_rotated && !left.is_zero() {
                         life.ttl = Some(left);
-                    } else if let Some(m) = node.ttl_minutes {
-                        life.ttl = Some(Duration::from_secs(m * 60));
+                    } else if stated.is_some() {
+                        life.ttl = stated;
                     }
-                } else if let Some(m) = node.ttl_minutes {
-                    life.ttl = Some(Duration::from_secs(m * 60));
+                } else if stated.is_some() {
+                    life.ttl = stated;
                 }
                 if !life.discovered {
                     tracing::info!(
