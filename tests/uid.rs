@@ -554,3 +554,153 @@ async fn status_warns_before_expiry_while_rotation_keeps_failing() {
     );
     assert!(valid(&fake, &node.saved_token()).await);
 }
+
+#[tokio::test]
+async fn generator_commands_are_idempotent_and_scriptable() {
+    let Some(fake) = fake() else { return };
+    let generator = Generator::new(&fake, 60).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cp-0.token");
+    let out_s = out.display().to_string();
+    let create = ["create-child", "--node", "cp-0", "--out", &out_s];
+    let (code, first) = generator.run(&create);
+    assert_eq!(code, 0, "{first}");
+    let first_token = std::fs::read_to_string(&out).unwrap().trim().to_string();
+    assert!(
+        !first.to_string().contains(&first_token),
+        "token only in the file"
+    );
+
+    // The file lost: a conflict (exit 4) until --replace, which revokes the old token.
+    std::fs::remove_file(&out).unwrap();
+    let (code, r) = generator.run(&create);
+    assert_eq!(code, 4, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("--replace"));
+    let mut replace = create.to_vec();
+    replace.push("--replace");
+    let (code, r) = generator.run(&replace);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["replaced"], json!([first["token_id"]]));
+    assert!(!valid(&fake, &first_token).await);
+    assert!(valid(&fake, std::fs::read_to_string(&out).unwrap().trim()).await);
+
+    // --stdout prints the token and nothing else in text mode.
+    let o = Command::new(BIN)
+        .args([
+            "akeyless",
+            "uid",
+            "create-child",
+            "--node",
+            "cp-9",
+            "--stdout",
+        ])
+        .arg("--uid-token-file")
+        .arg(generator.dir.path().join("parent"))
+        .args(["--akeyless-url", &generator.url])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let printed = String::from_utf8(o.stdout).unwrap();
+    assert!(printed.trim().starts_with("u-") && printed.trim().lines().count() == 1);
+    assert!(valid(&fake, printed.trim()).await);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(printed.trim()));
+
+    // Usage errors (2), unknown ids (4), the parent only from a file or the environment.
+    assert_eq!(
+        generator
+            .run(&["create-child", "--node", "bad name", "--out", &out_s])
+            .0,
+        2
+    );
+    assert_eq!(generator.run(&["revoke", "--token-id", "uid-nope"]).0, 4);
+    let o = Command::new(BIN)
+        .args([
+            "akeyless",
+            "uid",
+            "list",
+            "--output",
+            "json",
+            "--akeyless-url",
+            &generator.url,
+        ])
+        .env_remove("KMS_PLUGIN_AKEYLESS_UID_TOKEN")
+        .env_remove("KMS_PLUGIN_AKEYLESS_UID_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let parent = std::fs::read_to_string(generator.dir.path().join("parent")).unwrap();
+    let o = Command::new(BIN)
+        .args([
+            "akeyless",
+            "uid",
+            "list",
+            "--output",
+            "json",
+            "--akeyless-url",
+            &generator.url,
+        ])
+        .env("KMS_PLUGIN_AKEYLESS_UID_TOKEN", parent.trim())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed["children"].as_array().unwrap().len(), 3);
+
+    // revoke --all: every child, the parent stays; a second run has nothing to do.
+    let (code, r) = generator.run(&["revoke", "--all"]);
+    assert_eq!(
+        (code, r["revoked"].as_array().unwrap().len()),
+        (0, 2),
+        "{r}"
+    );
+    let (code, r) = generator.run(&["revoke", "--all"]);
+    assert_eq!(
+        (code, r["revoked"].as_array().unwrap().len()),
+        (0, 0),
+        "{r}"
+    );
+    assert!(valid(&fake, parent.trim()).await);
+}
+
+#[tokio::test]
+async fn a_server_without_two_phase_rotation_still_works() {
+    let Some(fake) = fake() else { return };
+    // Ignores with-manual-ack (rotates at once) and treats an ack as a rotation of a dead token.
+    fake.control("uid-manual-ack", json!({"supported": false}))
+        .await;
+    let generator = Generator::new(&fake, 60).await;
+    let mut node = Node::new(&fake.url);
+    let out = node.init_file().display().to_string();
+    let (code, r) = generator.run(&[
+        "create-child",
+        "--node",
+        "cp-0",
+        "--ttl",
+        "4m",
+        "--out",
+        &out,
+    ]);
+    assert_eq!(code, 0, "{r}");
+    node.start(&[]).await;
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        assert_eq!(node.healthz().await, "ok", "{}", node.log());
+        let t = node.saved_token();
+        if !t.is_empty() && !seen.contains(&t) {
+            seen.push(t);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        seen.len() >= 3,
+        "rotated {} times\n{}",
+        seen.len(),
+        node.log()
+    );
+    assert!(valid(&fake, &node.saved_token()).await);
+    assert!(!node.state().join("akeyless-uid-token.previous").exists());
+    node.kill9();
+    node.start(&[]).await;
+    assert!(valid(&fake, &node.saved_token()).await);
+}

@@ -237,6 +237,12 @@ impl Session {
         };
         match uid::ack(&self.client, &old, &self.parent, self.deadline()).await {
             Ok(()) => store.acked(),
+            // Refused: fine if the saved token works (the ack had landed, or was not needed).
+            Err(e) if !e.is_transient() => {
+                if self.tree().await.is_ok() {
+                    store.acked();
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot acknowledge an interrupted rotation of the parent token")
             }

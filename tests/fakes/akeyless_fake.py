@@ -33,6 +33,7 @@ Control API for tests (JSON in, JSON out):
   POST /__control/stall     {"phase": "rotate"|"ack", "seconds": 30, "count": 1}  hold a rotation's
                              answer after applying it ("rotate"), or hold an ack before applying it
   POST /__control/uid-clear-faults      forget pending drops and stalls
+  POST /__control/uid-manual-ack {"supported": false}  behave like a server without two-phase rotation
 
 Start: `akeyless_fake.py --port 0 [--port-file F] [--access-id p-x --access-key K] [--key NAME]...`;
 the first line on stdout is `PORT <n>`.
@@ -426,6 +427,7 @@ class UidTree:
         self.offset = 0.0
         self.drops = []  # [{"command", "count"}]: apply, then drop the answer
         self.stalls = []  # [{"phase": "rotate"|"ack", "seconds", "count"}]
+        self.manual_ack = True  # False: an older server that ignores with-manual-ack and the ack field
 
     def clock(self):
         return now() + self.offset
@@ -527,7 +529,7 @@ def uid_auth(api, body):
 def uid_rotate_token(api, body):
     tree = api.s.uid
     old = body.get("uid-token")
-    ack = body.get("send-manual-ack-token")
+    ack = body.get("send-manual-ack-token") if tree.manual_ack else None
     if ack:
         node = tree.values.get(ack)
         if node is not None and node.alive(tree) and node.token == ack and old in node.retired:
@@ -551,7 +553,7 @@ def uid_rotate_token(api, body):
         tree.values.pop(node.pending, None)
         node.pending = None
     new = tree.new_value(node)
-    if uid_bool(body, "with-manual-ack"):
+    if uid_bool(body, "with-manual-ack") and tree.manual_ack:
         node.pending = new
     else:
         tree.values.pop(node.token, None)
@@ -664,6 +666,9 @@ def uid_control(api, action, body):
         return {"valid": tree.find(body.get("token")) is not None}
     if action == "drop":
         tree.drops.append({"command": body["command"], "count": int(body.get("count", 1))})
+        return {}
+    if action == "uid-manual-ack":
+        tree.manual_ack = bool(body.get("supported", True))
         return {}
     if action == "uid-clear-faults":
         tree.drops.clear()

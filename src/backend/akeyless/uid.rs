@@ -197,9 +197,18 @@ pub(crate) async fn rotate_two_phase(
             }
             Ok((new, true))
         }
-        Err(e) => {
+        Err(e) if e.is_transient() => {
             tracing::warn!(error = %e, "the new Universal Identity token is saved but its rotation was not acknowledged; retrying the ack later");
             Ok((new, false))
+        }
+        Err(e) => {
+            // Refused for good (e.g. a server that rotated at once, without waiting for an ack):
+            // retrying cannot help, and the new token is the one in use either way.
+            tracing::warn!(error = %e, "Akeyless refused the ack of a UID token rotation; using the new token");
+            if let Some(store) = store {
+                store.acked();
+            }
+            Ok((new, true))
         }
     }
 }
@@ -476,8 +485,16 @@ impl UidState {
                         s.acked();
                     }
                 }
-                Err(e) => {
+                Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "cannot acknowledge the previous UID token rotation")
+                }
+                Err(e) => {
+                    // Refused for good: the ack cannot succeed later; the new token is in use.
+                    tracing::warn!(error = %e, "Akeyless refused the ack of the previous UID token rotation");
+                    *self.unacked.lock().unwrap() = None;
+                    if let Some(s) = &self.store {
+                        s.acked();
+                    }
                 }
             }
         }
