@@ -444,6 +444,12 @@ async fn a_crash_between_rotate_save_and_ack_keeps_the_identity() {
         })
         .await
     );
+    // A hung rotation does not hold up logins (access tokens live 3 s here): Status stays ok.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert_eq!(node.healthz().await, "ok", "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     node.kill9();
     assert_eq!(node.saved_token(), saved, "nothing saved before the answer");
     assert!(

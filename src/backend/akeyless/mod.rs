@@ -346,8 +346,12 @@ impl AkeylessBackend {
             .uid
             .as_ref()
             .ok_or_else(|| BackendError::Config("not using Universal Identity".into()))?;
-        let _flight = self.tokens.flight().lock().await;
-        uid.rotate(&self.client, Instant::now() + SLOW_BUDGET).await
+        uid.rotate(
+            &self.client,
+            Instant::now() + SLOW_BUDGET,
+            Some(self.tokens.flight()),
+        )
+        .await
     }
 
     /// A call that needs a token: one re-authentication if the server rejects it.
@@ -565,8 +569,10 @@ async fn rotate_uid(uid: Weak<UidState>, tokens: Weak<TokenManager>, client: Arc
         let (Some(u), Some(t)) = (uid.upgrade(), tokens.upgrade()) else {
             return;
         };
-        let _flight = t.flight().lock().await;
-        wait = match u.rotate(&client, Instant::now() + SLOW_BUDGET).await {
+        wait = match u
+            .rotate(&client, Instant::now() + SLOW_BUDGET, Some(t.flight()))
+            .await
+        {
             Ok(()) => u.interval(),
             Err(e) => {
                 tracing::warn!(error = %e, "Akeyless UID token rotation failed; keeping the current token and retrying");

@@ -22,6 +22,9 @@
 //! the token nears expiry while rotation keeps failing, the backend's health check fails with the
 //! reason (visible in Status) and an error is logged.
 //!
+//! Logins wait for a rotation only while the token is swapped (and, until an ack has shown that the
+//! server keeps old tokens valid, during phase 1 too), never across the ack or the lifetime lookup.
+//!
 //! The same calls serve `kms-plugin akeyless uid` (the generator machine's commands).
 
 use std::path::{Path, PathBuf};
@@ -36,6 +39,9 @@ use super::auth::parse_time;
 use super::client::{CallError, Client, Op};
 use super::config::Secret;
 use crate::backend::{AuthEvent, AuthKind, BackendError, BackendEvents};
+
+/// Reported when the single-flight lock is not free within a rotation's deadline.
+const SLOW: Duration = Duration::from_secs(10);
 
 /// File name of the persisted token inside the state directory.
 pub const UID_TOKEN_FILE: &str = "akeyless-uid-token";
@@ -170,19 +176,17 @@ pub(crate) async fn ack(
         .map_err(failed)
 }
 
-/// Rotates `old` in the three phases of the module documentation and returns the new token. With
-/// no store the new token lives in memory only. A failed ack is only logged: the new token is saved
-/// and valid, and the ack is sent again before the next rotation (`unacked` is set).
-pub(crate) async fn rotate_two_phase(
+/// Phases 1 and 2: a new token from the server, saved durably (old one to `.previous`). Until the
+/// ack both tokens work, so a save failure abandons the new token and keeps the old one.
+pub(crate) async fn rotate_and_save(
     client: &Client,
     store: Option<&TokenStore>,
     old: &Secret,
     deadline: Instant,
-) -> Result<(Secret, bool), BackendError> {
+) -> Result<Secret, BackendError> {
     let new = rotate_begin(client, old, deadline).await?;
     if let Some(store) = store {
         store.save_rotated(old, &new).map_err(|e| {
-            // Not acked, so the old token stays valid and in use; the new one is abandoned.
             BackendError::Other(format!(
                 "rotated the Universal Identity token but cannot save it to {}: {e}; the old token \
                  stays in use; fix the state directory (writable, not full)",
@@ -190,27 +194,55 @@ pub(crate) async fn rotate_two_phase(
             ))
         })?;
     }
-    match ack(client, old, &new, deadline).await {
+    Ok(new)
+}
+
+/// Phase 3: the ack, then `.previous` goes. Returns false when it should be sent again later
+/// (a transient failure); a refusal is final (e.g. a server that rotated at once, without waiting
+/// for an ack) and the new token is the one in use either way.
+pub(crate) async fn finish(
+    client: &Client,
+    store: Option<&TokenStore>,
+    old: &Secret,
+    new: &Secret,
+    deadline: Instant,
+) -> bool {
+    match ack(client, old, new, deadline).await {
         Ok(()) => {
             if let Some(store) = store {
                 store.acked();
             }
-            Ok((new, true))
-        }
-        Err(e) if e.is_transient() => {
-            tracing::warn!(error = %e, "the new Universal Identity token is saved but its rotation was not acknowledged; retrying the ack later");
-            Ok((new, false))
+            true
         }
         Err(e) => {
-            // Refused for good (e.g. a server that rotated at once, without waiting for an ack):
-            // retrying cannot help, and the new token is the one in use either way.
-            tracing::warn!(error = %e, "Akeyless refused the ack of a UID token rotation; using the new token");
-            if let Some(store) = store {
-                store.acked();
-            }
-            Ok((new, true))
+            let retry = e.is_transient();
+            finish_failed(store, &e, retry);
+            !retry
         }
     }
+}
+
+fn finish_failed(store: Option<&TokenStore>, e: &BackendError, retry: bool) {
+    if retry {
+        tracing::warn!(error = %e, "the new Universal Identity token is saved but its rotation was not acknowledged; retrying the ack later");
+    } else {
+        tracing::warn!(error = %e, "Akeyless refused the ack of a UID token rotation; using the new token");
+        if let Some(store) = store {
+            store.acked();
+        }
+    }
+}
+
+/// All three phases (the generator's `renew`): the new token and whether the ack went through.
+pub(crate) async fn rotate_two_phase(
+    client: &Client,
+    store: Option<&TokenStore>,
+    old: &Secret,
+    deadline: Instant,
+) -> Result<(Secret, bool), BackendError> {
+    let new = rotate_and_save(client, store, old, deadline).await?;
+    let acked = finish(client, store, old, &new, deadline).await;
+    Ok((new, acked))
 }
 
 /// One node of the UID token tree as `/uid-list-children` reports it.
@@ -369,6 +401,8 @@ pub(crate) struct UidState {
     configured_ttl: Duration,
     life: Mutex<Life>,
     rotated_at_start: AtomicBool,
+    /// An ack has succeeded: the server keeps old tokens valid until acknowledged.
+    two_phase: AtomicBool,
     events: Arc<dyn BackendEvents>,
 }
 
@@ -452,12 +486,15 @@ impl UidState {
 
     /// Rotates now (two-phase) and persists the new token, then learns the new lifetime. On failure
     /// the old token stays.
+    /// `flight` is the token manager's single-flight lock: held only while the token is swapped,
+    /// so a login never presents a token the server just retired, and never across slow calls.
     pub(crate) async fn rotate(
         &self,
         client: &Client,
         deadline: Instant,
+        flight: Option<&tokio::sync::Mutex<()>>,
     ) -> Result<(), BackendError> {
-        let result = self.rotate_inner(client, deadline).await;
+        let result = self.rotate_inner(client, deadline, flight).await;
         self.events.auth(AuthEvent {
             backend: super::KIND,
             kind: AuthKind::IdentityRotation,
@@ -473,13 +510,19 @@ impl UidState {
         result
     }
 
-    async fn rotate_inner(&self, client: &Client, deadline: Instant) -> Result<(), BackendError> {
+    async fn rotate_inner(
+        &self,
+        client: &Client,
+        deadline: Instant,
+        flight: Option<&tokio::sync::Mutex<()>>,
+    ) -> Result<(), BackendError> {
         // Finish an earlier rotation first; if the server rotated without waiting for an ack, this
         // fails harmlessly and the rotation below works from the new token anyway.
         let pending = self.unacked.lock().unwrap().clone();
         if let Some((old, new)) = pending {
             match ack(client, &old, &new, deadline).await {
                 Ok(()) => {
+                    self.two_phase.store(true, Ordering::Relaxed);
                     *self.unacked.lock().unwrap() = None;
                     if let Some(s) = &self.store {
                         s.acked();
@@ -498,9 +541,40 @@ impl UidState {
                 }
             }
         }
+        let lock = || async {
+            match flight {
+                Some(f) => tokio::time::timeout_at(deadline, f.lock())
+                    .await
+                    .map(Some)
+                    .map_err(|_| BackendError::Timeout(SLOW)),
+                None => Ok(None),
+            }
+        };
+        // A server known to wait for the ack keeps the old token valid meanwhile: logins need not
+        // wait for phase 1. Otherwise (not known yet) the old token may die with phase 1's answer.
+        let two_phase = self.two_phase.load(Ordering::Relaxed);
+        let mut guard = if two_phase { None } else { lock().await? };
         let old = self.current();
-        let (new, acked) = rotate_two_phase(client, self.store.as_ref(), &old, deadline).await?;
+        let new = rotate_and_save(client, self.store.as_ref(), &old, deadline).await?;
+        if guard.is_none() {
+            guard = lock().await?;
+        }
         *self.current.lock().unwrap() = new.clone();
+        drop(guard);
+        let acked = match ack(client, &old, &new, deadline).await {
+            Ok(()) => {
+                self.two_phase.store(true, Ordering::Relaxed);
+                if let Some(s) = &self.store {
+                    s.acked();
+                }
+                true
+            }
+            Err(e) => {
+                let retry = e.is_transient();
+                finish_failed(self.store.as_ref(), &e, retry);
+                !retry
+            }
+        };
         *self.unacked.lock().unwrap() = (!acked).then_some((old, new));
         {
             // The rotation renewed the TTL; until the server says otherwise, assume the known one.
@@ -623,10 +697,11 @@ impl UidState {
                         configured_ttl: ttl,
                         life: Mutex::new(Life::default()),
                         rotated_at_start: AtomicBool::new(false),
+                        two_phase: AtomicBool::new(false),
                         events,
                     };
                     // Rotate at once (the token's age is unknown); a failure is retried later.
-                    match state.rotate(client, deadline).await {
+                    match state.rotate(client, deadline, None).await {
                         Ok(()) => state.rotated_at_start.store(true, Ordering::Relaxed),
                         Err(e) => {
                             tracing::warn!(
