@@ -22,7 +22,7 @@ include $(sort $(wildcard mk/*.mk))
 .PHONY: help run build deps deps-apt deps-python test test-rust lint $(TESTS)
 
 help:
-	@echo "make run     - build and serve on the embedded default (local key backend, ./.kms-plugin/kms.sock)"
+	@echo "make run     - build and serve with a development key (serve --dev: local key under ./.kms-plugin, ./.kms-plugin/kms.sock)"
 	@echo "make test    - install test dependencies and run every test"
 	@echo "make lint    - cargo fmt --check and clippy -D warnings"
 
@@ -30,7 +30,7 @@ build:
 	cargo build --release --locked
 
 run: build
-	./target/release/kms-plugin serve --listen unix://$(CURDIR)/.kms-plugin/kms.sock --data-dir $(CURDIR)/.kms-plugin
+	./target/release/kms-plugin serve --dev --listen unix://$(CURDIR)/.kms-plugin/kms.sock --data-dir $(CURDIR)/.kms-plugin
 
 deps: $(DEPS)
 

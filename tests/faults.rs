@@ -934,11 +934,12 @@ fn full_disk_gives_a_clear_error_and_never_a_corrupt_key_file() {
         std::fs::read(&new_key)
     );
 
-    // Zero-configuration mode creates its development key under --data-dir: same guarantee.
+    // The development mode creates its key under --data-dir: same guarantee.
     let data = fs.path().join("data");
     let (ok, err) = run(
         &[
             "serve",
+            "--dev",
             "--listen",
             "unix:///@kms-plugin-faults-full-disk",
             "--data-dir",
@@ -983,6 +984,7 @@ fn read_only_state_directory_gives_a_clear_error_and_leaves_files_alone() {
     let (ok, err) = run(
         &[
             "serve",
+            "--dev",
             "--listen",
             "unix:///@kms-plugin-faults-ro",
             "--data-dir",

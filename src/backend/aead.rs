@@ -8,6 +8,14 @@ use rand::RngCore;
 
 use super::{BackendError, SecretBytes};
 
+// AES round keys are wiped on drop only when the `aes` crate is built with its `zeroize` feature
+// (Cargo.toml); this stops the build if that feature ever goes missing.
+const _: () = {
+    const fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    zeroized_on_drop::<aes::Aes256>();
+    zeroized_on_drop::<aes_gcm::aes::Aes256>();
+};
+
 pub(crate) const NONCE_LEN: usize = 12;
 pub(crate) const TAG_LEN: usize = 16;
 
@@ -42,4 +50,46 @@ pub(crate) fn open(key: &[u8; 32], aad: &[u8], blob: &[u8]) -> Result<SecretByte
         .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad })
         .map(SecretBytes::new)
         .map_err(|_| BackendError::InvalidCiphertext("authentication tag mismatch".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    /// `ghash` and `polyval` have no marker trait to assert at compile time, so check the features
+    /// cargo actually resolved for this build.
+    #[test]
+    fn aes_ghash_and_polyval_are_built_with_zeroize() {
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+            .arg("--manifest-path")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .output()
+            .expect("run cargo metadata");
+        assert!(
+            out.status.success(),
+            "cargo metadata: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let nodes = meta["resolve"]["nodes"].as_array().unwrap();
+        for krate in ["aes", "ghash", "polyval"] {
+            let node = nodes
+                .iter()
+                .find(|n| {
+                    n["id"]
+                        .as_str()
+                        .is_some_and(|id| id.contains(&format!("#{krate}@")))
+                })
+                .unwrap_or_else(|| panic!("{krate} is not in the dependency graph"));
+            let features: Vec<&str> = node["features"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|f| f.as_str())
+                .collect();
+            assert!(
+                features.contains(&"zeroize"),
+                "{krate} is built without its zeroize feature: {features:?}"
+            );
+        }
+    }
 }

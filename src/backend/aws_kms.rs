@@ -88,7 +88,16 @@ fn de_context<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, Str
 pub async fn from_args(args: &AwsKmsArgs) -> Result<std::sync::Arc<dyn Backend>, BackendError> {
     let chain = ChainConfig::from_env();
     let backend = AwsKmsBackend::new(args, chain)?;
-    backend.current_key().await?;
+    // A first contact that fails transiently (KMS or STS briefly away while a whole control plane
+    // restarts) is not fatal: the engine's start-up probe reports it and keeps retrying.
+    match backend.current_key().await {
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "AWS KMS is not reachable yet; starting unhealthy and retrying")
+        }
+        other => {
+            other?;
+        }
+    }
     Ok(std::sync::Arc::new(backend))
 }
 
@@ -330,6 +339,31 @@ impl AwsKmsBackend {
         Err(map_error(action, status, &typ, &msg))
     }
 
+    /// A `KMSInvalidStateException` says the key's state forbids the call; what that state is, and
+    /// whether it means revocation (Disabled, PendingDeletion) or a passing condition, only
+    /// DescribeKey can tell.
+    async fn recheck_state(&self, key: &str, err: BackendError) -> BackendError {
+        if !matches!(&err, BackendError::Unavailable(m) if m.ends_with(INVALID_STATE)) {
+            return err;
+        }
+        match self.call_api("DescribeKey", &json!({ "KeyId": key })).await {
+            Ok(resp) => {
+                let meta = resp.get("KeyMetadata");
+                let arn = meta
+                    .and_then(|m| m.get("Arn"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(key);
+                let state = meta
+                    .and_then(|m| m.get("KeyState"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                key_state_error(arn, state).unwrap_or(err)
+            }
+            Err(describe) if describe.is_revocation() => describe,
+            Err(_) => err,
+        }
+    }
+
     fn context(&self) -> Option<&BTreeMap<String, String>> {
         (!self.context.is_empty()).then_some(&self.context)
     }
@@ -355,13 +389,18 @@ pub fn map_error(action: &str, status: u16, error_type: &str, message: &str) -> 
     } else {
         format!("AWS KMS {action}: {typ}: {message}")
     };
+    // Only a typed KMS error (`__type` / `x-amzn-ErrorType`) is an answer from KMS itself; a bare
+    // status from a proxy, a VPC endpoint policy page or a load balancer is an outage.
     match typ {
         "ThrottlingException" | "LimitExceededException" | "RequestLimitExceeded" => {
             BackendError::Throttled(detail)
         }
         "AccessDeniedException" => BackendError::PermissionDenied(detail),
-        "DisabledException" | "KMSInvalidStateException" => BackendError::KeyDisabled(detail),
+        "DisabledException" => BackendError::KeyDisabled(detail),
         "NotFoundException" => BackendError::KeyNotFound(detail),
+        // The key's state forbids the operation, but the state may be passing (PendingImport,
+        // Updating, a custom key store reconnecting): the backend re-checks it with DescribeKey.
+        "KMSInvalidStateException" => BackendError::Unavailable(format!("{detail} {INVALID_STATE}")),
         "InvalidCiphertextException" | "IncorrectKeyException" => {
             BackendError::InvalidCiphertext(detail)
         }
@@ -373,16 +412,22 @@ pub fn map_error(action: &str, status: u16, error_type: &str, message: &str) -> 
         | "InvalidClientTokenId"
         | "SignatureDoesNotMatch" => BackendError::Authentication(detail),
         "InvalidKeyUsageException" | "InvalidGrantTokenException" => BackendError::Config(detail),
+        "" if status == 429 => BackendError::Throttled(detail),
+        "" => BackendError::Unavailable(format!(
+            "AWS KMS {action}: HTTP {status} without a KMS error type (a proxy or endpoint in between?)"
+        )),
+        _ if status == 429 => BackendError::Throttled(detail),
+        _ if status >= 500 => BackendError::Unavailable(detail),
         "KMSInternalException"
         | "DependencyTimeoutException"
         | "KeyUnavailableException"
         | "ServiceUnavailable" => BackendError::Unavailable(detail),
-        _ if status == 429 => BackendError::Throttled(detail),
-        _ if status >= 500 => BackendError::Unavailable(detail),
-        _ if status == 403 => BackendError::PermissionDenied(detail),
         _ => BackendError::Other(detail),
     }
 }
+
+/// Marks the errors that [`AwsKmsBackend::recheck_state`] resolves through DescribeKey.
+const INVALID_STATE: &str = "(key state re-checked with DescribeKey)";
 
 fn key_state_error(arn: &str, state: &str) -> Option<BackendError> {
     match state {
@@ -464,7 +509,10 @@ impl Backend for AwsKmsBackend {
             })
             .expect("request serializes"),
         );
-        let resp = self.call_raw("Encrypt", &body).await?;
+        let resp = match self.call_raw("Encrypt", &body).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.recheck_state(&self.key, e).await),
+        };
         let resp: EncryptResponse = serde_json::from_slice(&resp).map_err(|e| {
             BackendError::Other(format!("AWS KMS Encrypt answer is not as expected: {e}"))
         })?;
@@ -494,7 +542,10 @@ impl Backend for AwsKmsBackend {
             encryption_context: self.context(),
         })
         .expect("request serializes");
-        let resp = self.call_raw("Decrypt", &body).await?;
+        let resp = match self.call_raw("Decrypt", &body).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.recheck_state(key_ref, e).await),
+        };
         let resp: DecryptResponse = serde_json::from_slice(&resp).map_err(|e| {
             BackendError::Other(format!("AWS KMS Decrypt answer is not as expected: {e}"))
         })?;
@@ -562,10 +613,19 @@ mod tests {
             m(400, "DisabledException"),
             BackendError::KeyDisabled(_)
         ));
+        // Re-checked through DescribeKey by the backend; on its own it is not a revocation.
         assert!(matches!(
             m(400, "com.amazonaws.kms#KMSInvalidStateException"),
-            BackendError::KeyDisabled(_)
+            BackendError::Unavailable(ref d) if d.ends_with(INVALID_STATE)
         ));
+        // Without a KMS error type, no status is a revocation: a proxy, WAF or VPC endpoint
+        // answered, not KMS.
+        for status in [400, 401, 403, 404, 409] {
+            assert!(
+                matches!(m(status, ""), BackendError::Unavailable(_)),
+                "{status}"
+            );
+        }
         assert!(matches!(
             m(400, "NotFoundException"),
             BackendError::KeyNotFound(_)

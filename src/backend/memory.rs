@@ -25,6 +25,10 @@ pub enum KeyState {
 #[derive(Debug)]
 struct Inner {
     versions: Vec<Zeroizing<[u8; 32]>>,
+    /// State of each version (index = version - 1), on top of the key-wide `state`.
+    version_states: Vec<KeyState>,
+    /// The version that wraps (1-based); normally the newest.
+    current: usize,
     state: KeyState,
 }
 
@@ -50,6 +54,8 @@ impl MemoryBackend {
             name: name.into(),
             inner: Mutex::new(Inner {
                 versions: vec![random_key()],
+                version_states: vec![KeyState::Enabled],
+                current: 1,
                 state: KeyState::Enabled,
             }),
             wraps: AtomicU64::new(0),
@@ -58,15 +64,44 @@ impl MemoryBackend {
         }
     }
 
-    /// Adds a new key version; older versions keep unwrapping.
+    /// Adds a new key version and makes it current; older versions keep unwrapping.
     pub fn rotate(&self) -> u64 {
         let mut inner = self.inner.lock().unwrap();
         inner.versions.push(random_key());
-        inner.versions.len() as u64
+        inner.version_states.push(KeyState::Enabled);
+        inner.current = inner.versions.len();
+        inner.current as u64
+    }
+
+    /// Makes an existing version current again, as rolling an alias back does (A → B → A).
+    pub fn set_current(&self, version: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        assert!((1..=inner.versions.len() as u64).contains(&version));
+        inner.current = version as usize;
     }
 
     pub fn set_state(&self, state: KeyState) {
         self.inner.lock().unwrap().state = state;
+    }
+
+    /// Changes the state of one version only (e.g. disable an old version).
+    pub fn set_version_state(&self, version: u64, state: KeyState) {
+        self.inner.lock().unwrap().version_states[version as usize - 1] = state;
+    }
+
+    /// For tests: unwraps `ciphertext` with exactly `version`, bypassing states.
+    pub fn unwrap_with_version(
+        &self,
+        version: u64,
+        ciphertext: &[u8],
+    ) -> Result<SecretBytes, BackendError> {
+        let inner = self.inner.lock().unwrap();
+        let key_ref = self.key_ref(version);
+        aead::open(
+            &inner.versions[version as usize - 1],
+            key_ref.as_bytes(),
+            ciphertext,
+        )
     }
 
     pub fn wrap_calls(&self) -> u64 {
@@ -114,7 +149,8 @@ impl Backend for MemoryBackend {
         self.probes.fetch_add(1, Ordering::Relaxed);
         let inner = self.inner.lock().unwrap();
         self.check_state(inner.state)?;
-        let version = inner.versions.len() as u64;
+        let version = inner.current as u64;
+        self.check_state(inner.version_states[inner.current - 1])?;
         Ok(KeyIdentity {
             key_id: format!("{}:v{}", self.name, version),
             key_ref: self.key_ref(version),
@@ -125,9 +161,10 @@ impl Backend for MemoryBackend {
         self.wraps.fetch_add(1, Ordering::Relaxed);
         let inner = self.inner.lock().unwrap();
         self.check_state(inner.state)?;
-        let version = inner.versions.len() as u64;
+        self.check_state(inner.version_states[inner.current - 1])?;
+        let version = inner.current as u64;
         let key_ref = self.key_ref(version);
-        let key = inner.versions.last().expect("at least one version");
+        let key = &inner.versions[inner.current - 1];
         let ciphertext = aead::seal(key, key_ref.as_bytes(), plaintext);
         Ok(WrappedKey {
             key_ref,
@@ -148,6 +185,7 @@ impl Backend for MemoryBackend {
             .ok_or_else(|| {
                 BackendError::KeyNotFound(format!("no in-memory key version {key_ref:?}"))
             })?;
+        self.check_state(inner.version_states[version - 1])?;
         aead::open(&inner.versions[version - 1], key_ref.as_bytes(), ciphertext)
     }
 }

@@ -76,6 +76,16 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Unwraps what [`Backend::wrap`] returned, including after the remote KEK was rotated.
     async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError>;
+
+    /// Decrypts a KMS v1 ciphertext written by the plugin this backend replaces in place (the
+    /// original Akeyless plugin stored the key manager's own ciphertext of each DEK). `None` when
+    /// the backend has no such legacy format. Returns the key reference used and the DEK.
+    async fn decrypt_legacy_v1(
+        &self,
+        _ciphertext: &[u8],
+    ) -> Option<Result<(String, SecretBytes), BackendError>> {
+        None
+    }
 }
 
 /// Which authentication step a backend took (see [`BackendEvents`]).

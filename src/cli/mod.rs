@@ -83,6 +83,27 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
+/// Most Encrypts under one local KEK: its AES-GCM nonces are random 96-bit values, and NIST SP 800-38D
+/// bounds random-nonce use of one key at 2^32 messages.
+pub const KEK_MAX_USES_CAP: u64 = 1 << 32;
+
+fn parse_kek_max_uses(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    if n > KEK_MAX_USES_CAP {
+        return Err(format!(
+            "{n} is above the cap of 4294967296 (2^32): a local KEK uses random 96-bit AES-GCM nonces, \
+             which are safe for at most 2^32 encryptions under one key (NIST SP 800-38D); use 4294967296 or less"
+        ));
+    }
+    Ok(n)
+}
+
 /// Which backend holds the remote KEK.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -112,13 +133,17 @@ pub struct ServeArgs {
     #[arg(long, env = "KMS_PLUGIN_SOCKET_GROUP")]
     pub socket_group: Option<String>,
     /// Key backend. Without it: Akeyless if AKEYLESS_KEY_ENCRYPTION_KEY is set (drop-in mode), `local` if
-    /// --local-key-file is given, else a development key created under --data-dir.
+    /// --local-key-file is given; otherwise serve refuses to start unless --dev is given.
     #[arg(long, env = "KMS_PLUGIN_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
+    /// Development only: with no backend configured, serve a throw-away local key created under
+    /// --data-dir. Deliberately without an environment variable; refused together with a backend.
+    #[arg(long)]
+    pub dev: bool,
     /// Local backend: key file created by `kms-plugin keygen`. Never created implicitly.
     #[arg(long, env = "KMS_PLUGIN_LOCAL_KEY_FILE")]
     pub local_key_file: Option<PathBuf>,
-    /// Directory for the development key (zero-configuration mode only).
+    /// Directory for the development key (--dev); also the default --state-dir.
     #[arg(
         long,
         env = "KMS_PLUGIN_DATA_DIR",
@@ -145,14 +170,18 @@ pub struct ServeArgs {
     /// Timeout of one backend call.
     #[arg(long, env = "KMS_PLUGIN_BACKEND_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub backend_timeout: Duration,
+    /// Treat a confirmed authentication failure (credentials revoked or deleted) like a key
+    /// revocation: drop the cached local KEKs and refuse Decrypts. Off: cached keys keep serving.
+    #[arg(long, env = "KMS_PLUGIN_REVOKE_ON_AUTH_FAILURE")]
+    pub revoke_on_auth_failure: bool,
     /// Status turns unhealthy when no probe succeeded for this long; default 2 x probe interval + backend timeout.
     #[arg(long, env = "KMS_PLUGIN_STATUS_STALENESS", value_parser = parse_duration)]
     pub status_staleness: Option<Duration>,
     /// A local KEK is retired after this long.
     #[arg(long, env = "KMS_PLUGIN_KEK_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
     pub kek_max_age: Duration,
-    /// A local KEK is retired after this many Encrypts.
-    #[arg(long, env = "KMS_PLUGIN_KEK_MAX_USES", default_value_t = 1 << 21)]
+    /// A local KEK is retired after this many Encrypts (1 to 4294967296 = 2^32, the AES-GCM random-nonce bound).
+    #[arg(long, env = "KMS_PLUGIN_KEK_MAX_USES", default_value_t = 1 << 21, value_parser = parse_kek_max_uses)]
     pub kek_max_uses: u64,
     /// How many unwrapped local KEKs are kept in memory.
     #[arg(long, env = "KMS_PLUGIN_KEK_CACHE_SIZE", default_value_t = 1000)]

@@ -54,13 +54,41 @@ pub fn effective_listen(args: &ServeArgs) -> anyhow::Result<ListenAddr> {
     Ok(ListenAddr::Path(DEFAULT_SOCKET.into()))
 }
 
-fn open_local(path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
+fn open_local(path: &Path, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>> {
     if let Some(mode) = file_mode(path) {
         if mode & 0o077 != 0 {
             tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "key file is readable by group or others; chmod 600 it");
         }
     }
-    Ok(Arc::new(LocalBackend::open(path)?))
+    let backend = Arc::new(LocalBackend::open(path)?);
+    let weak = Arc::downgrade(&backend);
+    metrics.add_scrape_hook(move |m| {
+        if let Some(b) = weak.upgrade() {
+            let report = b.key_file_report();
+            m.set_local_key_file(report.missing.len(), report.reload_refused);
+        }
+    });
+    Ok(backend)
+}
+
+/// Without a configured backend, `serve` runs only when asked for the development mode: a typo
+/// in the backend configuration must never end up encrypting under a fresh throw-away key.
+fn check_dev_mode(args: &ServeArgs) -> anyhow::Result<()> {
+    match (effective_backend(args), args.dev) {
+        (None, false) => anyhow::bail!(
+            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11 or aws-kms; \
+             see docs/backends.md), or pass --dev to run with a throw-away development key under --data-dir \
+             (never for real Secrets)"
+        ),
+        (Some(kind), true) => anyhow::bail!(
+            "--dev is only for running without a backend, but backend {} is configured \
+             (--backend, --local-key-file or AKEYLESS_KEY_ENCRYPTION_KEY); remove --dev",
+            clap::ValueEnum::to_possible_value(&kind)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Builds the backend named by `args`; backends that authenticate report it to `events`.
@@ -73,6 +101,7 @@ async fn build_backend(
 ) -> anyhow::Result<Arc<dyn Backend>> {
     match effective_backend(args) {
         None => {
+            // check_dev_mode ran first: this is an explicit --dev.
             let path = args.data_dir.join("dev-kek.json");
             if !path.exists() {
                 let name = create_key_file(&path)?;
@@ -80,16 +109,16 @@ async fn build_backend(
             }
             tracing::warn!(
                 path = %path.display(),
-                "DEVELOPMENT MODE: no --backend given, using a local key under --data-dir. Losing this file loses every \
+                "DEVELOPMENT MODE (--dev): using a local key under --data-dir. Losing this file loses every \
                  Secret encrypted with it. For production use `kms-plugin keygen` + --backend local --local-key-file, or a KMS backend."
             );
-            open_local(&path)
+            open_local(&path, metrics)
         }
         Some(BackendKind::Local) => {
             let path = args.local_key_file.as_deref().context(
                 "--backend local needs --local-key-file (create one with `kms-plugin keygen FILE`)",
             )?;
-            open_local(path)
+            open_local(path, metrics)
         }
         #[cfg(feature = "akeyless")]
         Some(BackendKind::Akeyless) => {
@@ -139,6 +168,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
             .status_staleness
             .unwrap_or(args.probe_interval * 2 + args.backend_timeout),
         backend_concurrency: args.backend_concurrency.max(1),
+        revoke_on_auth_failure: args.revoke_on_auth_failure,
         ..EngineConfig::default()
     }
 }
@@ -153,7 +183,7 @@ fn validate(args: &ServeArgs) -> anyhow::Result<()> {
     if args.kek_max_age.is_zero() {
         anyhow::bail!("--kek-max-age must be greater than zero");
     }
-    Ok(())
+    check_dev_mode(args)
 }
 
 /// Writes out what is queued in the audit log before exiting.

@@ -21,7 +21,7 @@ type Outcome = Option<Result<Arc<LocalKek>, EngineError>>;
 
 pub struct KekCache {
     entries: Arc<quick_cache::sync::Cache<Box<[u8]>, Arc<LocalKek>>>,
-    inflight: Mutex<HashMap<KekDigest, watch::Receiver<Outcome>>>,
+    inflight: Arc<Mutex<HashMap<KekDigest, watch::Receiver<Outcome>>>>,
 }
 
 /// Whether a lookup was served from memory.
@@ -35,7 +35,7 @@ impl KekCache {
     pub fn new(capacity: usize) -> Self {
         KekCache {
             entries: Arc::new(quick_cache::sync::Cache::new(capacity.max(1))),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -60,7 +60,14 @@ impl KekCache {
         self.entries.clear();
     }
 
-    /// Returns the cached KEK, or runs `load` once (detached) for all concurrent callers.
+    /// Drops every cached local KEK wrapped by the remote key `key_ref` (a confirmed revocation).
+    pub fn remove_key_ref(&self, key_ref: &str) {
+        self.entries.retain(|_, kek| kek.key_ref != key_ref);
+    }
+
+    /// Returns the cached KEK, or runs `load` once (detached) for all concurrent callers. `load`
+    /// installs what it unwrapped itself (through the key lifecycle, which may refuse it); the task
+    /// removes its in-flight entry when it ends, so nothing is left behind when every waiter gave up.
     pub async fn get_or_load<F>(
         &self,
         header: &[u8],
@@ -79,18 +86,15 @@ impl KekCache {
             if let Some(kek) = self.entries.get(header) {
                 return Ok((kek, Lookup::Hit));
             }
-            // A finished entry whose waiters were all cancelled holds a stale outcome: start afresh.
-            match inflight.get(&digest).filter(|rx| rx.borrow().is_none()) {
+            match inflight.get(&digest) {
                 Some(rx) => rx.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     inflight.insert(digest, rx.clone());
-                    let entries = self.entries.clone();
+                    let inflight = self.inflight.clone();
                     tokio::spawn(async move {
                         let outcome = load.await;
-                        if let Ok(kek) = &outcome {
-                            entries.insert(kek.header().into(), kek.clone());
-                        }
+                        inflight.lock().unwrap().remove(&digest);
                         let _ = tx.send(Some(outcome));
                     });
                     rx
@@ -107,13 +111,11 @@ impl KekCache {
                 ));
             }
         };
-        // The first waiter to see the outcome removes the in-flight entry; later ones find it gone.
-        {
-            let mut inflight = self.inflight.lock().unwrap();
-            if inflight.get(&digest).is_some_and(|r| r.same_channel(&rx)) {
-                inflight.remove(&digest);
-            }
-        }
         outcome.map(|k| (k, Lookup::Miss))
+    }
+
+    /// Number of unwraps in flight (for tests: none may be left behind).
+    pub fn inflight(&self) -> usize {
+        self.inflight.lock().unwrap().len()
     }
 }

@@ -1,11 +1,7 @@
-//! Status from memory, kept fresh by a background probe.
-//!
-//! The probe runs at two depths: a cheap one every `probe_interval` (the backend's key identity, no
-//! cryptographic operation where the backend offers such a call) and a deep one (wrap and unwrap a
-//! random secret) at start and every `deep_probe_interval`, so a lost decrypt permission is noticed.
-//! Status never calls the backend.
+//! Status from memory: the last probe's outcome and the current key_id. Status never calls the
+//! backend; [`super::probe`] keeps this fresh.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +10,7 @@ use tokio::time::Instant;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use super::{key_id_for, BackendOp, Engine, EngineError};
+use super::key_id_for;
 
 /// What Status reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,19 +27,48 @@ impl Status {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Snapshot {
+    /// The key_id Encrypt reports (see [`KeyIds`]).
     pub key_id: Option<Arc<str>>,
+    /// The backend's own identity of the current key ([`crate::backend::KeyIdentity::key_id`]).
+    pub backend_key_id: Option<String>,
+    /// Reference of the current key ([`crate::backend::KeyIdentity::key_ref`]).
+    pub key_ref: Option<String>,
     /// Why the last probe failed, if it did.
     pub failure: Option<String>,
     pub last_ok: Option<Instant>,
-    /// Set while the backend reports the key revoked (disabled, deleted, access denied).
-    pub revoked: Option<String>,
+}
+
+/// Assigns key_ids so that none is ever reported twice in a process (KEP-3299): a backend key that
+/// becomes current again after another one (A → B → A) gets an epoch suffix, `…#2`, instead of
+/// its old key_id, so the apiserver sees a new key and Status stays healthy.
+#[derive(Default)]
+struct KeyIds {
+    epochs: HashMap<String, u32>,
+    issued: HashSet<Arc<str>>,
+}
+
+impl KeyIds {
+    fn assign(&mut self, kind: &str, backend_key_id: &str) -> Arc<str> {
+        let epoch = self.epochs.entry(backend_key_id.to_string()).or_insert(0);
+        loop {
+            *epoch += 1;
+            let candidate: Arc<str> = if *epoch == 1 {
+                key_id_for(kind, backend_key_id).into()
+            } else {
+                key_id_for(kind, &format!("{backend_key_id}#{epoch}")).into()
+            };
+            if self.issued.insert(candidate.clone()) {
+                return candidate;
+            }
+        }
+    }
 }
 
 pub(super) struct HealthState {
     snapshot: ArcSwap<Snapshot>,
-    seen_key_ids: Mutex<HashSet<Arc<str>>>,
+    ids: Mutex<KeyIds>,
     healthy_tx: watch::Sender<bool>,
     staleness: Duration,
 }
@@ -55,7 +80,7 @@ impl HealthState {
                 failure: Some("no backend check has completed yet".into()),
                 ..Snapshot::default()
             }),
-            seen_key_ids: Mutex::new(HashSet::new()),
+            ids: Mutex::new(KeyIds::default()),
             healthy_tx: watch::channel(false).0,
             staleness,
         }
@@ -65,21 +90,19 @@ impl HealthState {
         self.snapshot.load()
     }
 
+    pub fn snapshot_full(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.healthy_tx.subscribe()
     }
 
-    pub fn check_not_revoked(&self) -> Result<(), EngineError> {
-        match &self.snapshot.load().revoked {
-            Some(reason) => Err(EngineError::Revoked(reason.clone())),
-            None => Ok(()),
-        }
-    }
-
-    pub fn status(&self) -> Status {
+    /// Status; `revoked` is the confirmed revocation of the current key, if any.
+    pub fn status(&self, revoked: Option<String>) -> Status {
         let snap = self.snapshot.load();
         let key_id = snap.key_id.as_deref().unwrap_or_default().to_string();
-        let healthz = if let Some(reason) = &snap.revoked {
+        let healthz = if let Some(reason) = revoked {
             format!("key revoked: {reason}")
         } else if let Some(failure) = &snap.failure {
             failure.clone()
@@ -93,171 +116,79 @@ impl HealthState {
         Status { healthz, key_id }
     }
 
-    fn update(&self, f: impl FnOnce(&Snapshot) -> Snapshot) {
-        let next = f(&self.snapshot.load());
-        let healthy = next.failure.is_none() && next.revoked.is_none() && next.last_ok.is_some();
-        self.snapshot.store(Arc::new(next));
+    /// Tells subscribers whether Status is healthy now.
+    pub fn publish(&self, current_revoked: bool) {
+        let snap = self.snapshot.load();
+        let healthy = snap.failure.is_none() && snap.last_ok.is_some() && !current_revoked;
         self.healthy_tx
             .send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
     }
 
-    fn set_ok(&self, key_id: Arc<str>) {
-        self.update(|_| Snapshot {
-            key_id: Some(key_id),
+    /// A successful look-up of the current key. Returns the previous key_id when it changed.
+    pub fn set_current(
+        &self,
+        kind: &str,
+        backend_key_id: &str,
+        key_ref: &str,
+    ) -> (Arc<str>, Option<Option<Arc<str>>>) {
+        let old = self.snapshot.load_full();
+        if old.backend_key_id.as_deref() == Some(backend_key_id) {
+            if let Some(id) = &old.key_id {
+                return (id.clone(), None);
+            }
+        }
+        let key_id = self.ids.lock().unwrap().assign(kind, backend_key_id);
+        self.snapshot.store(Arc::new(Snapshot {
+            key_id: Some(key_id.clone()),
+            backend_key_id: Some(backend_key_id.to_string()),
+            key_ref: Some(key_ref.to_string()),
+            ..(*old).clone()
+        }));
+        (key_id, Some(old.key_id.clone()))
+    }
+
+    /// The key_id under which a KEK wrapped by `backend_key_id` may be used for Encrypt: the
+    /// current key_id when that is the current key, else `None`.
+    pub fn label_for(&self, backend_key_id: &str) -> Option<Arc<str>> {
+        let snap = self.snapshot.load();
+        if snap.backend_key_id.as_deref() == Some(backend_key_id) {
+            snap.key_id.clone()
+        } else {
+            None
+        }
+    }
+
+    pub fn set_ok(&self) {
+        let old = self.snapshot.load_full();
+        self.snapshot.store(Arc::new(Snapshot {
             failure: None,
             last_ok: Some(Instant::now()),
-            revoked: None,
-        });
+            ..(*old).clone()
+        }));
     }
 
-    fn set_failure(&self, failure: String, revoked: bool) {
-        self.update(|old| Snapshot {
-            key_id: old.key_id.clone(),
-            failure: Some(failure.clone()),
-            last_ok: old.last_ok,
-            revoked: revoked.then_some(failure),
-        });
-    }
-
-    /// Accepts a new key_id unless it was used before in this process: reporting an old key_id again
-    /// would make the apiserver treat newer data as stale (A → B → A).
-    fn check_key_id(&self, key_id: &str) -> Result<Option<Arc<str>>, String> {
-        let snap = self.snapshot.load();
-        if snap.key_id.as_deref() == Some(key_id) {
-            return Ok(None);
-        }
-        let mut seen = self.seen_key_ids.lock().unwrap();
-        if seen.contains(key_id) {
-            return Err(format!(
-                "the backend reports key {key_id} again after {}; refusing to reuse a key_id (roll forward to a new key instead)",
-                snap.key_id.as_deref().unwrap_or("none")
-            ));
-        }
-        let fresh: Arc<str> = Arc::from(key_id);
-        seen.insert(fresh.clone());
-        Ok(Some(fresh))
+    pub fn set_failure(&self, failure: String) {
+        let old = self.snapshot.load_full();
+        self.snapshot.store(Arc::new(Snapshot {
+            failure: Some(failure),
+            ..(*old).clone()
+        }));
     }
 }
 
-impl Engine {
-    /// One probe. `deep` adds a wrap/unwrap round trip. Updates Status and, on a key change or a
-    /// revocation, the local KEKs.
-    pub async fn probe(&self, deep: bool) -> Result<(), EngineError> {
-        let result = self.probe_inner(deep).await;
-        match &result {
-            Ok(()) => self.observer.probe(deep, Ok(())),
-            Err(e) => self.observer.probe(deep, Err(&e.to_string())),
-        }
-        result
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    async fn probe_inner(&self, deep: bool) -> Result<(), EngineError> {
-        let identity = match self
-            .call_backend(BackendOp::Probe, self.backend.current_key())
-            .await
-        {
-            Ok(identity) => identity,
-            Err(e) => return Err(self.record_failure(e)),
-        };
-        let key_id = key_id_for(self.backend.kind(), &identity.key_id);
-        let changed = match self.health.check_key_id(&key_id) {
-            Ok(changed) => changed,
-            Err(msg) => {
-                tracing::error!("{msg}");
-                self.health.set_failure(msg.clone(), false);
-                return Err(EngineError::NotReady(msg));
-            }
-        };
-        if deep {
-            if let Err(e) = self.round_trip().await {
-                return Err(self.record_failure(e));
-            }
-        }
-        let old = self.health.snapshot().key_id.clone();
-        let new_key_id = changed
-            .clone()
-            .or(old.clone())
-            .expect("key_id known after a successful probe");
-        self.health.set_ok(new_key_id.clone());
-        if changed.is_some() {
-            tracing::info!(old = old.as_deref().unwrap_or("none"), new = %new_key_id, "key_id changed");
-            self.observer.key_id_changed(old.as_deref(), &new_key_id);
-        }
-        // Have the next Encrypt find a ready local KEK for the current key_id.
-        if let Err(e) = self.ensure_current_kek().await {
-            tracing::warn!(error = %e, "could not prepare a local KEK for the current key; Encrypt will retry");
-        }
-        Ok(())
-    }
-
-    fn record_failure(&self, e: EngineError) -> EngineError {
-        let revoked = matches!(&e, EngineError::Backend(b) if b.is_revocation());
-        let msg = e.to_string();
-        if revoked {
-            if self.health.snapshot().revoked.is_none() {
-                tracing::error!(error = %msg, "backend reports the key revoked; dropping every cached local KEK");
-            }
-            self.purge();
-        } else {
-            tracing::warn!(error = %msg, "backend probe failed; cached keys stay in use");
-        }
-        self.health.set_failure(msg, revoked);
-        e
-    }
-
-    async fn round_trip(&self) -> Result<(), EngineError> {
-        let secret = super::LocalKek::generate_secret();
-        let wrapped = self
-            .call_backend(BackendOp::Wrap, self.backend.wrap(&secret[..]))
-            .await?;
-        let back = self
-            .call_backend(
-                BackendOp::Unwrap,
-                self.backend.unwrap(&wrapped.key_ref, &wrapped.ciphertext),
-            )
-            .await?;
-        if back[..] != secret[..] {
-            return Err(EngineError::Internal(
-                "backend round trip returned different bytes than were wrapped".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    async fn ensure_current_kek(&self) -> Result<(), EngineError> {
-        let want = self.health.snapshot().key_id.clone();
-        if let Some(kek) = self.current.load_full() {
-            if self.usable(&kek, want.as_deref()).is_ok() && kek.uses() < self.config.kek_max_uses {
-                return Ok(());
-            }
-        }
-        let _guard = self.rotate_lock.lock().await;
-        if let Some(kek) = self.current.load_full() {
-            match self.usable(&kek, want.as_deref()) {
-                Ok(()) if kek.uses() < self.config.kek_max_uses => return Ok(()),
-                Ok(()) => self.observer.kek_retired(super::RetireReason::MaxUses),
-                Err(reason) => self.observer.kek_retired(reason),
-            }
-        }
-        self.new_kek(want.map(|k| k.to_string())).await.map(|_| ())
-    }
-
-    /// Probes until `shutdown` flips to true: cheap every `probe_interval`, deep every
-    /// `deep_probe_interval` (and after a failed deep probe, at the next tick).
-    pub async fn run_probes(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut last_deep = Instant::now();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.config.probe_interval) => {}
-                _ = shutdown.changed() => return,
-            }
-            if *shutdown.borrow() {
-                return;
-            }
-            let deep = last_deep.elapsed() >= self.config.deep_probe_interval;
-            if self.probe(deep).await.is_ok() && deep {
-                last_deep = Instant::now();
-            }
-        }
+    #[test]
+    fn a_key_that_comes_back_gets_a_new_epoch() {
+        let mut ids = KeyIds::default();
+        assert_eq!(&*ids.assign("local", "a"), "local:a");
+        assert_eq!(&*ids.assign("local", "b"), "local:b");
+        assert_eq!(&*ids.assign("local", "a"), "local:a#2");
+        assert_eq!(&*ids.assign("local", "b"), "local:b#2");
+        assert_eq!(&*ids.assign("local", "a"), "local:a#3");
+        // A backend key literally named like an epoch never collides with an issued key_id.
+        assert_eq!(&*ids.assign("local", "a#3"), "local:a#3#2");
     }
 }

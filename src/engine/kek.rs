@@ -49,8 +49,11 @@ pub struct LocalKek {
     /// Header shared by every ciphertext under this KEK (see [`format`]).
     header: Vec<u8>,
     digest: KekDigest,
-    /// key_id of the remote KEK that wrapped it (what Encrypt reports).
+    /// key_id of the remote KEK that wrapped it (what Encrypt reports; empty for a KEK loaded by
+    /// Decrypt, which never encrypts).
     pub key_id: String,
+    /// Reference of the remote key that wrapped it (stored in every ciphertext under it).
+    pub key_ref: String,
     pub created: Instant,
     uses: AtomicU64,
 }
@@ -82,6 +85,7 @@ impl LocalKek {
             header: format::encode_header(&wrapped.key_ref, &wrapped.ciphertext)?,
             digest: digest_of(&wrapped.key_ref, &wrapped.ciphertext),
             key_id,
+            key_ref: wrapped.key_ref.clone(),
             created: Instant::now(),
             uses: AtomicU64::new(0),
         })
@@ -94,6 +98,11 @@ impl LocalKek {
     /// The header every ciphertext under this KEK starts with (see [`format`]); the cache key.
     pub fn header(&self) -> &[u8] {
         &self.header
+    }
+
+    /// The wrapped form of this KEK, as stored in its ciphertexts' header.
+    pub fn wrapped(&self) -> &[u8] {
+        &self.header[5 + self.key_ref.len()..]
     }
 
     /// Short public reference for logs, metrics and audit lines: 12 hex digits of the digest.

@@ -16,8 +16,10 @@ pub mod error;
 pub mod format;
 pub mod health;
 pub mod kek;
+pub mod lifecycle;
+mod probe;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -30,6 +32,8 @@ pub use error::EngineError;
 use health::HealthState;
 pub use kek::Binding;
 use kek::LocalKek;
+pub use lifecycle::KeyHealth;
+use lifecycle::{Lifecycle, Transition};
 
 /// Tunables of the engine. See `kms-plugin serve --help` for the user-facing description.
 #[derive(Clone, Debug)]
@@ -47,6 +51,9 @@ pub struct EngineConfig {
     pub backend_concurrency: usize,
     /// Largest DEK/seed accepted by Encrypt.
     pub max_plaintext: usize,
+    /// Treat a confirmed authentication failure (credentials revoked) like a key revocation. Off by
+    /// default: a lost credential then stops new remote calls, but cached local KEKs keep serving.
+    pub revoke_on_auth_failure: bool,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +68,7 @@ impl Default for EngineConfig {
             status_staleness: Duration::from_secs(90),
             backend_concurrency: 16,
             max_plaintext: 4096,
+            revoke_on_auth_failure: false,
         }
     }
 }
@@ -117,6 +125,10 @@ pub trait Observer: Send + Sync + 'static {
     fn kek_retired(&self, _reason: RetireReason) {}
     fn key_id_changed(&self, _old: Option<&str>, _new: &str) {}
     fn probe(&self, _deep: bool, _result: Result<(), &str>) {}
+    /// A remote key changed state (see [`lifecycle`]); `reason` is the key manager's answer.
+    fn key_health_changed(&self, _key_ref: &str, _health: &KeyHealth) {}
+    /// A v1 ciphertext in the format of the plugin this one replaced was decrypted (or failed to).
+    fn legacy_decrypt(&self, _ok: bool) {}
 }
 
 struct NoObserver;
@@ -162,6 +174,9 @@ pub struct Engine {
     rotate_lock: Mutex<()>,
     backend_slots: Arc<Semaphore>,
     health: HealthState,
+    lifecycle: Lifecycle,
+    /// For detached work (confirming a revocation seen by a request).
+    me: Weak<Engine>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -197,12 +212,14 @@ impl Engine {
         config: EngineConfig,
         observer: Arc<dyn Observer>,
     ) -> Arc<Self> {
-        Arc::new(Engine {
+        Arc::new_cyclic(|me| Engine {
             cache: cache::KekCache::new(config.kek_cache_size),
             backend_slots: Arc::new(Semaphore::new(config.backend_concurrency.max(1))),
             health: HealthState::new(config.status_staleness),
+            lifecycle: Lifecycle::default(),
             current: ArcSwapOption::empty(),
             rotate_lock: Mutex::new(()),
+            me: me.clone(),
             backend,
             config,
             observer,
@@ -219,6 +236,21 @@ impl Engine {
 
     pub fn cached_keks(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Unwraps still in flight (none are left behind by requests that gave up).
+    pub fn unwraps_in_flight(&self) -> usize {
+        self.cache.inflight()
+    }
+
+    /// What the engine believes about the remote key `key_ref` (see [`lifecycle`]).
+    pub fn key_health(&self, key_ref: &str) -> KeyHealth {
+        self.lifecycle.health(key_ref)
+    }
+
+    /// Remote keys by state: (active, suspect, revoked).
+    pub fn key_counts(&self) -> (usize, usize, usize) {
+        self.lifecycle.counts()
     }
 
     /// Runs one backend call with the concurrency bound, the timeout, and the observer.
@@ -248,7 +280,6 @@ impl Engine {
                 self.config.max_plaintext
             )));
         }
-        self.health.check_not_revoked()?;
         let (kek, backend_call) = self.encryption_kek().await?;
         let binding = match api {
             Api::V1 => Binding::V1,
@@ -276,40 +307,32 @@ impl Engine {
                 return Err(EngineError::InvalidInput("key_id is empty".into()));
             }
         }
-        let parsed = format::parse(ciphertext)?;
-        self.health.check_not_revoked()?;
+        let parsed = match format::parse(ciphertext) {
+            Ok(parsed) => parsed,
+            Err(e) if matches!(binding, Binding::V1) => {
+                return self.decrypt_legacy_v1(ciphertext, e).await
+            }
+            Err(e) => return Err(e),
+        };
         let (kek, lookup) = match self.cache.get(parsed.header) {
             Some(kek) => (kek, Lookup::Hit),
             None => {
+                // A confirmed revocation is re-checked by the probe; until then, no backend call.
+                if let Some(reason) = self.lifecycle.revoked_with_sample(parsed.key_ref) {
+                    return Err(EngineError::Revoked(reason));
+                }
                 let digest = kek::digest_of(parsed.key_ref, parsed.wrapped);
-                let backend = self.backend.clone();
-                let slots = self.backend_slots.clone();
-                let observer = self.observer.clone();
-                let timeout = self.config.backend_timeout;
-                let key_ref = parsed.key_ref.to_string();
-                let wrapped = parsed.wrapped.to_vec();
-                // The key_id it reports for Encrypt is irrelevant for a decrypt-only KEK.
-                let key_id = match binding {
-                    Binding::V2 { key_id } => key_id.to_string(),
-                    Binding::V1 => String::new(),
+                let me = self
+                    .me
+                    .upgrade()
+                    .ok_or_else(|| EngineError::Internal("the engine is shutting down".into()))?;
+                let wrapped = crate::backend::WrappedKey {
+                    key_ref: parsed.key_ref.to_string(),
+                    key_id: String::new(),
+                    ciphertext: parsed.wrapped.to_vec(),
                 };
                 self.cache
-                    .get_or_load(parsed.header, digest, async move {
-                        let secret = call_backend(
-                            &slots,
-                            &*observer,
-                            timeout,
-                            BackendOp::Unwrap,
-                            backend.unwrap(&key_ref, &wrapped),
-                        )
-                        .await?;
-                        let wrapped = crate::backend::WrappedKey {
-                            key_ref,
-                            key_id: String::new(),
-                            ciphertext: wrapped,
-                        };
-                        Ok(Arc::new(LocalKek::new(&secret, &wrapped, key_id)?))
-                    })
+                    .get_or_load(parsed.header, digest, async move { me.load(wrapped).await })
                     .await?
             }
         };
@@ -320,6 +343,180 @@ impl Engine {
             kek_ref: kek.reference(),
             backend_call: lookup == Lookup::Miss,
         })
+    }
+
+    /// A v1 ciphertext that is not in this plugin's format: the backend may know it as the data of
+    /// the plugin it replaced (drop-in mode). Each one is a backend call; the apiserver's own v1
+    /// DEK cache keeps them rare, and [`Observer::legacy_decrypt`] counts them so operators can see
+    /// when the last one has been rewritten.
+    async fn decrypt_legacy_v1(
+        &self,
+        ciphertext: &[u8],
+        not_ours: EngineError,
+    ) -> Result<Opened, EngineError> {
+        let started = Instant::now();
+        let backend = self.backend.clone();
+        let legacy = tokio::time::timeout(self.config.backend_timeout, async {
+            let _permit = self.backend_slots.acquire().await;
+            backend.decrypt_legacy_v1(ciphertext).await
+        })
+        .await
+        .unwrap_or(Some(Err(BackendError::Timeout(
+            self.config.backend_timeout,
+        ))));
+        let Some(result) = legacy else {
+            return Err(not_ours);
+        };
+        self.observer.backend_call(
+            BackendOp::Unwrap,
+            result.as_ref().map(|_| ()),
+            started.elapsed(),
+        );
+        self.observer.legacy_decrypt(result.is_ok());
+        match result {
+            Ok((key_ref, dek)) => {
+                if !matches!(dek.len(), 16 | 24 | 32) {
+                    return Err(EngineError::InvalidInput(format!(
+                        "a legacy v1 ciphertext decrypted to {} bytes, which is not an AES key (16, 24 or 32 bytes);                          it was not written by the original plugin with this key",
+                        dek.len()
+                    )));
+                }
+                if let Some(reason) = self.lifecycle.revoked(&key_ref) {
+                    return Err(EngineError::Revoked(reason));
+                }
+                Ok(Opened {
+                    plaintext: dek,
+                    kek_ref: "legacy".into(),
+                    backend_call: true,
+                })
+            }
+            Err(e) => Err(match e {
+                BackendError::InvalidCiphertext(why) => EngineError::InvalidInput(format!(
+                    "ciphertext is neither in kms-plugin's format ({not_ours}) nor a ciphertext of the                      original plugin that the key manager can decrypt ({why})"
+                )),
+                other => EngineError::Backend(other),
+            }),
+        }
+    }
+
+    /// Unwraps a local KEK met by Decrypt and installs it, unless its key was purged meanwhile.
+    /// Runs detached (see [`cache`]), so it finishes even when the request gave up.
+    async fn load(
+        &self,
+        wrapped: crate::backend::WrappedKey,
+    ) -> Result<Arc<LocalKek>, EngineError> {
+        let generation = self.lifecycle.generation(&wrapped.key_ref);
+        let result = self
+            .call_backend(
+                BackendOp::Unwrap,
+                self.backend.unwrap(&wrapped.key_ref, &wrapped.ciphertext),
+            )
+            .await;
+        let secret = match result {
+            Ok(secret) => secret,
+            Err(e) => {
+                self.answer(&wrapped.key_ref, &e).await;
+                return Err(e);
+            }
+        };
+        let kek = Arc::new(LocalKek::new(&secret, &wrapped, String::new())?);
+        if !self.install(&wrapped.key_ref, generation, &kek, true) {
+            return Err(EngineError::Revoked(format!(
+                "remote key {} was revoked while this local KEK was being unwrapped",
+                wrapped.key_ref
+            )));
+        }
+        Ok(kek)
+    }
+
+    /// Installs a KEK in the cache through the lifecycle (see [`Lifecycle::install`]).
+    fn install(
+        &self,
+        key_ref: &str,
+        generation: u64,
+        kek: &Arc<LocalKek>,
+        unwrapped: bool,
+    ) -> bool {
+        let restored =
+            self.lifecycle
+                .install(key_ref, generation, kek.wrapped(), unwrapped, || {
+                    self.cache.insert(kek.clone())
+                });
+        match restored {
+            Some(Some(old)) => {
+                tracing::info!(
+                    key = key_ref,
+                    was = old.as_str(),
+                    "the backend unwrapped with the key again; it is usable"
+                );
+                self.observer
+                    .key_health_changed(key_ref, &KeyHealth::Active);
+                true
+            }
+            Some(None) => true,
+            None => false,
+        }
+    }
+
+    /// True when `e` is an answer that can revoke a key.
+    fn revokes(&self, e: &EngineError) -> bool {
+        match e {
+            EngineError::Backend(b) => {
+                b.is_revocation()
+                    || (self.config.revoke_on_auth_failure
+                        && matches!(b, BackendError::Authentication(_)))
+            }
+            _ => false,
+        }
+    }
+
+    /// Feeds one backend answer about `key_ref` to the lifecycle. A first revocation answer is
+    /// confirmed at once by a re-check of that key; a second one purges its local KEKs.
+    async fn answer(&self, key_ref: &str, e: &EngineError) {
+        if !self.revokes(e) {
+            return;
+        }
+        if self.revocation_answer(key_ref, &e.to_string()) == Some(Transition::Suspect) {
+            self.confirm(key_ref).await;
+        }
+    }
+
+    fn revocation_answer(&self, key_ref: &str, reason: &str) -> Option<Transition> {
+        let transition = self.lifecycle.revocation_answer(key_ref, reason, |k| {
+            self.cache.remove_key_ref(k);
+            let current = self.current.load();
+            if current.as_ref().is_some_and(|kek| kek.key_ref == k) {
+                self.current.store(None);
+                self.observer.kek_retired(RetireReason::Revoked);
+            }
+        });
+        match &transition {
+            Some(Transition::Suspect) => {
+                tracing::warn!(key = key_ref, answer = reason, "the backend reports the key revoked; checking again before dropping its cached keys");
+                self.observer
+                    .key_health_changed(key_ref, &KeyHealth::Suspect(reason.to_string()));
+            }
+            Some(Transition::Revoked) => {
+                tracing::error!(key = key_ref, answer = reason, "revocation confirmed; dropped every cached local KEK of this key (data under other keys is unaffected)");
+                self.observer
+                    .key_health_changed(key_ref, &KeyHealth::Revoked(reason.to_string()));
+            }
+            _ => {}
+        }
+        self.publish_health();
+        transition
+    }
+
+    /// Confirms a suspected revocation from a request path without holding the request up.
+    fn confirm_later(&self, key_ref: &str, e: &EngineError) {
+        if !self.revokes(e) {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            let key_ref = key_ref.to_string();
+            let e = e.clone();
+            tokio::spawn(async move { me.answer(&key_ref, &e).await });
+        }
     }
 
     /// The local KEK for the next Encrypt. Fast path: one atomic load and two comparisons.
@@ -338,7 +535,7 @@ impl Engine {
                 Err(reason) => self.observer.kek_retired(reason),
             }
         }
-        let kek = self.new_kek(want.map(|k| k.to_string())).await?;
+        let kek = self.new_kek().await?;
         kek.try_use(self.config.kek_max_uses);
         Ok((kek, true))
     }
@@ -353,41 +550,80 @@ impl Engine {
         }
     }
 
-    /// Generates, wraps and installs a new local KEK. Caller holds `rotate_lock`.
-    async fn new_kek(&self, key_id: Option<String>) -> Result<Arc<LocalKek>, EngineError> {
-        let key_id = match key_id {
-            Some(id) => id,
-            // No successful probe yet: ask the backend now rather than fail the first Encrypt.
-            None => {
-                let identity = self
-                    .call_backend(BackendOp::Probe, self.backend.current_key())
-                    .await?;
-                key_id_for(self.backend.kind(), &identity.key_id)
+    /// Generates, wraps and installs a new local KEK for the current key. Caller holds
+    /// `rotate_lock`. The KEK is labelled with the key that actually wrapped it; when that is not
+    /// the current key (a rotation between probe and wrap), it is thrown away, the current key is
+    /// looked up again, and the wrap is tried once more.
+    async fn new_kek(&self) -> Result<Arc<LocalKek>, EngineError> {
+        for attempt in 0..2 {
+            let snap = self.health.snapshot_full();
+            let (want, key_ref) = match (&snap.key_id, &snap.key_ref) {
+                (Some(id), Some(r)) => (id.clone(), r.clone()),
+                // No successful probe yet: ask the backend now rather than fail the first Encrypt.
+                _ => {
+                    let identity = self.look_up_current().await?;
+                    (identity.0, identity.1)
+                }
+            };
+            if let Some(reason) = self.lifecycle.revoked(&key_ref) {
+                return Err(EngineError::Revoked(reason));
             }
-        };
-        let secret = LocalKek::generate_secret();
-        let wrapped = self
-            .call_backend(BackendOp::Wrap, self.backend.wrap(&secret[..]))
-            .await?;
-        let kek = Arc::new(LocalKek::new(&secret[..], &wrapped, key_id)?);
-        self.cache.insert(kek.clone());
-        self.current.store(Some(kek.clone()));
-        self.observer.kek_created(&kek.reference(), &kek.key_id);
-        tracing::info!(kek = %kek.reference(), key_id = %kek.key_id, "created a new local KEK");
-        Ok(kek)
-    }
-
-    /// Drops every cached local KEK (revocation).
-    fn purge(&self) {
-        if self.current.swap(None).is_some() {
-            self.observer.kek_retired(RetireReason::Revoked);
+            let generation = self.lifecycle.generation(&key_ref);
+            let secret = LocalKek::generate_secret();
+            let wrapped = match self
+                .call_backend(BackendOp::Wrap, self.backend.wrap(&secret[..]))
+                .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    self.confirm_later(&key_ref, &e);
+                    return Err(e);
+                }
+            };
+            match self.health.label_for(&wrapped.key_id) {
+                Some(label) if label == want && wrapped.key_ref == key_ref => {
+                    let kek = Arc::new(LocalKek::new(&secret[..], &wrapped, label.to_string())?);
+                    if !self.install(&key_ref, generation, &kek, false) {
+                        return Err(EngineError::Revoked(format!(
+                            "remote key {key_ref} was revoked while a local KEK was being wrapped"
+                        )));
+                    }
+                    self.current.store(Some(kek.clone()));
+                    self.observer.kek_created(&kek.reference(), &kek.key_id);
+                    tracing::info!(kek = %kek.reference(), key_id = %kek.key_id, "created a new local KEK");
+                    return Ok(kek);
+                }
+                _ if attempt == 0 => {
+                    tracing::warn!(
+                        wrapped_by = %wrapped.key_id,
+                        current = %want,
+                        "the backend wrapped a new local KEK with a key other than the current one; discarding it and looking the current key up again"
+                    );
+                    self.look_up_current().await?;
+                }
+                _ => break,
+            }
         }
-        self.cache.clear();
+        Err(EngineError::Backend(BackendError::Unavailable(
+            "the backend's current key changed twice while a local KEK was being wrapped; retry"
+                .into(),
+        )))
     }
 
     /// The Status answer, from memory.
     pub fn status(&self) -> health::Status {
-        self.health.status()
+        self.health.status(self.current_revoked())
+    }
+
+    fn current_revoked(&self) -> Option<String> {
+        let snap = self.health.snapshot();
+        snap.key_ref
+            .as_deref()
+            .and_then(|k| self.lifecycle.revoked(k))
+    }
+
+    fn publish_health(&self) {
+        self.health.publish(self.current_revoked().is_some());
     }
 
     /// Changes whenever Status flips between healthy and unhealthy.

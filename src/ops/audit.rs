@@ -105,6 +105,8 @@ pub enum AuditOp {
     TokenRefresh,
     /// The backend replaced its long-lived identity credential (e.g. a Universal Identity token).
     IdentityRotation,
+    /// A remote key changed lifecycle state (suspect, revoked, active again).
+    KeyState,
 }
 
 /// One audit event. Every field is an identifier or a bounded label: never pass secret material.
@@ -123,6 +125,8 @@ pub struct AuditEvent<'a> {
     pub local_kek: Option<&'a str>,
     /// For backend events (auth, token refresh): the backend kind (`akeyless`, ...).
     pub backend: Option<&'a str>,
+    /// For key state changes: the remote key reference (a key name, label or ARN; never secret).
+    pub key_ref: Option<&'a str>,
     /// Whether serving this event needed a call to the remote key backend.
     pub backend_call: bool,
     /// `ok` or a bounded error label (`BackendError::label()`, a gRPC code name, ...).
@@ -150,6 +154,8 @@ struct Line<'a> {
     local_kek: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     backend: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_ref: Option<&'a str>,
     backend_call: bool,
     outcome: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -289,6 +295,7 @@ impl AuditLog {
             previous_key_id: event.previous_key_id,
             local_kek: event.local_kek,
             backend: event.backend,
+            key_ref: event.key_ref,
             backend_call: event.backend_call,
             outcome: event.outcome,
             detail: event.detail.map(|d| truncate(d, MAX_DETAIL_LEN)),
@@ -722,6 +729,7 @@ mod tests {
                 previous_key_id: None,
                 local_kek: Some("0123456789ab"),
                 backend: None,
+                key_ref: None,
                 backend_call: false,
                 outcome: "ok",
                 detail: None,

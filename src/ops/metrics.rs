@@ -250,6 +250,8 @@ struct Inner {
     kek_size: Gauge,
     kek_retired: [Counter; RETIRE_REASONS.len()],
     key_id_changes: Counter,
+    key_state_changes: Family<ReasonLabels, Counter>,
+    legacy_decrypts: Family<ReasonLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     token_slots: [[OnceLock<Counter>; OUTCOMES.len()]; 2],
     backend_healthy: Gauge,
@@ -263,6 +265,8 @@ struct Inner {
     audit_write_errors: Counter,
     identity_expiry: Family<IdentityLabels, FloatGauge>,
     auth_calls: Counter,
+    local_keys_missing: Gauge,
+    local_key_file_refused: Gauge,
     scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
 }
 
@@ -358,6 +362,20 @@ impl Metrics {
             key_id_changes.clone(),
         );
 
+        let key_state_changes = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "remote_key_state_changes",
+            "Remote keys entering a lifecycle state (suspect: one revocation answer; revoked: confirmed, its local KEKs dropped; active: accepted again)",
+            key_state_changes.clone(),
+        );
+
+        let legacy_decrypts = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "legacy_v1_decrypts",
+            "KMS v1 Decrypts of ciphertexts written by the plugin this one replaced (drop-in mode), by outcome; when it stops growing after a full re-encryption, no legacy data is left",
+            legacy_decrypts.clone(),
+        );
+
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "token_refreshes",
@@ -413,6 +431,19 @@ impl Metrics {
             audit_write_errors.clone(),
         );
 
+        let local_keys_missing = Gauge::default();
+        registry.register(
+            "local_keys_missing_from_file",
+            "Local backend: keys removed from the key file but still used from memory; they are lost at the next restart (the log names them)",
+            local_keys_missing.clone(),
+        );
+        let local_key_file_refused = Gauge::default();
+        registry.register(
+            "local_key_file_reload_refused",
+            "Local backend: 1 while the key file on disk gives a loaded key name different bytes and was therefore not loaded (the log names the keys)",
+            local_key_file_refused.clone(),
+        );
+
         // Resolve the children that should exist from the start (value 0, so rate() works before the
         // first request); the others are resolved on first use.
         let request_latency: [[OnceLock<Histogram>; 4]; 2] =
@@ -462,6 +493,8 @@ impl Metrics {
             kek_size,
             kek_retired,
             key_id_changes,
+            key_state_changes,
+            legacy_decrypts,
             tokens,
             token_slots: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             backend_healthy,
@@ -474,6 +507,8 @@ impl Metrics {
             audit_write_errors,
             identity_expiry,
             auth_calls,
+            local_keys_missing,
+            local_key_file_refused,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
         }))
     }
@@ -573,6 +608,23 @@ impl Metrics {
         self.0.key_id_changes.inc();
     }
 
+    /// A legacy v1 ciphertext was decrypted (`ok`) or could not be.
+    pub fn legacy_decrypt(&self, ok: bool) {
+        let reason = if ok { "ok" } else { "error" };
+        self.0
+            .legacy_decrypts
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// A remote key entered `state` (`active`, `suspect`, `revoked`).
+    pub fn key_state_changed(&self, state: &'static str) {
+        self.0
+            .key_state_changes
+            .get_or_create(&ReasonLabels { reason: state })
+            .inc();
+    }
+
     /// Records a credential renewal attempt (`Ok` = renewed).
     pub fn token_refresh(&self, kind: TokenKind, result: Result<(), &BackendError>) {
         let (k, r) = (kind as usize, outcome_index(result));
@@ -606,6 +658,15 @@ impl Metrics {
             .identity_expiry
             .get_or_create(&IdentityLabels { backend })
             .set(seconds);
+    }
+
+    /// Mirrors the local backend's view of its key file (read at scrape time).
+    pub fn set_local_key_file(&self, missing_keys: usize, reload_refused: bool) {
+        let inner = &*self.0;
+        inner
+            .local_keys_missing
+            .set(i64::try_from(missing_keys).unwrap_or(i64::MAX));
+        inner.local_key_file_refused.set(i64::from(reload_refused));
     }
 
     pub fn audit_write_error(&self) {
@@ -781,6 +842,35 @@ mod tests {
         for e in &all {
             assert_eq!(OUTCOMES[outcome_index(Err(e))], e.label());
         }
+    }
+
+    #[test]
+    fn local_key_file_gauges_follow_the_backend_report() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_missing_from_file "),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_key_file_reload_refused "),
+            Some(0.0)
+        );
+        m.set_local_key_file(2, true);
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_missing_from_file "),
+            Some(2.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_key_file_reload_refused "),
+            Some(1.0)
+        );
+        m.set_local_key_file(0, false);
+        assert_eq!(
+            line_value(&m.encode(), "kms_plugin_local_key_file_reload_refused "),
+            Some(0.0)
+        );
     }
 
     #[test]

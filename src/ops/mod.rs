@@ -87,6 +87,25 @@ impl engine::Observer for OpsObserver {
     fn probe(&self, _deep: bool, result: Result<(), &str>) {
         self.metrics.probe_result(result.is_ok());
     }
+
+    fn legacy_decrypt(&self, ok: bool) {
+        self.metrics.legacy_decrypt(ok);
+    }
+
+    fn key_health_changed(&self, key_ref: &str, health: &engine::KeyHealth) {
+        self.metrics.key_state_changed(health.as_str());
+        let detail = match health {
+            engine::KeyHealth::Active => None,
+            engine::KeyHealth::Suspect(r) | engine::KeyHealth::Revoked(r) => Some(r.as_str()),
+        };
+        self.audit(AuditEvent {
+            operation: Some(AuditOp::KeyState),
+            key_ref: Some(key_ref),
+            outcome: health.as_str(),
+            detail,
+            ..Default::default()
+        });
+    }
 }
 
 impl BackendEvents for OpsObserver {

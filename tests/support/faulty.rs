@@ -20,6 +20,10 @@ pub struct Faults {
     pub key_id_override: Option<String>,
     /// Answer `Throttled` (HTTP 429) when more than this many calls are in flight at once.
     pub throttle_above: Option<u64>,
+    /// The next call fails with this error, then the fault clears itself.
+    pub fail_once_with: Option<BackendError>,
+    /// Unwraps wait for a permit of this semaphore before reaching the inner backend.
+    pub hold_unwraps: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[derive(Debug)]
@@ -72,7 +76,12 @@ impl FaultyBackend {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        let faults = self.faults.lock().unwrap().clone();
+        let faults = {
+            let mut f = self.faults.lock().unwrap();
+            let snapshot = f.clone();
+            f.fail_once_with = None;
+            snapshot
+        };
         let _guard = InFlight(&self.in_flight);
         if faults.throttle_above.is_some_and(|limit| now > limit) {
             return Err(BackendError::Throttled(
@@ -82,7 +91,7 @@ impl FaultyBackend {
         if let Some(d) = faults.delay {
             tokio::time::sleep(d).await;
         }
-        if let Some(e) = faults.fail_with {
+        if let Some(e) = faults.fail_once_with.or(faults.fail_with) {
             return Err(e);
         }
         if let Some(every) = faults.flap_every {
@@ -117,12 +126,20 @@ impl Backend for FaultyBackend {
     }
 
     async fn wrap(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
-        self.before().await?;
-        self.inner.wrap(plaintext).await
+        let key_override = self.before().await?;
+        let mut wrapped = self.inner.wrap(plaintext).await?;
+        if let Some(k) = key_override {
+            wrapped.key_id = k;
+        }
+        Ok(wrapped)
     }
 
     async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError> {
         self.before().await?;
+        let hold = self.faults.lock().unwrap().hold_unwraps.clone();
+        if let Some(gate) = hold {
+            let _permit = gate.acquire().await;
+        }
         self.inner.unwrap(key_ref, ciphertext).await
     }
 }

@@ -97,6 +97,63 @@ pub fn closed_url() -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// Reads one HTTP/1.1 request (head and a `content-length` body) from `sock`.
+pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Req> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head_end, len) = loop {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                break (end, len);
+            }
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_string();
+    let target = first.next().unwrap_or("").to_string();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(Req {
+        method,
+        path: path.to_string(),
+        query: query.to_string(),
+        headers,
+        body: buf[head_end + 4..head_end + 4 + len].to_vec(),
+    })
+}
+
+/// Writes `resp` and closes the exchange (`connection: close`).
+pub async fn write_response(sock: &mut tokio::net::TcpStream, resp: &Resp) {
+    let mut out = format!(
+        "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+        resp.status,
+        resp.body.len()
+    );
+    for (k, v) in &resp.headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&resp.body);
+    let _ = sock.write_all(&bytes).await;
+}
+
 pub async fn start(handler: impl Fn(&Req) -> Resp + Send + Sync + 'static) -> FakeHttp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -109,59 +166,12 @@ pub async fn start(handler: impl Fn(&Req) -> Resp + Send + Sync + 'static) -> Fa
             };
             let (reqs, handler) = (reqs.clone(), handler.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head_end, len) = loop {
-                    let Ok(n) = sock.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let len = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + len {
-                            break (end, len);
-                        }
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                let mut lines = head.split("\r\n");
-                let mut first = lines.next().unwrap_or("").split(' ');
-                let method = first.next().unwrap_or("").to_string();
-                let target = first.next().unwrap_or("").to_string();
-                let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-                let headers = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                    .collect();
-                let req = Req {
-                    method,
-                    path: path.to_string(),
-                    query: query.to_string(),
-                    headers,
-                    body: buf[head_end + 4..head_end + 4 + len].to_vec(),
+                let Some(req) = read_request(&mut sock).await else {
+                    return;
                 };
                 let resp = handler(&req);
                 reqs.lock().unwrap().push(req);
-                let mut out = format!(
-                    "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n",
-                    resp.status,
-                    resp.body.len()
-                );
-                for (k, v) in &resp.headers {
-                    out.push_str(&format!("{k}: {v}\r\n"));
-                }
-                out.push_str("\r\n");
-                let mut bytes = out.into_bytes();
-                bytes.extend_from_slice(&resp.body);
-                let _ = sock.write_all(&bytes).await;
+                write_response(&mut sock, &resp).await;
             });
         }
     });

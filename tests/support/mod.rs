@@ -6,6 +6,7 @@ pub mod akeyless_fake;
 pub mod conformance;
 pub mod events;
 pub mod external;
+pub mod fault_proxy;
 pub mod faulty;
 pub mod http_fake;
 pub mod plugin;

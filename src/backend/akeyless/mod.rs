@@ -448,6 +448,27 @@ impl AkeylessBackend {
         Ok(Zeroizing::new(plain))
     }
 
+    async fn legacy_v1(&self, cipher: &[u8]) -> Result<SecretBytes, BackendError> {
+        let candidates = legacy_candidates(cipher);
+        if candidates.is_empty() {
+            return Err(BackendError::InvalidCiphertext(
+                "not an Akeyless ciphertext (neither text nor base64 of text)".into(),
+            ));
+        }
+        let mut last = None;
+        for text in candidates {
+            match self
+                .decrypt(&self.key_name, text.as_bytes(), self.deadline())
+                .await
+            {
+                Ok(plain) => return legacy_dek(plain),
+                Err(e @ BackendError::InvalidCiphertext(_)) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one candidate was tried"))
+    }
+
     fn deadline(&self) -> Instant {
         Instant::now() + self.client.budget()
     }
@@ -486,6 +507,46 @@ pub struct FuzzInterpretation {
 #[doc(hidden)]
 pub fn fuzz_sent_secrets() -> &'static [&'static str] {
     &client::FUZZ_SENT_SECRETS
+}
+
+/// The texts a legacy v1 cipher may hold for `/decrypt`: the stored bytes as text, then the text
+/// inside one more base64 layer.
+fn legacy_candidates(cipher: &[u8]) -> Vec<String> {
+    let printable = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic());
+    let mut out = Vec::new();
+    if let Ok(text) = std::str::from_utf8(cipher) {
+        let text = text.trim();
+        if printable(text) {
+            out.push(text.to_string());
+        }
+        if let Ok(inner) = B64.decode(text) {
+            if let Ok(inner) = String::from_utf8(inner) {
+                if printable(inner.trim()) && !out.contains(&inner) {
+                    out.push(inner.trim().to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The DEK inside a decrypted legacy value: raw AES key bytes, or their base64.
+fn legacy_dek(plain: SecretBytes) -> Result<SecretBytes, BackendError> {
+    let aes = |n: usize| matches!(n, 16 | 24 | 32);
+    if aes(plain.len()) {
+        return Ok(plain);
+    }
+    if let Ok(text) = std::str::from_utf8(&plain) {
+        if let Ok(inner) = B64.decode(text.trim()) {
+            if aes(inner.len()) {
+                return Ok(Zeroizing::new(inner));
+            }
+        }
+    }
+    Err(BackendError::InvalidCiphertext(format!(
+        "the legacy ciphertext decrypted to {} bytes, neither an AES key nor one in base64",
+        plain.len()
+    )))
 }
 
 /// Disabled or deleted keys, as `/describe-item` reports them.
@@ -619,6 +680,21 @@ impl Backend for AkeylessBackend {
         }
         self.decrypt(key_ref, ciphertext, self.deadline()).await
     }
+
+    /// The original Akeyless plugin (KMS v1 only) stored Akeyless's `/encrypt` result for each DEK
+    /// as the v1 cipher. Accepted encodings: the result string itself, or that string base64-encoded
+    /// once more; the decrypted value is the DEK, or the DEK in base64 (when the original sent the
+    /// DEK as base64 text without `input-format`). Anything else is refused with the reason.
+    async fn decrypt_legacy_v1(
+        &self,
+        ciphertext: &[u8],
+    ) -> Option<Result<(String, SecretBytes), BackendError>> {
+        Some(
+            self.legacy_v1(ciphertext)
+                .await
+                .map(|dek| (self.key_name.clone(), dek)),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -648,6 +724,22 @@ mod tests {
                 .len()
                 < 260
         );
+    }
+
+    #[test]
+    fn legacy_encodings() {
+        assert_eq!(legacy_candidates(b"AkK0abc=="), ["AkK0abc=="]);
+        let wrapped = B64.encode("AkK0abc==");
+        assert_eq!(legacy_candidates(wrapped.as_bytes())[1], "AkK0abc==");
+        assert!(legacy_candidates(&[0xff, 0x00, 0x4b]).is_empty());
+        let dek = [7u8; 32];
+        assert_eq!(&legacy_dek(Zeroizing::new(dek.to_vec())).unwrap()[..], &dek);
+        let in_b64 = Zeroizing::new(B64.encode(dek).into_bytes());
+        assert_eq!(&legacy_dek(in_b64).unwrap()[..], &dek);
+        assert!(matches!(
+            legacy_dek(Zeroizing::new(b"ping".to_vec())),
+            Err(BackendError::InvalidCiphertext(_))
+        ));
     }
 
     #[test]

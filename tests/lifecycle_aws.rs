@@ -1,0 +1,283 @@
+//! The key lifecycle through the real binary on a real KMS API (moto), with a fault-injecting proxy
+//! in front of it: a proxy's 403/404 (HTML or empty) is an outage, never a revocation; a real
+//! revocation (DisableKey) drops only the data under that key; a key manager that is away at
+//! start-up leaves the plugin up and unhealthy until it is back.
+#![cfg(feature = "aws-kms")]
+mod support;
+
+use std::time::Duration;
+
+use kms_plugin::backend::aws::credentials::{ChainConfig, Credentials, CredentialsProvider};
+use kms_plugin::backend::aws_kms::{AwsKmsArgs, AwsKmsBackend};
+use kms_plugin::proto::v2;
+use kms_plugin::protocol::socket::ListenAddr;
+use serde_json::json;
+use support::external::start_moto;
+use support::fault_proxy::{self, ProxyAnswer};
+use support::plugin::{channel, try_status, v2_client, Plugin};
+
+fn admin(url: &str) -> AwsKmsBackend {
+    AwsKmsBackend::new(
+        &AwsKmsArgs {
+            aws_kms_key_id: Some("unused".into()),
+            aws_region: Some("us-east-1".into()),
+            aws_endpoint_url: Some(url.to_string()),
+            aws_kms_encryption_context: vec![],
+        },
+        ChainConfig {
+            imds_disabled: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .with_credentials(CredentialsProvider::fixed(Credentials::new(
+        "AKIDTESTING",
+        "testing-secret",
+        None,
+    )))
+}
+
+async fn create_key(admin: &AwsKmsBackend) -> String {
+    let r = admin
+        .call_api("CreateKey", &json!({ "Description": "lifecycle test" }))
+        .await
+        .unwrap();
+    r["KeyMetadata"]["KeyId"].as_str().unwrap().to_string()
+}
+
+fn serve_args(socket: &std::path::Path, endpoint: &str, key: &str) -> Vec<String> {
+    [
+        "serve",
+        "--listen",
+        &format!("unix://{}", socket.display()),
+        "--backend",
+        "aws-kms",
+        "--aws-kms-key-id",
+        key,
+        "--aws-region",
+        "us-east-1",
+        "--aws-endpoint-url",
+        endpoint,
+        "--probe-interval",
+        "200ms",
+        "--deep-probe-interval",
+        "1s",
+        "--backend-timeout",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn aws_env() {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDTESTING");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing-secret");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+}
+
+async fn wait_status(addr: &ListenAddr, limit: Duration, want_ok: bool) -> String {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Ok(s) = try_status(addr).await {
+            if (s.healthz == "ok") == want_ok {
+                return s.healthz;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Status did not become {} within {limit:?}",
+            if want_ok { "ok" } else { "unhealthy" }
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn encrypt(addr: &ListenAddr, i: u8) -> (v2::EncryptResponse, Vec<u8>) {
+    let mut c = v2_client(channel(addr).await);
+    let plain = vec![i; 32];
+    let resp = c
+        .encrypt(v2::EncryptRequest {
+            plaintext: plain.clone(),
+            uid: format!("enc-{i}"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (resp, plain)
+}
+
+async fn decrypt(
+    addr: &ListenAddr,
+    sealed: &v2::EncryptResponse,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut c = v2_client(channel(addr).await);
+    c.decrypt(v2::DecryptRequest {
+        ciphertext: sealed.ciphertext.clone(),
+        uid: "dec".into(),
+        key_id: sealed.key_id.clone(),
+        annotations: Default::default(),
+    })
+    .await
+    .map(|r| r.into_inner().plaintext)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_errors_in_front_of_kms_are_an_outage_not_a_revocation() {
+    let Some(moto) = start_moto() else { return };
+    let key = create_key(&admin(&moto.url)).await;
+    let proxy = fault_proxy::start(&moto.url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kms.sock");
+    aws_env();
+    let addr = ListenAddr::Path(socket.clone());
+    let plugin = Plugin::start(
+        &serve_args(&socket, &proxy.url, &key),
+        addr.clone(),
+        dir.path(),
+    )
+    .await;
+    let mut sealed = Vec::new();
+    for i in 0..5 {
+        sealed.push(encrypt(&addr, i).await);
+    }
+    for answer in [
+        ProxyAnswer::html(404),
+        ProxyAnswer::html(403),
+        ProxyAnswer::empty(403),
+        ProxyAnswer::empty(404),
+    ] {
+        let status = answer.status;
+        proxy.set(Some(answer));
+        let healthz = wait_status(&addr, Duration::from_secs(10), false).await;
+        assert!(!healthz.contains("revoked"), "{status}: {healthz}");
+        // Several probes see the proxy's answer; cached Decrypts keep working all along.
+        let probes_before = proxy.forwarded();
+        for _ in 0..3 {
+            for (s, plain) in &sealed {
+                assert_eq!(
+                    &decrypt(&addr, s).await.expect("cached Decrypt failed"),
+                    plain
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(
+            proxy.forwarded(),
+            probes_before,
+            "nothing reached KMS meanwhile"
+        );
+        proxy.set(None);
+        wait_status(&addr, Duration::from_secs(10), true).await;
+    }
+    for (s, plain) in &sealed {
+        assert_eq!(&decrypt(&addr, s).await.unwrap(), plain);
+    }
+    let log = plugin.log_text();
+    assert!(
+        !log.contains("revocation confirmed"),
+        "a proxy answer revoked the key:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_key_drops_only_its_own_data() {
+    let Some(moto) = start_moto() else { return };
+    let admin = admin(&moto.url);
+    let k1 = create_key(&admin).await;
+    let k2 = create_key(&admin).await;
+    admin
+        .call_api(
+            "CreateAlias",
+            &json!({ "AliasName": "alias/lc", "TargetKeyId": k1 }),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kms.sock");
+    aws_env();
+    let addr = ListenAddr::Path(socket.clone());
+    let _plugin = Plugin::start(
+        &serve_args(&socket, &moto.url, "alias/lc"),
+        addr.clone(),
+        dir.path(),
+    )
+    .await;
+    let (old, old_plain) = encrypt(&addr, 1).await;
+    admin
+        .call_api(
+            "UpdateAlias",
+            &json!({ "AliasName": "alias/lc", "TargetKeyId": k2 }),
+        )
+        .await
+        .unwrap();
+    let new_id =
+        support::plugin::wait_for_key_id_change(&addr, &old.key_id, Duration::from_secs(10)).await;
+    let (new, new_plain) = encrypt(&addr, 2).await;
+    assert_eq!(new.key_id, new_id);
+    // Disable the current key: the probe sees DisableKey's state through DescribeKey.
+    admin
+        .call_api("DisableKey", &json!({ "KeyId": k2 }))
+        .await
+        .unwrap();
+    let healthz = wait_status(&addr, Duration::from_secs(5), false).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match decrypt(&addr, &new).await {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still decrypting: {other:?} ({healthz})"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+    let status = try_status(&addr).await.unwrap();
+    assert!(
+        status.healthz.starts_with("key revoked"),
+        "{}",
+        status.healthz
+    );
+    assert_eq!(
+        decrypt(&addr, &old).await.unwrap(),
+        old_plain,
+        "data under the other key still reads"
+    );
+    admin
+        .call_api("EnableKey", &json!({ "KeyId": k2 }))
+        .await
+        .unwrap();
+    wait_status(&addr, Duration::from_secs(10), true).await;
+    assert_eq!(decrypt(&addr, &new).await.unwrap(), new_plain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_away_at_start_up_is_not_fatal() {
+    let Some(moto) = start_moto() else { return };
+    let key = create_key(&admin(&moto.url)).await;
+    let proxy = fault_proxy::start(&moto.url).await;
+    proxy.set(Some(ProxyAnswer::empty(503)));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kms.sock");
+    aws_env();
+    let addr = ListenAddr::Path(socket.clone());
+    let mut plugin = Plugin::spawn(
+        &serve_args(&socket, &proxy.url, &key),
+        addr.clone(),
+        dir.path(),
+    );
+    let healthz = wait_status(&addr, Duration::from_secs(20), false).await;
+    assert!(!healthz.contains("revoked"), "{healthz}");
+    assert!(
+        plugin.child.try_wait().unwrap().is_none(),
+        "the plugin exited:\n{}",
+        plugin.log_text()
+    );
+    proxy.set(None);
+    wait_status(&addr, Duration::from_secs(20), true).await;
+    let (sealed, plain) = encrypt(&addr, 7).await;
+    assert_eq!(decrypt(&addr, &sealed).await.unwrap(), plain);
+    plugin.terminate();
+}

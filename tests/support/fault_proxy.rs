@@ -1,0 +1,126 @@
+//! A loopback reverse proxy in front of a real (or fake) key manager that can answer in its place,
+//! the way an ingress default backend, a WAF, an egress proxy or a restarting gateway does: a bare
+//! status with an HTML page or an empty body. Nothing it says is in the key manager's own error
+//! shape, so none of it may ever count as a revocation.
+
+use std::sync::{Arc, Mutex};
+
+use super::http_fake::{read_request, write_response, Resp};
+
+/// What the proxy answers instead of forwarding.
+#[derive(Clone, Debug)]
+pub struct ProxyAnswer {
+    pub status: u16,
+    pub content_type: Option<&'static str>,
+    pub body: &'static str,
+}
+
+impl ProxyAnswer {
+    pub fn html(status: u16) -> Self {
+        ProxyAnswer {
+            status,
+            content_type: Some("text/html"),
+            body: "<html><head><title>Not Found</title></head><body><h1>default backend - 404</h1><p>access denied by policy</p></body></html>",
+        }
+    }
+    pub fn empty(status: u16) -> Self {
+        ProxyAnswer {
+            status,
+            content_type: None,
+            body: "",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FaultProxy {
+    pub url: String,
+    answer: Arc<Mutex<Option<ProxyAnswer>>>,
+    forwarded: Arc<Mutex<u64>>,
+}
+
+impl FaultProxy {
+    /// From now on answer every request with `answer` (None: forward again).
+    pub fn set(&self, answer: Option<ProxyAnswer>) {
+        *self.answer.lock().unwrap() = answer;
+    }
+    pub fn forwarded(&self) -> u64 {
+        *self.forwarded.lock().unwrap()
+    }
+}
+
+/// Starts a proxy forwarding to `upstream` (an `http://` base URL).
+pub async fn start(upstream: &str) -> FaultProxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = FaultProxy {
+        url: format!("http://{}", listener.local_addr().unwrap()),
+        answer: Arc::new(Mutex::new(None)),
+        forwarded: Arc::new(Mutex::new(0)),
+    };
+    let upstream = upstream.trim_end_matches('/').to_string();
+    let client = reqwest::Client::new();
+    let p = proxy.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (p, client, upstream) = (p.clone(), client.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Some(req) = read_request(&mut sock).await else {
+                    return;
+                };
+                let canned = p.answer.lock().unwrap().clone();
+                let resp = match canned {
+                    Some(a) => {
+                        let r = Resp::new(a.status, a.body);
+                        match a.content_type {
+                            Some(ct) => r.header("content-type", ct),
+                            None => r,
+                        }
+                    }
+                    None => {
+                        *p.forwarded.lock().unwrap() += 1;
+                        let target = if req.query.is_empty() {
+                            format!("{upstream}{}", req.path)
+                        } else {
+                            format!("{upstream}{}?{}", req.path, req.query)
+                        };
+                        let method = reqwest::Method::from_bytes(req.method.as_bytes()).unwrap();
+                        let mut fwd = client.request(method, target).body(req.body.clone());
+                        for (k, v) in &req.headers {
+                            if !matches!(k.as_str(), "host" | "content-length" | "connection") {
+                                fwd = fwd.header(k, v);
+                            }
+                        }
+                        match fwd.send().await {
+                            Ok(up) => {
+                                let status = up.status().as_u16();
+                                let headers: Vec<(String, String)> = up
+                                    .headers()
+                                    .iter()
+                                    .filter(|(k, _)| {
+                                        !matches!(
+                                            k.as_str(),
+                                            "content-length" | "connection" | "transfer-encoding"
+                                        )
+                                    })
+                                    .map(|(k, v)| {
+                                        (k.to_string(), v.to_str().unwrap_or("").to_string())
+                                    })
+                                    .collect();
+                                let body = up.bytes().await.unwrap_or_default().to_vec();
+                                let mut r = Resp::new(status, body);
+                                r.headers = headers;
+                                r
+                            }
+                            Err(_) => Resp::new(502, "bad gateway"),
+                        }
+                    }
+                };
+                write_response(&mut sock, &resp).await;
+            });
+        }
+    });
+    proxy
+}
