@@ -785,6 +785,57 @@ mod tests {
         assert_eq!(junk, UidNode::default());
     }
 
+    fn state(ttl: Duration, left: Option<Duration>, failing: Option<&str>) -> UidState {
+        UidState {
+            current: Mutex::new(Secret::new("u-test")),
+            unacked: Mutex::new(None),
+            store: None,
+            configured_ttl: Duration::from_secs(3600),
+            life: Mutex::new(Life {
+                ttl: Some(ttl),
+                expires: left.map(|l| SystemTime::now() + l),
+                discovered: true,
+                failing: failing.map(String::from),
+            }),
+            rotated_at_start: AtomicBool::new(true),
+            two_phase: AtomicBool::new(true),
+            events: crate::backend::no_events(),
+        }
+    }
+
+    #[test]
+    fn schedule_and_expiry_alert() {
+        let s = |left, failing| state(Duration::from_secs(90), left, failing);
+        // Rotation at half the time left; retries quicker as expiry nears.
+        let healthy = s(Some(Duration::from_secs(80)), None);
+        assert!((39..=40).contains(&healthy.interval().as_secs()));
+        assert_eq!(healthy.retry_pause(), Duration::from_millis(4500));
+        assert_eq!(
+            s(Some(Duration::from_secs(2)), None).retry_pause(),
+            Duration::from_millis(500)
+        );
+        assert!(healthy.health().is_ok());
+        // Failing, but two thirds of the TTL left: no alarm yet.
+        assert!(s(Some(Duration::from_secs(70)), Some("boom"))
+            .health()
+            .is_ok());
+        // Failing with under a third left: Status says so, with the cause and the fix.
+        let near = s(Some(Duration::from_secs(20)), Some("HTTP 503"));
+        let e = near.health().unwrap_err();
+        assert!(matches!(&e, BackendError::Unavailable(m)
+            if m.contains("expires in") && m.contains("HTTP 503") && m.contains("create-child")));
+        assert!(!e.to_string().contains("u-test"));
+        // Expired.
+        let gone = s(None, Some("HTTP 401"));
+        gone.life.lock().unwrap().expires = Some(SystemTime::now() - Duration::from_secs(1));
+        assert!(matches!(
+            gone.health(),
+            Err(BackendError::Authentication(_))
+        ));
+        // Nothing known about the lifetime: no alarm, configured TTL for the schedule.
+        assert!(s(None, Some("x")).health().is_ok());
+    }
+
     #[test]
     fn ttl_is_sent_in_whole_minutes() {
         assert_eq!(ttl_minutes(Duration::from_secs(1)), 1);
