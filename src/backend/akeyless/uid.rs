@@ -18,7 +18,8 @@
 //!
 //! The real lifetime is read from `/uid-list-children` (the caller's own node: `expired_date`,
 //! `ttl`) after every rotation; `--akeyless-uid-ttl` is only the fallback when the server does not
-//! say. The next rotation comes at half the remaining lifetime; a failed one is retried soon, and when
+//! say. The next rotation comes at half the remaining lifetime, at least every 2 minutes (the cadence
+//! of Akeyless's own integrations); a failed one is retried soon, and when
 //! the token nears expiry while rotation keeps failing, the backend's health check fails with the
 //! reason (visible in Status) and an error is logged.
 //!
@@ -39,6 +40,9 @@ use super::auth::parse_time;
 use super::client::{CallError, Client, Op};
 use super::config::Secret;
 use crate::backend::{AuthEvent, AuthKind, BackendError, BackendEvents};
+
+/// Longest time between rotations: what Akeyless's own integrations use.
+const MAX_INTERVAL: Duration = Duration::from_secs(120);
 
 /// Reported when the single-flight lock is not free within a rotation's deadline.
 const SLOW: Duration = Duration::from_secs(10);
@@ -134,12 +138,14 @@ fn body_with(token_field: &str, token: &Secret) -> Map<String, Value> {
 }
 
 fn token_of(reply: &Map<String, Value>, command: &str) -> Result<Secret, BackendError> {
-    match reply.get("token") {
-        Some(Value::String(t)) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
-        _ => Err(BackendError::Other(format!(
-            "/{command} answered without a token"
-        ))),
-    }
+    // Current servers answer `token`; older ones used the other spellings.
+    ["token", "uid-token", "uid_token"]
+        .iter()
+        .find_map(|k| match reply.get(*k) {
+            Some(Value::String(t)) if !t.trim().is_empty() => Some(Secret::new(t.trim())),
+            _ => None,
+        })
+        .ok_or_else(|| BackendError::Other(format!("/{command} answered without a token")))
 }
 
 /// Phase 1: asks for a new token; the old one stays valid until [`ack`]. One attempt only.
@@ -277,7 +283,9 @@ impl UidNode {
         children.sort_by(|a, b| a.id.cmp(&b.id));
         UidNode {
             id: s("id"),
-            ttl_minutes: v.get("ttl").and_then(Value::as_u64),
+            ttl_minutes: v
+                .get("ttl")
+                .and_then(|t| t.as_u64().or_else(|| t.as_str()?.trim().parse().ok())),
             expires: parse_time(&expired_date),
             expired_date,
             last_rotate: s("last_rotate"),
@@ -312,6 +320,8 @@ pub(crate) async fn list_children(
         .map_err(failed)?;
     match reply.get("root") {
         Some(root @ Value::Object(_)) => Ok(UidNode::parse(root)),
+        // Tolerate a server that answers with the node itself.
+        _ if reply.contains_key("id") => Ok(UidNode::parse(&Value::Object(reply))),
         _ => Err(BackendError::Other(
             "/uid-list-children answered without a token tree (`root`)".into(),
         )),
@@ -439,10 +449,11 @@ impl UidState {
         self.left().map(|d| d.as_secs_f64())
     }
 
-    /// Time until the next rotation: half the time left (half the TTL right after a rotation).
+    /// Time until the next rotation: half the time left (half the TTL right after a rotation), and
+    /// at most [`MAX_INTERVAL`], so a TTL the server does not report cannot run out unnoticed.
     pub(crate) fn interval(&self) -> Duration {
         let left = self.left().unwrap_or(self.ttl());
-        (left / 2).max(Duration::from_secs(1))
+        (left / 2).clamp(Duration::from_secs(1), MAX_INTERVAL)
     }
 
     /// Pause before retrying a failed rotation: short against the TTL, shorter as expiry nears.
@@ -809,6 +820,12 @@ mod tests {
         // Rotation at half the time left; retries quicker as expiry nears.
         let healthy = s(Some(Duration::from_secs(80)), None);
         assert!((39..=40).contains(&healthy.interval().as_secs()));
+        let long = state(
+            Duration::from_secs(3600),
+            Some(Duration::from_secs(3000)),
+            None,
+        );
+        assert_eq!(long.interval(), MAX_INTERVAL);
         assert_eq!(healthy.retry_pause(), Duration::from_millis(4500));
         assert_eq!(
             s(Some(Duration::from_secs(2)), None).retry_pause(),
