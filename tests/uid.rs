@@ -611,6 +611,19 @@ async fn generator_commands_are_idempotent_and_scriptable() {
     assert!(valid(&fake, printed.trim()).await);
     assert!(!String::from_utf8_lossy(&o.stderr).contains(printed.trim()));
 
+    // A bare TTL is minutes, the API's unit.
+    let out7 = dir.path().join("cp-7.token").display().to_string();
+    let (code, r) = generator.run(&[
+        "create-child",
+        "--node",
+        "cp-7",
+        "--ttl",
+        "5",
+        "--out",
+        &out7,
+    ]);
+    assert_eq!((code, &r["ttl_minutes"]), (0, &json!(5)), "{r}");
+
     // Usage errors (2), unknown ids (4), the parent only from a file or the environment.
     assert_eq!(
         generator
@@ -650,13 +663,13 @@ async fn generator_commands_are_idempotent_and_scriptable() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
     let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(listed["children"].as_array().unwrap().len(), 3);
+    assert_eq!(listed["children"].as_array().unwrap().len(), 4);
 
     // revoke --all: every child, the parent stays; a second run has nothing to do.
     let (code, r) = generator.run(&["revoke", "--all"]);
     assert_eq!(
         (code, r["revoked"].as_array().unwrap().len()),
-        (0, 2),
+        (0, 3),
         "{r}"
     );
     let (code, r) = generator.run(&["revoke", "--all"]);

@@ -58,11 +58,17 @@ pub enum Output {
 
 #[derive(Args, Debug)]
 pub struct Common {
-    /// Akeyless API base URL (or gateway, e.g. https://gw:8000/api/v2).
-    #[arg(long = "akeyless-url", env = "KMS_PLUGIN_AKEYLESS_URL", default_value = DEFAULT_URL)]
-    pub url: String,
+    /// Akeyless API base URL (or gateway, e.g. https://gw:8000/api/v2); else env AKEYLESS_URL, else
+    /// the public API.
+    #[arg(long = "akeyless-url", alias = "url", env = "KMS_PLUGIN_AKEYLESS_URL")]
+    pub url: Option<String>,
     /// File holding the parent (generator) UID token; else env KMS_PLUGIN_AKEYLESS_UID_TOKEN.
-    #[arg(long = "uid-token-file", env = "KMS_PLUGIN_AKEYLESS_UID_TOKEN_FILE")]
+    #[arg(
+        long = "uid-token-file",
+        alias = "parent-token-file",
+        alias = "akeyless-uid-token-file",
+        env = "KMS_PLUGIN_AKEYLESS_UID_TOKEN_FILE"
+    )]
     pub token_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
@@ -79,8 +85,9 @@ pub struct CreateChildArgs {
     /// Node name (letters, digits, `.`, `_`, `-`); stored in the token's description.
     #[arg(long)]
     pub node: String,
-    /// Lifetime of the child token between rotations (sent in whole minutes).
-    #[arg(long, default_value = "60m", value_parser = super::parse_duration)]
+    /// Lifetime of the child token between rotations, e.g. 60m or 24h (a bare number is minutes,
+    /// the API's unit; sent in whole minutes).
+    #[arg(long, default_value = "60m", value_parser = parse_ttl)]
     pub ttl: Duration,
     /// Write the token to this file (mode 0600).
     #[arg(long, required_unless_present = "stdout", conflicts_with = "stdout")]
@@ -131,6 +138,14 @@ pub struct RenewArgs {
     /// Rotate only when less than this is left (e.g. run every 10m with --if-expires-within 30m).
     #[arg(long, value_parser = super::parse_duration)]
     pub if_expires_within: Option<Duration>,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("the TTL must be at least 1 minute".into()),
+        Ok(minutes) => Ok(Duration::from_secs(minutes.saturating_mul(60))),
+        Err(_) => super::parse_duration(s),
+    }
 }
 
 /// A failed command: exit code and message (never a token).
@@ -190,7 +205,16 @@ struct Session {
 
 impl Session {
     fn open(c: &Common) -> Result<Session, Failure> {
-        let client = Client::new(&c.url, c.timeout)?;
+        let url = c
+            .url
+            .clone()
+            .or_else(|| {
+                std::env::var("AKEYLESS_URL")
+                    .ok()
+                    .filter(|u| !u.trim().is_empty())
+            })
+            .unwrap_or_else(|| DEFAULT_URL.to_string());
+        let client = Client::new(&url, c.timeout)?;
         let (parent, store) = match &c.token_file {
             Some(path) => {
                 let store = TokenStore::new(path);
