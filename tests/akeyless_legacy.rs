@@ -142,3 +142,96 @@ async fn ciphertexts_of_the_original_plugin_decrypt_after_an_image_swap() {
         .unwrap_or_else(|| panic!("no legacy metric:\n{metrics}"));
     assert!(ok_line.ends_with(" 3"), "{ok_line}");
 }
+
+/// What the original plugin would do for a v1 Decrypt of what it wrote.
+async fn original_decrypt(fake: &Fake, cipher: &[u8]) -> Vec<u8> {
+    let auth: Value = fake
+        .http
+        .post(format!("{}/auth", fake.url))
+        .json(&json!({ "access-type": "access_key", "access-id": ACCESS_ID, "access-key": ACCESS_KEY }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r: Value = fake
+        .http
+        .post(format!("{}/decrypt", fake.url))
+        .json(&json!({
+            "key-name": KEY,
+            "ciphertext": std::str::from_utf8(cipher).unwrap(),
+            "output-format": "base64",
+            "token": auth["token"],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    B64.decode(r["result"].as_str().expect("a /decrypt result"))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_writes_prepare_a_rollback_to_the_original_image() {
+    let Some(fake) = Fake::start(&[]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("akeyless_kms_plugin.sock");
+    let args: Vec<String> = [
+        "serve",
+        "--backend",
+        "akeyless",
+        "--akeyless-url",
+        &fake.url,
+        "--akeyless-access-id",
+        ACCESS_ID,
+        "--akeyless-key-name",
+        KEY,
+        "--listen",
+        &format!("unix://{}", socket.display()),
+        "--legacy-v1-writes",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    std::env::set_var("KMS_PLUGIN_AKEYLESS_ACCESS_KEY", ACCESS_KEY);
+    let addr = ListenAddr::Path(socket.clone());
+    let mut plugin = Plugin::start(&args, addr.clone(), dir.path()).await;
+    let mut c = v1_client(channel(&addr).await);
+    let dek = vec![0x77u8; 32];
+    let cipher = c
+        .encrypt(v1beta1::EncryptRequest {
+            version: "v1beta1".into(),
+            plain: dek.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cipher;
+    assert_ne!(cipher[0], 0x4B, "written in the original's format");
+    assert_eq!(
+        original_decrypt(&fake, &cipher).await,
+        dek,
+        "the original image can read it"
+    );
+    plugin.terminate();
+    // Without the flag, the plugin still reads it (and writes its own format again).
+    let args: Vec<String> = args
+        .into_iter()
+        .filter(|a| a != "--legacy-v1-writes")
+        .collect();
+    let _plugin = Plugin::start(&args, addr.clone(), dir.path()).await;
+    let mut c = v1_client(channel(&addr).await);
+    let back = c
+        .decrypt(v1beta1::DecryptRequest {
+            version: "v1beta1".into(),
+            cipher,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plain;
+    assert_eq!(back, dek);
+}

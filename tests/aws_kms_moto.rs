@@ -254,9 +254,6 @@ async fn permanent_errors_are_not_retried() {
         ("DisabledException", |e| {
             matches!(e, BackendError::KeyDisabled(_))
         }),
-        ("KMSInvalidStateException", |e| {
-            matches!(e, BackendError::KeyDisabled(_))
-        }),
         ("NotFoundException", |e| {
             matches!(e, BackendError::KeyNotFound(_))
         }),
@@ -274,6 +271,37 @@ async fn permanent_errors_are_not_retried() {
         assert_eq!(count.load(Ordering::SeqCst), 1, "{typ} was retried");
         assert!(!err.to_string().contains("testing-secret"));
     }
+    // KMSInvalidStateException is not retried; the key's state is asked of DescribeKey, which
+    // decides: Disabled is a revocation, a passing state (here: the same error again) is not.
+    let (url, count) = scripted(vec![
+        (400, json!({ "__type": "KMSInvalidStateException", "message": "no" })),
+        (
+            200,
+            json!({ "KeyMetadata": { "Arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "KeyState": "Disabled" } }),
+        ),
+    ])
+    .await;
+    let err = backend(&url, "k1", &[])
+        .unwrap("arn:aws:kms:us-east-1:111122223333:key/k1", b"blob")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::KeyDisabled(_)), "{err:?}");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2,
+        "one Decrypt, one DescribeKey"
+    );
+    let (url, count) = scripted(vec![(
+        400,
+        json!({ "__type": "KMSInvalidStateException", "message": "pending import" }),
+    )])
+    .await;
+    let err = backend(&url, "k1", &[])
+        .unwrap("arn:aws:kms:us-east-1:111122223333:key/k1", b"blob")
+        .await
+        .unwrap_err();
+    assert!(!err.is_revocation() && !err.is_transient(), "{err:?}");
+    assert_eq!(count.load(Ordering::SeqCst), 2);
     // A rejected signature is retried once, with freshly resolved credentials.
     let (url, count) = scripted(vec![(
         400,

@@ -281,3 +281,96 @@ async fn kms_away_at_start_up_is_not_fatal() {
     assert_eq!(decrypt(&addr, &sealed).await.unwrap(), plain);
     plugin.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_key_disabled_while_cached_stops_decrypting_within_one_deep_probe() {
+    let Some(moto) = start_moto() else { return };
+    let admin = admin(&moto.url);
+    let k1 = create_key(&admin).await;
+    let k2 = create_key(&admin).await;
+    admin
+        .call_api(
+            "CreateAlias",
+            &json!({ "AliasName": "alias/old", "TargetKeyId": k1 }),
+        )
+        .await
+        .unwrap();
+    let proxy = fault_proxy::start(&moto.url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kms.sock");
+    aws_env();
+    let addr = ListenAddr::Path(socket.clone());
+    let _plugin = Plugin::start(
+        &serve_args(&socket, &proxy.url, "alias/old"),
+        addr.clone(),
+        dir.path(),
+    )
+    .await;
+    let (old, old_plain) = encrypt(&addr, 1).await;
+    admin
+        .call_api(
+            "UpdateAlias",
+            &json!({ "AliasName": "alias/old", "TargetKeyId": k2 }),
+        )
+        .await
+        .unwrap();
+    support::plugin::wait_for_key_id_change(&addr, &old.key_id, Duration::from_secs(10)).await;
+    let (new, new_plain) = encrypt(&addr, 2).await;
+    // k1 is disabled. moto keeps decrypting under a disabled key; real KMS answers Decrypt with a
+    // typed DisabledException, which the proxy adds in KMS's own error shape.
+    admin
+        .call_api("DisableKey", &json!({ "KeyId": k1 }))
+        .await
+        .unwrap();
+    let arn1 = admin
+        .call_api("DescribeKey", &json!({ "KeyId": k1 }))
+        .await
+        .unwrap()["KeyMetadata"]["Arn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    proxy.answer_typed(
+        &arn1,
+        400,
+        "application/x-amz-json-1.1",
+        &format!(r#"{{"__type":"DisabledException","message":"{arn1} is disabled."}}"#),
+    );
+    let started = std::time::Instant::now();
+    loop {
+        match decrypt(&addr, &old).await {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => break,
+            Ok(_) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "old data still decrypts"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(s) => panic!("unexpected {s}"),
+        }
+    }
+    // Within one deep-probe interval (1 s here) plus the two checks' backend timeouts (2 s each),
+    // with slack for a loaded machine.
+    let bound = Duration::from_secs(1 + 2 * 2 + 2);
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    assert_eq!(
+        decrypt(&addr, &new).await.unwrap(),
+        new_plain,
+        "current key unaffected"
+    );
+    assert_eq!(try_status(&addr).await.unwrap().healthz, "ok");
+    admin
+        .call_api("EnableKey", &json!({ "KeyId": k1 }))
+        .await
+        .unwrap();
+    proxy.clear_typed();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while decrypt(&addr, &old).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old key not accepted again"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(decrypt(&addr, &old).await.unwrap(), old_plain);
+}

@@ -3,10 +3,11 @@
 //! One test function on purpose: a PKCS#11 module is initialised once per process, and the
 //! scenarios below log the token out and finalise the module under the backend's feet.
 #![cfg(feature = "pkcs11")]
+#[path = "pkcs11/softhsm.rs"]
+mod softhsm;
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -17,26 +18,12 @@ use cryptoki::types::AuthPin;
 use kms_plugin::backend::pkcs11::{Pkcs11Args, Pkcs11Backend, Pkcs11Mechanism};
 use kms_plugin::backend::{AuthKind, Backend, BackendError};
 use support::events::Recorder;
-use support::external::{opted_out, which};
+use support::external::opted_out;
 use zeroize::Zeroizing;
 
 const TOKEN: &str = "kms-plugin-test";
 const PIN: &str = "48151623";
 const SO_PIN: &str = "12345678";
-
-fn module_path() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("KMS_TEST_PKCS11_MODULE") {
-        return Some(PathBuf::from(p));
-    }
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-}
 
 fn args(module: &Path, key: &str, mech: Pkcs11Mechanism) -> Pkcs11Args {
     Pkcs11Args {
@@ -80,45 +67,10 @@ async fn softhsm_token() {
     if opted_out("softhsm") {
         return;
     }
-    let module = module_path().expect(
-        "libsofthsm2.so not found: install softhsm2 (make deps) or set KMS_TEST_OPT_OUT=softhsm",
-    );
-    let util = which("softhsm2-util")
-        .expect("softhsm2-util not found: install softhsm2 or set KMS_TEST_OPT_OUT=softhsm");
-
+    let module = softhsm::module();
     // A private token directory; must be in place before the module is initialised.
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let out = Command::new(&util)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            TOKEN,
-            "--so-pin",
-            SO_PIN,
-            "--pin",
-            PIN,
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "softhsm2-util: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let token = softhsm::TokenDir::new(TOKEN, SO_PIN, PIN);
+    std::env::set_var("SOFTHSM2_CONF", &token.conf);
 
     // Administrative access through cryptoki, as an operator's tool would have.
     let admin_ctx = Pkcs11::new(&module).unwrap();
@@ -137,6 +89,8 @@ async fn softhsm_token() {
         .unwrap();
     create_key(&admin, "kek-1", 1);
     create_key(&admin, "kek-kwp", 9);
+    create_key(&admin, "kek-dup", 3);
+    create_key(&admin, "kek-dup", 4);
     admin.logout().unwrap();
 
     // A wrong PIN stops with a clear error (and leaves the token usable: SoftHSM counts failures).
@@ -157,11 +111,14 @@ async fn softhsm_token() {
         "PIN in error: {msg}"
     );
 
-    // Misconfiguration is named.
+    // A token that is not there (yet) is transient: the backend is built, and says what it waits for.
     let mut bad = args(&module, "kek-1", Pkcs11Mechanism::Auto);
     bad.pkcs11_token_label = Some("no-such-token".into());
-    let err = Pkcs11Backend::open(&bad, pin(PIN)).await.unwrap_err();
+    let absent = Pkcs11Backend::open(&bad, pin(PIN)).await.unwrap();
+    let err = absent.current_key().await.unwrap_err();
+    assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
     assert!(err.to_string().contains("no-such-token"), "{err}");
+    // Misconfiguration is named: a key missing from a logged-in session, a label on two keys.
     let err = Pkcs11Backend::open(
         &args(&module, "missing-key", Pkcs11Mechanism::Auto),
         pin(PIN),
@@ -169,6 +126,15 @@ async fn softhsm_token() {
     .await
     .unwrap_err();
     assert!(matches!(err, BackendError::KeyNotFound(_)), "{err:?}");
+    let err = Pkcs11Backend::open(&args(&module, "kek-dup", Pkcs11Mechanism::Auto), pin(PIN))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Config(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"kek-dup\"") && msg.contains("03, 04") && msg.contains("label of its own"),
+        "{msg}"
+    );
 
     // Conformance, rotating to a new key label mid-run.
     let backend = Arc::new(
@@ -228,7 +194,15 @@ async fn softhsm_token() {
     assert!(matches!(err, BackendError::InvalidCiphertext(_)), "{err:?}");
 
     // The token drops the login (another user of the module logs out): the backend logs in again.
+    // The probe's search then finds nothing and reports no error; that is not a missing key.
     assert_eq!(rec.take(), [], "no login while the session lasts");
+    admin.lock().unwrap().logout().unwrap();
+    assert_eq!(backend.current_key().await.unwrap().key_id, "kek-2/02");
+    assert_eq!(
+        rec.take(),
+        [(AuthKind::Login, "ok")],
+        "re-login for the probe"
+    );
     admin.lock().unwrap().logout().unwrap();
     let w = backend.wrap(b"after logout").await.unwrap();
     assert_eq!(

@@ -343,7 +343,7 @@ impl AwsKmsBackend {
     /// whether it means revocation (Disabled, PendingDeletion) or a passing condition, only
     /// DescribeKey can tell.
     async fn recheck_state(&self, key: &str, err: BackendError) -> BackendError {
-        if !matches!(&err, BackendError::Unavailable(m) if m.ends_with(INVALID_STATE)) {
+        if !matches!(&err, BackendError::Other(m) if m.ends_with(INVALID_STATE)) {
             return err;
         }
         match self.call_api("DescribeKey", &json!({ "KeyId": key })).await {
@@ -400,7 +400,7 @@ pub fn map_error(action: &str, status: u16, error_type: &str, message: &str) -> 
         "NotFoundException" => BackendError::KeyNotFound(detail),
         // The key's state forbids the operation, but the state may be passing (PendingImport,
         // Updating, a custom key store reconnecting): the backend re-checks it with DescribeKey.
-        "KMSInvalidStateException" => BackendError::Unavailable(format!("{detail} {INVALID_STATE}")),
+        "KMSInvalidStateException" => BackendError::Other(format!("{detail} {INVALID_STATE}")),
         "InvalidCiphertextException" | "IncorrectKeyException" => {
             BackendError::InvalidCiphertext(detail)
         }
@@ -616,7 +616,7 @@ mod tests {
         // Re-checked through DescribeKey by the backend; on its own it is not a revocation.
         assert!(matches!(
             m(400, "com.amazonaws.kms#KMSInvalidStateException"),
-            BackendError::Unavailable(ref d) if d.ends_with(INVALID_STATE)
+            BackendError::Other(ref d) if d.ends_with(INVALID_STATE)
         ));
         // Without a KMS error type, no status is a revocation: a proxy, WAF or VPC endpoint
         // answered, not KMS.

@@ -19,10 +19,14 @@ pub mod akeyless;
 pub mod aws;
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
+#[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
+mod http;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 /// A secret returned by [`Backend::unwrap`]; wiped from memory when dropped.
 pub type SecretBytes = Zeroizing<Vec<u8>>;
@@ -84,6 +88,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         &self,
         _ciphertext: &[u8],
     ) -> Option<Result<(String, SecretBytes), BackendError>> {
+        None
+    }
+
+    /// Encrypts a KMS v1 DEK in the format of the plugin this backend replaces, so that a rollback
+    /// to it can read data written meanwhile (one remote call per write, as that plugin made).
+    /// `None` when the backend has no such format.
+    async fn encrypt_legacy_v1(&self, _dek: &[u8]) -> Option<Result<Vec<u8>, BackendError>> {
         None
     }
 }

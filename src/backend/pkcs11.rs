@@ -1,23 +1,37 @@
 //! A PKCS#11 token (HSM) as the remote KEK.
 //!
-//! - The token is chosen by label, the key by label (`CKO_SECRET_KEY`, `CKK_AES`); the key should be
-//!   non-extractable and sensitive, and never leaves the token.
 //! - Wrap = `CKM_AES_GCM` with a random 12-byte IV and the key label as associated data; the blob is
 //!   `0x01 ‖ IV ‖ ciphertext ‖ tag`. Tokens without GCM can use `CKM_AES_KEY_WRAP_PAD` (RFC 5649)
 //!   through `C_WrapKey`/`C_UnwrapKey` on a temporary session object holding 16 random bytes ‖ the
 //!   secret: blob `0x02 ‖ wrapped`.
+//! - The token is chosen by label, the key by label (`CKO_SECRET_KEY`, `CKK_AES`); the key should be
+//!   non-extractable and sensitive, and never leaves the token. A label that matches two or more
+//!   keys is refused (which one wraps would depend on the order the token lists them in).
 //! - key_id = `LABEL/HEX(CKA_ID)`; key_ref = label. Rotation = create a key under a new label and
 //!   configure it; keep the old key on the token, since unwrap finds keys by the label stored in
 //!   each ciphertext.
 //! - PKCS#11 calls block, so they run on tokio's blocking pool; a pool of sessions (one per
-//!   concurrent operation, up to `--pkcs11-sessions`) is shared. When the token drops sessions or
-//!   the login (session closed, handle invalid, not logged in, library re-initialised, device
-//!   removed), the pool is rebuilt and the operation retried once. A rejected PIN is fatal: it is
-//!   reported and never tried again, because tokens lock the user after a few failures.
+//!   concurrent operation, up to `--pkcs11-sessions`) is shared. A call holds its session permit
+//!   until the token returns, even when its caller timed out, so a hung token ties up at most
+//!   `--pkcs11-sessions` threads and sessions; once all of them are stuck, calls fail at once.
+//! - The login belongs to the application and the token can drop it (another user of the module
+//!   logs out, the token resets its state). A search from a session that is not logged in finds
+//!   no private key and reports no error, so an empty search is "key not found" only from a
+//!   session that C_GetSessionInfo shows logged in; otherwise the backend logs in again and
+//!   retries once. When the token drops sessions (session closed, handle invalid, library
+//!   re-initialised, device removed), the pool is rebuilt and the operation retried once.
+//! - A rejected PIN is fatal: it is reported and never tried again, because tokens lock the user
+//!   after a few failures.
+//! - The token may be absent at start-up: the constructor fails only for mistakes that cannot fix
+//!   themselves; otherwise the engine's probe reports the token's absence and the backend connects
+//!   (initialise, find the token, choose the mechanism, log in) once it is there.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicIsize, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -25,12 +39,12 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use zeroize::Zeroizing;
 
 use super::{
@@ -112,9 +126,8 @@ pub struct Pkcs11Args {
     pub pkcs11_mechanism: Pkcs11Mechanism,
 }
 
-/// Builds the PKCS#11 backend: loads the module, logs in, finds the key and checks one wrap/unwrap
-/// round trip, so that every configuration mistake stops start-up with a clear error. Logins are
-/// reported to `events`.
+/// Builds the PKCS#11 backend (see [`Pkcs11Backend::open_with_events`]); logins are reported to
+/// `events`. The wrap/unwrap round trip of the start-up check is the engine's start-up probe.
 pub async fn from_args(
     args: &Pkcs11Args,
     events: Arc<dyn BackendEvents>,
@@ -123,10 +136,9 @@ pub async fn from_args(
         args.pkcs11_pin_file.as_deref(),
         std::env::var("KMS_PLUGIN_PKCS11_PIN").ok(),
     )?;
-    let backend = Pkcs11Backend::open_with_events(args, pin, events).await?;
-    let probe = backend.wrap(b"kms-plugin start-up check").await?;
-    backend.unwrap(&probe.key_ref, &probe.ciphertext).await?;
-    Ok(Arc::new(backend))
+    Ok(Arc::new(
+        Pkcs11Backend::open_with_events(args, pin, events).await?,
+    ))
 }
 
 /// The PIN from the file (preferred) or the environment value.
@@ -159,21 +171,59 @@ pub fn read_pin(
     }
 }
 
+/// Calls that may wait for a session on top of the `--pkcs11-sessions` running ones; more are
+/// refused at once (see [`Gate`]).
+const QUEUE: usize = 32;
+/// How long the constructor waits for its first contact with the token before leaving the token
+/// to the engine's probe.
+const FIRST_CONTACT_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mech {
     Gcm,
     KeyWrapPad,
 }
 
+impl Mech {
+    fn name(self) -> &'static str {
+        match self {
+            Mech::Gcm => "CKM_AES_GCM",
+            Mech::KeyWrapPad => "CKM_AES_KEY_WRAP_PAD",
+        }
+    }
+}
+
+/// Everything that changes as the token comes and goes. Guarded by one mutex; PKCS#11 calls that
+/// open sessions, log in or find the token run under it, so they never race each other.
 struct State {
     ctx: Pkcs11,
-    slot: Slot,
+    /// C_Initialize succeeded, and the module has not answered CKR_CRYPTOKI_NOT_INITIALIZED since.
+    initialized: bool,
+    /// Bumped when the module has to be initialised again. Sessions of an older generation may
+    /// name someone else's session by now: they are forgotten, never closed.
+    generation: u64,
+    /// The token's slot and the mechanism chosen for it, once found (again after a rebuild).
+    token: Option<(Slot, Mech)>,
     /// Bumped on every pool rebuild, so that a stale session is never returned to the pool.
     epoch: u64,
     idle: Vec<Session>,
+    /// This pool logged in. The login belongs to the application, so every session shares it,
+    /// and the token (or anyone else using the module in this process) can drop it for all.
     logged_in: bool,
-    /// Key handles by label; handles of token objects stay valid across sessions while logged in.
+    /// Bumped on every login of ours: an empty search is only an answer if no login of ours
+    /// happened while it ran (it may have run while logged out).
+    logins: u64,
+    /// Key handles by label; handles of private token objects stay valid while logged in.
     keys: HashMap<String, ObjectHandle>,
+}
+
+/// A session checked out of the pool, with what was true when it was.
+struct Lease {
+    session: Session,
+    epoch: u64,
+    generation: u64,
+    logins: u64,
+    mech: Mech,
 }
 
 struct Inner {
@@ -181,17 +231,154 @@ struct Inner {
     token_label: String,
     key_label: Mutex<String>,
     pin: AuthPin,
-    mech: Mech,
+    wanted: Pkcs11Mechanism,
+    /// The mechanism of the last token found (0: none yet), readable without the state lock.
+    mech_seen: AtomicU8,
     state: Mutex<State>,
     /// Set once the token rejected the PIN; from then on nothing touches the token.
     fatal: Mutex<Option<BackendError>>,
     events: Arc<dyn BackendEvents>,
 }
 
+/// Admission of calls to the token. A call holds a session permit for as long as its PKCS#11
+/// work runs on the blocking pool, even after its caller gave up (timeout): a token that hangs
+/// ties up at most `--pkcs11-sessions` threads and sessions. At most [`QUEUE`] more calls wait
+/// for a permit; beyond that, and whenever every permit is held by a call whose caller already
+/// gave up (the token is not answering), calls fail at once with `Unavailable`.
+struct Gate {
+    sessions: usize,
+    permits: Arc<Semaphore>,
+    /// Calls admitted and not finished: waiting for a permit, or running.
+    pending: AtomicUsize,
+    /// Running calls whose caller gave up (signed: see [`Caller`]).
+    abandoned: AtomicIsize,
+}
+
+/// One admitted call, counted in [`Gate::pending`] until dropped.
+struct Admitted(Arc<Gate>);
+
+impl Admitted {
+    fn new(gate: &Arc<Gate>) -> Result<Self, BackendError> {
+        let before = gate.pending.fetch_add(1, Ordering::SeqCst);
+        let admitted = Admitted(gate.clone());
+        if before >= gate.sessions + QUEUE {
+            return Err(BackendError::Unavailable(format!(
+                "{before} PKCS#11 operations are already running or waiting (--pkcs11-sessions {} \
+                 plus a queue of {QUEUE}); refusing more until the token catches up",
+                gate.sessions
+            )));
+        }
+        Ok(admitted)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+const RUNNING: u8 = 0;
+const ABANDONED: u8 = 1;
+const DONE: u8 = 2;
+
+/// Marks a running call abandoned when its caller drops it before it finished.
+struct Caller {
+    gate: Arc<Gate>,
+    call: Arc<AtomicU8>,
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        // The count may dip below the truth for an instant (the worker can finish between these
+        // two steps), never above it: a call is never refused because of a call that returned.
+        if self
+            .call
+            .compare_exchange(RUNNING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.gate.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Marks a call done when its PKCS#11 work returns (or panics), on the blocking thread.
+struct Worker {
+    gate: Arc<Gate>,
+    call: Arc<AtomicU8>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.call.swap(DONE, Ordering::SeqCst) == ABANDONED {
+            self.gate.abandoned.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// What a running call holds until its PKCS#11 work returns (dropped in this order).
+struct Held {
+    _worker: Worker,
+    _admitted: Admitted,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Gate {
+    fn new(sessions: usize) -> Arc<Self> {
+        Arc::new(Gate {
+            sessions,
+            permits: Arc::new(Semaphore::new(sessions)),
+            pending: AtomicUsize::new(0),
+            abandoned: AtomicIsize::new(0),
+        })
+    }
+
+    /// Admits one call: a session permit, after waiting for one if need be. The [`Caller`] stays
+    /// with the caller (dropping it early marks the call abandoned), the [`Held`] goes with the
+    /// work.
+    async fn enter(self: &Arc<Self>) -> Result<(Caller, Held), BackendError> {
+        let closed = || BackendError::Other("backend closed".into());
+        let admitted = Admitted::new(self)?;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(closed()),
+            Err(TryAcquireError::NoPermits) => {
+                let stuck = self.abandoned.load(Ordering::SeqCst);
+                if stuck >= self.sessions as isize {
+                    return Err(BackendError::Unavailable(format!(
+                        "the PKCS#11 token is not answering: all {stuck} sessions are still in calls \
+                         that their callers gave up on; failing at once until one returns (check \
+                         the HSM, its connection and its logs)"
+                    )));
+                }
+                self.permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| closed())?
+            }
+        };
+        let call = Arc::new(AtomicU8::new(RUNNING));
+        let caller = Caller {
+            gate: self.clone(),
+            call: call.clone(),
+        };
+        let held = Held {
+            _worker: Worker {
+                gate: self.clone(),
+                call,
+            },
+            _admitted: admitted,
+            _permit: permit,
+        };
+        Ok((caller, held))
+    }
+}
+
 /// See the module documentation.
 pub struct Pkcs11Backend {
     inner: Arc<Inner>,
-    permits: Semaphore,
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for Pkcs11Backend {
@@ -200,7 +387,7 @@ impl std::fmt::Debug for Pkcs11Backend {
             .field("module", &self.inner.module)
             .field("token_label", &self.inner.token_label)
             .field("key_label", &*self.inner.key_label.lock().unwrap())
-            .field("mechanism", &self.inner.mech)
+            .field("mechanism", &self.mechanism_name())
             .finish_non_exhaustive()
     }
 }
@@ -222,6 +409,7 @@ fn session_lost(e: &CkError) -> bool {
                 | RvError::UserNotLoggedIn
                 | RvError::DeviceRemoved
                 | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
                 | RvError::CryptokiNotInitialized
                 | RvError::KeyHandleInvalid
                 | RvError::ObjectHandleInvalid
@@ -272,38 +460,71 @@ fn map_err(what: &str, e: &CkError) -> BackendError {
             | RvError::TemplateIncomplete,
         ) => BackendError::Config(format!("{msg} (does the key allow this mechanism and operation?)")),
         _ if session_lost(e) => BackendError::Unavailable(msg),
-        Some(RvError::DeviceMemory | RvError::HostMemory | RvError::SessionCount | RvError::GeneralError) => {
-            BackendError::Unavailable(msg)
-        }
+        Some(
+            RvError::DeviceMemory
+            | RvError::HostMemory
+            | RvError::SessionCount
+            | RvError::GeneralError
+            | RvError::FunctionFailed,
+        ) => BackendError::Unavailable(msg),
         _ => BackendError::Other(msg),
     }
 }
 
-fn find_slot(ctx: &Pkcs11, token_label: &str) -> Result<Slot, BackendError> {
-    let slots = ctx
-        .get_slots_with_token()
-        .map_err(|e| map_err("listing slots", &e))?;
+/// The slot holding the token labelled `token_label`, or the labels of the tokens present.
+fn find_slot(ctx: &Pkcs11, token_label: &str) -> Result<Result<Slot, Vec<String>>, CkError> {
     let mut labels = Vec::new();
-    for slot in slots {
+    for slot in ctx.get_slots_with_token()? {
         if let Ok(info) = ctx.get_token_info(slot) {
             let label = info.label().trim_end().to_string();
             if label == token_label {
-                return Ok(slot);
+                return Ok(Ok(slot));
             }
             labels.push(label);
         }
     }
-    Err(BackendError::Config(format!(
-        "no PKCS#11 token labelled {token_label:?} (tokens present: {labels:?})"
-    )))
+    Ok(Err(labels))
 }
 
-fn initialize(ctx: &Pkcs11) -> Result<(), BackendError> {
+/// The mechanism to wrap with. Asks the token about the two this backend can use and nothing
+/// else: listing every mechanism makes cryptoki log each type it does not know at ERROR level.
+fn choose_mechanism(
+    ctx: &Pkcs11,
+    slot: Slot,
+    wanted: Pkcs11Mechanism,
+) -> Result<Option<Mech>, CkError> {
+    let offers = |mech: Mech| -> Result<bool, CkError> {
+        let ty = match mech {
+            Mech::Gcm => MechanismType::AES_GCM,
+            Mech::KeyWrapPad => MechanismType::AES_KEY_WRAP_PAD,
+        };
+        match ctx.get_mechanism_info(slot, ty) {
+            Ok(info) => Ok(match mech {
+                Mech::Gcm => info.encrypt() && info.decrypt(),
+                Mech::KeyWrapPad => info.wrap() && info.unwrap(),
+            }),
+            Err(e) if rv(&e) == Some(RvError::MechanismInvalid) => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    let candidates: &[Mech] = match wanted {
+        Pkcs11Mechanism::Auto => &[Mech::Gcm, Mech::KeyWrapPad],
+        Pkcs11Mechanism::AesGcm => &[Mech::Gcm],
+        Pkcs11Mechanism::AesKeyWrapPad => &[Mech::KeyWrapPad],
+    };
+    for &mech in candidates {
+        if offers(mech)? {
+            return Ok(Some(mech));
+        }
+    }
+    Ok(None)
+}
+
+fn initialize(ctx: &Pkcs11) -> Result<(), CkError> {
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         // Another part of this process (or a test) initialised the module already: share it.
         Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => Ok(()),
-        Err(e) => Err(map_err("C_Initialize", &e)),
-        Ok(()) => Ok(()),
+        other => other,
     }
 }
 
@@ -315,63 +536,147 @@ impl Inner {
         }
     }
 
-    /// An idle session, or a new one (logging in first when needed).
-    fn checkout(&self) -> Result<(Session, u64), BackendError> {
+    /// Initialises the module and finds the token when that is not done yet (at start-up, after
+    /// a rebuild). The token's absence is transient: it may be plugged in or come up later.
+    fn connect(&self, st: &mut State) -> Result<(Slot, Mech), BackendError> {
+        if let (true, Some(token)) = (st.initialized, st.token) {
+            return Ok(token);
+        }
+        let lost = |st: &mut State, what: &str, e: CkError| {
+            if rv(&e) == Some(RvError::CryptokiNotInitialized) {
+                st.initialized = false;
+                st.generation += 1;
+            }
+            map_err(what, &e)
+        };
+        if !st.initialized {
+            initialize(&st.ctx).map_err(|e| map_err("C_Initialize", &e))?;
+            st.initialized = true;
+        }
+        let slot = match find_slot(&st.ctx, &self.token_label) {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(labels)) => {
+                return Err(BackendError::Unavailable(format!(
+                    "no PKCS#11 token labelled {:?} is present (tokens present: {labels:?}); \
+                     waiting for it. If it never appears, check --pkcs11-token-label and the \
+                     module's configuration",
+                    self.token_label
+                )))
+            }
+            Err(e) => return Err(lost(st, "listing slots", e)),
+        };
+        let mech = match choose_mechanism(&st.ctx, slot, self.wanted) {
+            Ok(Some(mech)) => mech,
+            Ok(None) => {
+                return Err(BackendError::Config(format!(
+                    "token {:?} offers neither CKM_AES_GCM nor CKM_AES_KEY_WRAP_PAD as requested \
+                     ({:?}); this backend needs one of them",
+                    self.token_label, self.wanted
+                )))
+            }
+            Err(e) => return Err(lost(st, "C_GetMechanismInfo", e)),
+        };
+        self.mech_seen.store(
+            match mech {
+                Mech::Gcm => 1,
+                Mech::KeyWrapPad => 2,
+            },
+            Ordering::Relaxed,
+        );
+        tracing::info!(token = %self.token_label, mechanism = mech.name(), "PKCS#11 token found");
+        st.token = Some((slot, mech));
+        Ok((slot, mech))
+    }
+
+    /// Logs in with the user PIN on `session` (the login covers every session of this process).
+    /// A rejected PIN is fatal: it is remembered and the token is never asked again.
+    fn login(&self, st: &mut State, session: &Session) -> Result<(), BackendError> {
+        let result = match session.login(UserType::User, Some(&self.pin)) {
+            // The module's login is per application: someone else's login is ours too.
+            Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+            other => other.map_err(|e| (map_err("C_Login", &e), e)),
+        };
+        self.events.auth(AuthEvent {
+            backend: KIND,
+            kind: AuthKind::Login,
+            outcome: result.as_ref().map(|_| ()).map_err(|(err, _)| err),
+        });
+        match result {
+            Ok(()) => {
+                st.logged_in = true;
+                st.logins += 1;
+                // Handles of private objects do not survive a logout.
+                st.keys.clear();
+                Ok(())
+            }
+            Err((err, e)) => {
+                if pin_error(&e) {
+                    tracing::error!(error = %err, "PKCS#11 login refused; the backend stops using the token");
+                    *self.fatal.lock().unwrap() = Some(err.clone());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// An idle session, or a new one (connecting and logging in first when needed).
+    fn checkout(&self) -> Result<Lease, BackendError> {
         self.check_fatal()?;
         let mut st = self.state.lock().unwrap();
-        if let Some(s) = st.idle.pop() {
-            return Ok((s, st.epoch));
-        }
-        // DoNotClose: after a re-initialisation a stale handle could name someone else's session,
-        // so sessions are closed only explicitly, while known to be ours.
-        let session = st
-            .ctx
-            .open_ro_session_no_drop(st.slot)
-            .map_err(|e| map_err("C_OpenSession", &e))?;
-        if !st.logged_in {
-            let result = match session.login(UserType::User, Some(&self.pin)) {
-                // The module's login is per application: someone else's login is ours too.
-                Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
-                other => other.map_err(|e| (map_err("C_Login", &e), e)),
-            };
-            self.events.auth(AuthEvent {
-                backend: KIND,
-                kind: AuthKind::Login,
-                outcome: result.as_ref().map(|_| ()).map_err(|(err, _)| err),
-            });
-            match result {
-                Ok(()) => {}
-                Err((err, e)) => {
-                    if pin_error(&e) {
-                        tracing::error!(error = %err, "PKCS#11 login refused; the backend stops using the token");
-                        *self.fatal.lock().unwrap() = Some(err.clone());
+        let (slot, mech) = self.connect(&mut st)?;
+        let session = match st.idle.pop() {
+            Some(s) => s,
+            None => {
+                // DoNotClose: after a re-initialisation a stale handle could name someone else's
+                // session, so sessions are closed only explicitly, while known to be ours.
+                let session = match st.ctx.open_ro_session_no_drop(slot) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        if session_lost(&e) {
+                            self.forget(&mut st, &e);
+                        }
+                        return Err(map_err("C_OpenSession", &e));
                     }
-                    let _ = session.close();
-                    return Err(err);
+                };
+                if !st.logged_in {
+                    if let Err(e) = self.login(&mut st, &session) {
+                        let _ = session.close();
+                        return Err(e);
+                    }
                 }
+                session
             }
-            st.logged_in = true;
-        }
-        Ok((session, st.epoch))
+        };
+        Ok(Lease {
+            session,
+            epoch: st.epoch,
+            generation: st.generation,
+            logins: st.logins,
+            mech,
+        })
     }
 
-    fn checkin(&self, session: Session, epoch: u64) {
+    fn checkin(&self, lease: Lease) {
         let mut st = self.state.lock().unwrap();
-        if st.epoch == epoch {
-            st.idle.push(session);
+        if st.epoch == lease.epoch {
+            st.idle.push(lease.session);
         } else {
-            // Opened before a rebuild: forget it without closing (see checkout).
-            drop(session);
+            Self::retire(&st, lease, true);
         }
     }
 
-    /// Rebuilds the pool after `cause`, unless another thread already did for this epoch.
-    fn reset(&self, epoch: u64, cause: &CkError) -> Result<(), BackendError> {
-        let mut st = self.state.lock().unwrap();
-        if st.epoch != epoch {
-            return Ok(());
+    /// Takes a session out of use: closed when it is known to be ours and alive, else forgotten
+    /// (see `checkout`).
+    fn retire(st: &State, lease: Lease, alive: bool) {
+        if alive && st.generation == lease.generation {
+            let _ = lease.session.close();
         }
-        tracing::warn!(error = %cause, "PKCS#11 token dropped the session or login; reopening");
+    }
+
+    /// Rebuilds the pool after `cause`: the next checkout finds the token (initialising the
+    /// module again if it lost its initialisation), opens a session and logs in.
+    fn forget(&self, st: &mut State, cause: &CkError) {
+        tracing::warn!(error = %cause, "PKCS#11 token dropped the session; reopening");
         let reinit = rv(cause) == Some(RvError::CryptokiNotInitialized);
         for s in st.idle.drain(..) {
             if !reinit {
@@ -379,62 +684,124 @@ impl Inner {
             }
         }
         if reinit {
-            initialize(&st.ctx)?;
+            st.initialized = false;
+            st.generation += 1;
         }
-        st.slot = find_slot(&st.ctx, &self.token_label)?;
+        st.token = None;
         st.epoch += 1;
         st.logged_in = false;
         st.keys.clear();
-        Ok(())
     }
 
-    fn find_key(&self, session: &Session, label: &str) -> Result<ObjectHandle, CkError> {
+    /// [`Inner::forget`], unless another thread already rebuilt the pool `lease` came from.
+    fn reset(&self, lease: Lease, alive: bool, cause: &CkError) {
+        let mut st = self.state.lock().unwrap();
+        if st.epoch == lease.epoch {
+            self.forget(&mut st, cause);
+        }
+        Self::retire(&st, lease, alive);
+    }
+
+    /// Logs in again after the token dropped the login under `lease`. Once per drop: nothing to
+    /// do when the pool was rebuilt or another thread logged in since the lease was taken.
+    fn relogin(&self, lease: &Lease) -> Result<(), BackendError> {
+        let mut st = self.state.lock().unwrap();
+        self.check_fatal()?;
+        if st.epoch != lease.epoch || st.logins != lease.logins {
+            return Ok(());
+        }
+        tracing::warn!(
+            "the PKCS#11 session is no longer logged in (the token, or another user of the \
+             module in this process, logged out); logging in again"
+        );
+        self.login(&mut st, &lease.session)
+    }
+
+    fn find_key(&self, session: &Session, label: &str) -> Result<ObjectHandle, OpError> {
         if let Some(h) = self.state.lock().unwrap().keys.get(label) {
             return Ok(*h);
         }
         let handle = find_key_uncached(session, label)?;
-        if let Some(h) = handle {
-            self.state.lock().unwrap().keys.insert(label.to_string(), h);
-        }
-        // A missing key is reported by the caller; encode it as "no object" here.
-        handle.ok_or(CkError::Pkcs11(
-            RvError::KeyHandleInvalid,
-            cryptoki::context::Function::FindObjects,
-        ))
+        self.state
+            .lock()
+            .unwrap()
+            .keys
+            .insert(label.to_string(), handle);
+        Ok(handle)
     }
 
-    /// Runs `op` on a pooled session; rebuilds the pool and retries once when the token lost it.
+    /// Runs `op` on a pooled session. When it fails because the session lost its login (seen
+    /// with C_GetSessionInfo), logs in again and retries once; when the session or the token is
+    /// gone, rebuilds the pool and retries once. An empty search is a missing key only when the
+    /// session was logged in throughout.
     fn run<T>(
         &self,
         what: &str,
-        op: impl Fn(&Inner, &Session) -> Result<T, OpError>,
+        op: impl Fn(&Inner, &Session, Mech) -> Result<T, OpError>,
     ) -> Result<T, BackendError> {
-        for attempt in 0..2 {
-            let (session, epoch) = self.checkout()?;
-            match op(self, &session) {
+        let mut retried = false;
+        loop {
+            let lease = self.checkout()?;
+            let failure = match op(self, &lease.session, lease.mech) {
                 Ok(v) => {
-                    self.checkin(session, epoch);
+                    self.checkin(lease);
                     return Ok(v);
                 }
                 Err(OpError::Backend(e)) => {
-                    self.checkin(session, epoch);
+                    self.checkin(lease);
                     return Err(e);
                 }
-                Err(OpError::Ck(e)) if session_lost(&e) && attempt == 0 => {
-                    drop(session);
-                    self.reset(epoch, &e)?;
-                }
-                Err(OpError::Ck(e)) => {
-                    if session_lost(&e) {
-                        drop(session);
-                    } else {
-                        self.checkin(session, epoch);
-                    }
+                Err(OpError::Ck(e)) if !session_lost(&e) => {
+                    self.checkin(lease);
                     return Err(map_err(what, &e));
+                }
+                Err(OpError::Ck(e)) => Failure::Lost(e),
+                Err(OpError::KeyMissing(label)) => Failure::KeyMissing(label),
+            };
+            let state = lease.session.get_session_info().map(|i| i.session_state());
+            let logged_in = matches!(state, Ok(SessionState::RoUser | SessionState::RwUser));
+            if let Failure::KeyMissing(label) = &failure {
+                if logged_in && self.state.lock().unwrap().logins == lease.logins {
+                    self.checkin(lease);
+                    return Err(key_missing(label));
+                }
+            }
+            if retried {
+                return Err(match failure {
+                    Failure::KeyMissing(label) => {
+                        self.checkin(lease);
+                        BackendError::Unavailable(format!(
+                            "PKCS#11 {what}: the search for key {label:?} found nothing, but the \
+                             session was not logged in throughout, twice (the token keeps dropping \
+                             the login), so that is not taken as an answer"
+                        ))
+                    }
+                    Failure::Lost(e) => {
+                        self.reset(lease, state.is_ok(), &e);
+                        map_err(what, &e)
+                    }
+                });
+            }
+            retried = true;
+            match (state, failure) {
+                // Logged out under us: the session itself is fine.
+                (Ok(_), _) if !logged_in => {
+                    let relogged = self.relogin(&lease);
+                    self.checkin(lease);
+                    relogged?;
+                }
+                // Another thread logged in while this search ran: search again.
+                (Ok(_), Failure::KeyMissing(_)) => self.checkin(lease),
+                (Ok(_), Failure::Lost(e)) => self.reset(lease, true, &e),
+                (Err(info), failure) => {
+                    let cause = match failure {
+                        Failure::Lost(e) if rv(&info) != Some(RvError::CryptokiNotInitialized) => e,
+                        _ => info,
+                    };
+                    self.reset(lease, false, &cause);
                 }
             }
         }
-        unreachable!("the loop returns on its second attempt")
     }
 }
 
@@ -451,6 +818,15 @@ impl Drop for Inner {
 enum OpError {
     Ck(CkError),
     Backend(BackendError),
+    /// A search found no key with this label; an answer only from a logged-in session (`run`).
+    KeyMissing(String),
+}
+
+/// An [`OpError`] that `run` may recover from.
+enum Failure {
+    KeyMissing(String),
+    /// A PKCS#11 error after which a new login or session may succeed ([`session_lost`]).
+    Lost(CkError),
 }
 
 impl From<CkError> for OpError {
@@ -459,14 +835,49 @@ impl From<CkError> for OpError {
     }
 }
 
-fn find_key_uncached(session: &Session, label: &str) -> Result<Option<ObjectHandle>, CkError> {
-    let template = [
+fn key_template(label: &str) -> [Attribute; 3] {
+    [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Label(label.as_bytes().to_vec()),
-    ];
-    let found = session.find_objects(&template)?;
-    Ok(found.first().copied())
+    ]
+}
+
+/// The one AES secret key labelled `label`. Two or more are refused: which one wraps would
+/// depend on the order the token lists them in.
+fn find_key_uncached(session: &Session, label: &str) -> Result<ObjectHandle, OpError> {
+    let template = key_template(label);
+    let mut found =
+        session.iter_objects_with_cache_size(&template, NonZeroUsize::MIN.saturating_add(1))?;
+    let first = found.next().transpose()?;
+    let second = found.next().transpose()?;
+    drop(found);
+    match (first, second) {
+        (None, _) => Err(OpError::KeyMissing(label.to_string())),
+        (Some(h), None) => Ok(h),
+        (Some(_), Some(_)) => Err(OpError::Backend(duplicate_label(session, label)?)),
+    }
+}
+
+fn duplicate_label(session: &Session, label: &str) -> Result<BackendError, CkError> {
+    let mut ids = Vec::new();
+    for h in session.find_objects(&key_template(label))? {
+        ids.push(
+            match session.get_attributes(h, &[AttributeType::Id])?.pop() {
+                Some(Attribute::Id(id)) if !id.is_empty() => hex::encode(id),
+                _ => "none".to_string(),
+            },
+        );
+    }
+    ids.sort();
+    Ok(BackendError::Config(format!(
+        "{} AES secret keys on the PKCS#11 token are labelled {label:?} (CKA_ID {}), so the plugin \
+         cannot tell which one to use. Give every key a label of its own: keep {label:?} on the key \
+         whose CKA_ID appears in the plugin's key_id ({label}/HEX(CKA_ID)) and relabel or delete \
+         the others",
+        ids.len(),
+        ids.join(", ")
+    )))
 }
 
 fn key_missing(label: &str) -> BackendError {
@@ -492,9 +903,13 @@ impl Pkcs11Backend {
         Self::open_with_events(args, pin, super::no_events()).await
     }
 
-    /// Loads the module, finds the token and the key, and logs in (blocking work on the blocking
-    /// pool). Every login (the first one and those after the token dropped the session) is reported
-    /// to `events`.
+    /// Loads the module, then tries once to reach the token: initialise the module, find the
+    /// token, log in and find the key. A mistake that cannot fix itself (module path, PIN, a key
+    /// missing from a logged-in session, key attributes, missing mechanisms, a duplicate label)
+    /// is returned. A token that is not there yet or fails transiently (no token, device error,
+    /// no answer within 10 s) is not: the backend is returned, the engine's probe reports the
+    /// failure in Status and the backend connects when the token is back. Every login (the first
+    /// one and those after the token dropped the session or the login) is reported to `events`.
     pub async fn open_with_events(
         args: &Pkcs11Args,
         pin: Zeroizing<String>,
@@ -526,37 +941,27 @@ impl Pkcs11Backend {
         let wanted = args.pkcs11_mechanism;
         let inner = tokio::task::spawn_blocking(move || -> Result<Inner, BackendError> {
             let ctx = Pkcs11::new(&module).map_err(|e| {
-                BackendError::Config(format!("cannot load PKCS#11 module {}: {e}", module.display()))
+                BackendError::Config(format!(
+                    "cannot load PKCS#11 module {}: {e}",
+                    module.display()
+                ))
             })?;
-            initialize(&ctx)?;
-            let slot = find_slot(&ctx, &token_label)?;
-            let mechs = ctx.get_mechanism_list(slot).map_err(|e| map_err("C_GetMechanismList", &e))?;
-            let has = |m: MechanismType| mechs.contains(&m);
-            let mech = match wanted {
-                Pkcs11Mechanism::AesGcm | Pkcs11Mechanism::Auto if has(MechanismType::AES_GCM) => Mech::Gcm,
-                Pkcs11Mechanism::AesKeyWrapPad | Pkcs11Mechanism::Auto if has(MechanismType::AES_KEY_WRAP_PAD) => {
-                    Mech::KeyWrapPad
-                }
-                _ => {
-                    return Err(BackendError::Config(format!(
-                        "token {token_label:?} offers neither CKM_AES_GCM nor CKM_AES_KEY_WRAP_PAD as requested \
-                         ({wanted:?}); this backend needs one of them"
-                    )))
-                }
-            };
-            let pin = AuthPin::new(pin.as_str().into());
             Ok(Inner {
                 module,
                 token_label,
                 key_label: Mutex::new(key_label),
-                pin,
-                mech,
+                pin: AuthPin::new(pin.as_str().into()),
+                wanted,
+                mech_seen: AtomicU8::new(0),
                 state: Mutex::new(State {
                     ctx,
-                    slot,
+                    initialized: false,
+                    generation: 0,
+                    token: None,
                     epoch: 0,
                     idle: Vec::new(),
                     logged_in: false,
+                    logins: 0,
                     keys: HashMap::new(),
                 }),
                 fatal: Mutex::new(None),
@@ -567,11 +972,25 @@ impl Pkcs11Backend {
         .map_err(|e| BackendError::Other(format!("PKCS#11 set-up task failed: {e}")))??;
         let backend = Pkcs11Backend {
             inner: Arc::new(inner),
-            permits: Semaphore::new(sessions),
+            gate: Gate::new(sessions),
         };
-        // Log in and find the key now, so that a wrong PIN or label fails start-up.
-        backend.current_key().await?;
-        tracing::info!(mechanism = ?backend.inner.mech, "PKCS#11 backend ready");
+        match tokio::time::timeout(FIRST_CONTACT_WAIT, backend.current_key()).await {
+            Ok(Ok(_)) => {
+                tracing::info!(
+                    mechanism = backend.mechanism_name(),
+                    "PKCS#11 backend ready"
+                )
+            }
+            Ok(Err(e)) if e.is_transient() => tracing::warn!(
+                error = %e,
+                "PKCS#11 token not usable yet; starting anyway, Status reports it until it is"
+            ),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => tracing::warn!(
+                "PKCS#11 token did not answer within {FIRST_CONTACT_WAIT:?}; starting anyway, \
+                 Status reports it until it does"
+            ),
+        }
         Ok(backend)
     }
 
@@ -581,39 +1000,41 @@ impl Pkcs11Backend {
         *self.inner.key_label.lock().unwrap() = label.into();
     }
 
-    /// The mechanism in use (`CKM_AES_GCM` or `CKM_AES_KEY_WRAP_PAD`).
+    /// The mechanism in use (`CKM_AES_GCM` or `CKM_AES_KEY_WRAP_PAD`), once the token was found.
     pub fn mechanism_name(&self) -> &'static str {
-        match self.inner.mech {
-            Mech::Gcm => "CKM_AES_GCM",
-            Mech::KeyWrapPad => "CKM_AES_KEY_WRAP_PAD",
+        match self.inner.mech_seen.load(Ordering::Relaxed) {
+            1 => Mech::Gcm.name(),
+            2 => Mech::KeyWrapPad.name(),
+            _ => "none yet (the token was not reached)",
         }
     }
 
+    /// Runs `f` on the blocking pool under the [`Gate`].
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
         self.inner.check_fatal()?;
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| BackendError::Other("backend closed".into()))?;
+        let (_caller, held) = self.gate.enter().await?;
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| BackendError::Other(format!("PKCS#11 task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            // Released when the token call returns, not when the caller stops waiting for it.
+            let _held = held;
+            f(&inner)
+        })
+        .await
+        .map_err(|e| BackendError::Other(format!("PKCS#11 task failed: {e}")))?
     }
 }
 
 fn seal(
-    inner: &Inner,
+    mech: Mech,
     session: &Session,
     key: ObjectHandle,
     label: &str,
     pt: &[u8],
 ) -> Result<Vec<u8>, CkError> {
-    match inner.mech {
+    match mech {
         Mech::Gcm => {
             let mut iv = [0u8; IV_LEN];
             rand::thread_rng().fill_bytes(&mut iv);
@@ -654,14 +1075,14 @@ fn seal(
 }
 
 fn open_blob(
-    inner: &Inner,
+    mech: Mech,
     session: &Session,
     key: ObjectHandle,
     label: &str,
     blob: &[u8],
 ) -> Result<SecretBytes, OpError> {
     let bad = |m: &str| OpError::Backend(BackendError::InvalidCiphertext(m.to_string()));
-    match (blob.first(), inner.mech) {
+    match (blob.first(), mech) {
         (Some(&GCM_TAG), Mech::Gcm) => {
             if blob.len() < 1 + IV_LEN + GCM_TAG_LEN {
                 return Err(bad("wrapped key too short"));
@@ -724,11 +1145,9 @@ impl Backend for Pkcs11Backend {
     async fn current_key(&self) -> Result<KeyIdentity, BackendError> {
         let label = self.inner.key_label.lock().unwrap().clone();
         self.blocking(move |inner| {
-            inner.run("looking up the key", |inner, session| {
-                // Always look again: the probe must notice a deleted key.
-                let Some(handle) = find_key_uncached(session, &label)? else {
-                    return Err(OpError::Backend(key_missing(&label)));
-                };
+            inner.run("looking up the key", |inner, session, mech| {
+                // Always look again: the probe must notice a deleted (or duplicated) key.
+                let handle = find_key_uncached(session, &label)?;
                 inner.state.lock().unwrap().keys.insert(label.clone(), handle);
                 let attrs = session.get_attributes(
                     handle,
@@ -741,7 +1160,7 @@ impl Backend for Pkcs11Backend {
                         Attribute::Extractable(true) => {
                             tracing::warn!(key = %label, "the PKCS#11 key is extractable; mark it CKA_EXTRACTABLE=false")
                         }
-                        Attribute::Encrypt(false) | Attribute::Decrypt(false) if inner.mech == Mech::Gcm => {
+                        Attribute::Encrypt(false) | Attribute::Decrypt(false) if mech == Mech::Gcm => {
                             return Err(OpError::Backend(BackendError::Config(format!(
                                 "PKCS#11 key {label:?} does not allow encrypt and decrypt (CKA_ENCRYPT/CKA_DECRYPT)"
                             ))))
@@ -759,15 +1178,9 @@ impl Backend for Pkcs11Backend {
         let label = self.inner.key_label.lock().unwrap().clone();
         let pt = Zeroizing::new(plaintext.to_vec());
         self.blocking(move |inner| {
-            inner.run("wrapping", |inner, session| {
-                let key = inner.find_key(session, &label).map_err(|e| match e {
-                    CkError::Pkcs11(
-                        RvError::KeyHandleInvalid,
-                        cryptoki::context::Function::FindObjects,
-                    ) => OpError::Backend(key_missing(&label)),
-                    e => OpError::Ck(e),
-                })?;
-                let ct = seal(inner, session, key, &label, &pt)?;
+            inner.run("wrapping", |inner, session, mech| {
+                let key = inner.find_key(session, &label)?;
+                let ct = seal(mech, session, key, &label, &pt)?;
                 // Label the wrap with the CKA_ID of the object that actually wrapped.
                 let id = match session.get_attributes(key, &[AttributeType::Id])?.pop() {
                     Some(Attribute::Id(id)) => id,
@@ -787,15 +1200,9 @@ impl Backend for Pkcs11Backend {
         let label = key_ref.to_string();
         let blob = ciphertext.to_vec();
         self.blocking(move |inner| {
-            inner.run("unwrapping", |inner, session| {
-                let key = inner.find_key(session, &label).map_err(|e| match e {
-                    CkError::Pkcs11(
-                        RvError::KeyHandleInvalid,
-                        cryptoki::context::Function::FindObjects,
-                    ) => OpError::Backend(key_missing(&label)),
-                    e => OpError::Ck(e),
-                })?;
-                open_blob(inner, session, key, &label, &blob)
+            inner.run("unwrapping", |inner, session, mech| {
+                let key = inner.find_key(session, &label)?;
+                open_blob(mech, session, key, &label, &blob)
             })
         })
         .await
@@ -827,6 +1234,53 @@ mod tests {
         assert_eq!(key_id("kek-1", &[0x01, 0xab]), "kek-1/01ab");
         assert_eq!(key_id("kek-1", &[]), "kek-1/-");
         assert!(key_id("k", &[7u8; 40]).starts_with("k/sha256:"));
+    }
+
+    /// A call keeps its session permit after its caller gave up; once every session is held like
+    /// that, calls fail at once; the work returning frees everything.
+    #[tokio::test]
+    async fn gate_holds_permits_for_abandoned_calls() {
+        let gate = Gate::new(1);
+        let (caller, held) = gate.enter().await.unwrap();
+        // Another call waits for the session (its caller gives up: nothing stays behind).
+        let waited = tokio::time::timeout(Duration::from_millis(20), gate.enter()).await;
+        assert!(waited.is_err(), "a second call got the only session");
+        assert_eq!(gate.pending.load(Ordering::SeqCst), 1);
+        // The first caller gives up while its work still runs: the session stays taken.
+        drop(caller);
+        assert_eq!(gate.abandoned.load(Ordering::SeqCst), 1);
+        let err = gate.enter().await.err().expect("admitted on a stuck token");
+        assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
+        assert!(err.to_string().contains("not answering"), "{err}");
+        // The token answers.
+        drop(held);
+        assert_eq!(gate.abandoned.load(Ordering::SeqCst), 0);
+        assert_eq!(gate.pending.load(Ordering::SeqCst), 0);
+        let (caller, held) = gate.enter().await.unwrap();
+        drop((held, caller));
+        assert_eq!(gate.abandoned.load(Ordering::SeqCst), 0);
+    }
+
+    /// At most sessions + QUEUE calls are admitted at once; the next is refused without waiting.
+    #[tokio::test]
+    async fn gate_bounds_waiting_calls() {
+        let gate = Gate::new(2);
+        let running = [gate.enter().await.unwrap(), gate.enter().await.unwrap()];
+        let mut waiting = Vec::new();
+        for _ in 0..QUEUE {
+            let gate = gate.clone();
+            waiting.push(tokio::spawn(async move { gate.enter().await.map(|_| ()) }));
+        }
+        while gate.pending.load(Ordering::SeqCst) < 2 + QUEUE {
+            tokio::task::yield_now().await;
+        }
+        let err = gate.enter().await.err().expect("admitted beyond the queue");
+        assert!(err.to_string().contains("queue of 32"), "{err}");
+        drop(running);
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(gate.pending.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub enum BackendKind {
     Pkcs11,
     /// AWS KMS (`--aws-*`).
     AwsKms,
+    /// HashiCorp Vault or OpenBao Transit (`--vault-*`).
+    Vault,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +176,11 @@ pub struct ServeArgs {
     /// revocation: drop the cached local KEKs and refuse Decrypts. Off: cached keys keep serving.
     #[arg(long, env = "KMS_PLUGIN_REVOKE_ON_AUTH_FAILURE")]
     pub revoke_on_auth_failure: bool,
+    /// Write KMS v1 ciphertexts in the original Akeyless plugin's format (its `/encrypt` result
+    /// per DEK, one Akeyless call per write), to prepare a rollback to that image. Reads accept
+    /// both formats either way. See docs/akeyless.md.
+    #[arg(long, env = "KMS_PLUGIN_LEGACY_V1_WRITES")]
+    pub legacy_v1_writes: bool,
     /// Status turns unhealthy when no probe succeeded for this long; default 2 x probe interval + backend timeout.
     #[arg(long, env = "KMS_PLUGIN_STATUS_STALENESS", value_parser = parse_duration)]
     pub status_staleness: Option<Duration>,
@@ -210,6 +217,9 @@ pub struct ServeArgs {
     #[cfg(feature = "aws-kms")]
     #[command(flatten)]
     pub aws: crate::backend::aws_kms::AwsKmsArgs,
+    #[cfg(feature = "vault")]
+    #[command(flatten)]
+    pub vault: crate::backend::vault::VaultArgs,
 }
 
 #[derive(Args, Debug)]

@@ -151,6 +151,8 @@ async fn build_backend(
         }
         #[cfg(feature = "aws-kms")]
         Some(BackendKind::AwsKms) => Ok(crate::backend::aws_kms::from_args(&args.aws).await?),
+        #[cfg(feature = "vault")]
+        Some(BackendKind::Vault) => Ok(crate::backend::vault::from_args(&args.vault).await?),
         #[allow(unreachable_patterns)]
         Some(other) => anyhow::bail!("backend {other:?} is not compiled into this build"),
     }
@@ -169,6 +171,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
             .unwrap_or(args.probe_interval * 2 + args.backend_timeout),
         backend_concurrency: args.backend_concurrency.max(1),
         revoke_on_auth_failure: args.revoke_on_auth_failure,
+        legacy_v1_writes: args.legacy_v1_writes,
         ..EngineConfig::default()
     }
 }

@@ -54,6 +54,9 @@ pub struct EngineConfig {
     /// Treat a confirmed authentication failure (credentials revoked) like a key revocation. Off by
     /// default: a lost credential then stops new remote calls, but cached local KEKs keep serving.
     pub revoke_on_auth_failure: bool,
+    /// Write KMS v1 ciphertexts in the format of the plugin the backend replaces (drop-in
+    /// rollback preparation); one backend call per write.
+    pub legacy_v1_writes: bool,
 }
 
 impl Default for EngineConfig {
@@ -69,6 +72,7 @@ impl Default for EngineConfig {
             backend_concurrency: 16,
             max_plaintext: 4096,
             revoke_on_auth_failure: false,
+            legacy_v1_writes: false,
         }
     }
 }
@@ -280,6 +284,9 @@ impl Engine {
                 self.config.max_plaintext
             )));
         }
+        if api == Api::V1 && self.config.legacy_v1_writes {
+            return self.encrypt_legacy_v1(plaintext).await;
+        }
         let (kek, backend_call) = self.encryption_kek().await?;
         let binding = match api {
             Api::V1 => Binding::V1,
@@ -397,6 +404,33 @@ impl Engine {
                 other => EngineError::Backend(other),
             }),
         }
+    }
+
+    async fn encrypt_legacy_v1(&self, plaintext: &[u8]) -> Result<Sealed, EngineError> {
+        let snap = self.health.snapshot_full();
+        if let Some(reason) = snap
+            .key_ref
+            .as_deref()
+            .and_then(|k| self.lifecycle.revoked(k))
+        {
+            return Err(EngineError::Revoked(reason));
+        }
+        let backend = self.backend.clone();
+        let result = self
+            .call_backend(BackendOp::Wrap, async move {
+                backend.encrypt_legacy_v1(plaintext).await.unwrap_or_else(|| {
+                    Err(BackendError::Config(
+                        "--legacy-v1-writes: this backend has no legacy format (only akeyless has)".into(),
+                    ))
+                })
+            })
+            .await?;
+        Ok(Sealed {
+            ciphertext: result,
+            key_id: snap.key_id.as_deref().unwrap_or_default().to_string(),
+            kek_ref: "legacy".into(),
+            backend_call: true,
+        })
     }
 
     /// Unwraps a local KEK met by Decrypt and installs it, unless its key was purged meanwhile.

@@ -32,11 +32,17 @@ impl ProxyAnswer {
     }
 }
 
+/// A typed answer for requests whose body contains a needle: (needle, status, content type, body).
+type TypedAnswer = (String, u16, &'static str, String);
+
 #[derive(Clone)]
 pub struct FaultProxy {
     pub url: String,
     answer: Arc<Mutex<Option<ProxyAnswer>>>,
     forwarded: Arc<Mutex<u64>>,
+    /// Requests whose body contains the needle get this typed answer (status, content type, body):
+    /// for behaviour of the real service that its stand-in lacks.
+    typed: Arc<Mutex<Option<TypedAnswer>>>,
 }
 
 impl FaultProxy {
@@ -47,6 +53,13 @@ impl FaultProxy {
     pub fn forwarded(&self) -> u64 {
         *self.forwarded.lock().unwrap()
     }
+    /// Answers requests whose body contains `needle` with `body` (in the service's own error shape).
+    pub fn answer_typed(&self, needle: &str, status: u16, content_type: &'static str, body: &str) {
+        *self.typed.lock().unwrap() = Some((needle.into(), status, content_type, body.into()));
+    }
+    pub fn clear_typed(&self) {
+        *self.typed.lock().unwrap() = None;
+    }
 }
 
 /// Starts a proxy forwarding to `upstream` (an `http://` base URL).
@@ -56,6 +69,7 @@ pub async fn start(upstream: &str) -> FaultProxy {
         url: format!("http://{}", listener.local_addr().unwrap()),
         answer: Arc::new(Mutex::new(None)),
         forwarded: Arc::new(Mutex::new(0)),
+        typed: Arc::new(Mutex::new(None)),
     };
     let upstream = upstream.trim_end_matches('/').to_string();
     let client = reqwest::Client::new();
@@ -70,53 +84,64 @@ pub async fn start(upstream: &str) -> FaultProxy {
                 let Some(req) = read_request(&mut sock).await else {
                     return;
                 };
+                let typed = p.typed.lock().unwrap().clone().filter(|(needle, ..)| {
+                    String::from_utf8_lossy(&req.body).contains(needle.as_str())
+                });
                 let canned = p.answer.lock().unwrap().clone();
-                let resp = match canned {
-                    Some(a) => {
-                        let r = Resp::new(a.status, a.body);
-                        match a.content_type {
-                            Some(ct) => r.header("content-type", ct),
-                            None => r,
-                        }
+                let resp = match (canned, typed) {
+                    (None, Some((_, status, ct, body))) => {
+                        Resp::new(status, body).header("content-type", ct)
                     }
-                    None => {
-                        *p.forwarded.lock().unwrap() += 1;
-                        let target = if req.query.is_empty() {
-                            format!("{upstream}{}", req.path)
-                        } else {
-                            format!("{upstream}{}?{}", req.path, req.query)
-                        };
-                        let method = reqwest::Method::from_bytes(req.method.as_bytes()).unwrap();
-                        let mut fwd = client.request(method, target).body(req.body.clone());
-                        for (k, v) in &req.headers {
-                            if !matches!(k.as_str(), "host" | "content-length" | "connection") {
-                                fwd = fwd.header(k, v);
+                    (canned, _) => match canned {
+                        Some(a) => {
+                            let r = Resp::new(a.status, a.body);
+                            match a.content_type {
+                                Some(ct) => r.header("content-type", ct),
+                                None => r,
                             }
                         }
-                        match fwd.send().await {
-                            Ok(up) => {
-                                let status = up.status().as_u16();
-                                let headers: Vec<(String, String)> = up
-                                    .headers()
-                                    .iter()
-                                    .filter(|(k, _)| {
-                                        !matches!(
-                                            k.as_str(),
-                                            "content-length" | "connection" | "transfer-encoding"
-                                        )
-                                    })
-                                    .map(|(k, v)| {
-                                        (k.to_string(), v.to_str().unwrap_or("").to_string())
-                                    })
-                                    .collect();
-                                let body = up.bytes().await.unwrap_or_default().to_vec();
-                                let mut r = Resp::new(status, body);
-                                r.headers = headers;
-                                r
+                        None => {
+                            *p.forwarded.lock().unwrap() += 1;
+                            let target = if req.query.is_empty() {
+                                format!("{upstream}{}", req.path)
+                            } else {
+                                format!("{upstream}{}?{}", req.path, req.query)
+                            };
+                            let method =
+                                reqwest::Method::from_bytes(req.method.as_bytes()).unwrap();
+                            let mut fwd = client.request(method, target).body(req.body.clone());
+                            for (k, v) in &req.headers {
+                                if !matches!(k.as_str(), "host" | "content-length" | "connection") {
+                                    fwd = fwd.header(k, v);
+                                }
                             }
-                            Err(_) => Resp::new(502, "bad gateway"),
+                            match fwd.send().await {
+                                Ok(up) => {
+                                    let status = up.status().as_u16();
+                                    let headers: Vec<(String, String)> = up
+                                        .headers()
+                                        .iter()
+                                        .filter(|(k, _)| {
+                                            !matches!(
+                                                k.as_str(),
+                                                "content-length"
+                                                    | "connection"
+                                                    | "transfer-encoding"
+                                            )
+                                        })
+                                        .map(|(k, v)| {
+                                            (k.to_string(), v.to_str().unwrap_or("").to_string())
+                                        })
+                                        .collect();
+                                    let body = up.bytes().await.unwrap_or_default().to_vec();
+                                    let mut r = Resp::new(status, body);
+                                    r.headers = headers;
+                                    r
+                                }
+                                Err(_) => Resp::new(502, "bad gateway"),
+                            }
                         }
-                    }
+                    },
                 };
                 write_response(&mut sock, &resp).await;
             });

@@ -695,6 +695,11 @@ impl Backend for AkeylessBackend {
                 .map(|dek| (self.key_name.clone(), dek)),
         )
     }
+
+    /// The first encoding [`Self::decrypt_legacy_v1`] reads: the `/encrypt` result string.
+    async fn encrypt_legacy_v1(&self, dek: &[u8]) -> Option<Result<Vec<u8>, BackendError>> {
+        Some(self.encrypt(dek, self.deadline()).await)
+    }
 }
 
 #[cfg(test)]
