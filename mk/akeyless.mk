@@ -12,6 +12,7 @@ test-akeyless-sdk: deps-python
 test-akeyless: test-akeyless-sdk
 	cargo test --locked --lib backend::akeyless
 	cargo test --locked --test akeyless_backend
+	cargo test --locked --test uid
 
 # A fake Akeyless on 127.0.0.1 for manual experiments (Ctrl-C to stop).
 fake-akeyless: deps-python

@@ -81,6 +81,8 @@ fn main() -> ExitCode {
             Command::Health(args) => cli::client::health(args).await,
             Command::Encrypt(args) => cli::client::encrypt(args).await,
             Command::Decrypt(args) => cli::client::decrypt(args).await,
+            #[cfg(feature = "akeyless")]
+            Command::Akeyless(args) => cli::akeyless_uid::run(args).await,
             Command::Version => {
                 println!("kms-plugin {}", env!("CARGO_PKG_VERSION"));
                 println!("backends: {}", kms_plugin::compiled_backends().join(", "));

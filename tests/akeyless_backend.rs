@@ -225,7 +225,8 @@ async fn universal_identity_rotates_in_the_background_and_keeps_old_token_on_fai
     let Some(fake) = Fake::start(&[]) else { return };
     let state = tempfile::tempdir().unwrap();
     let saved = state.path().join("akeyless-uid-token");
-    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+    // The real TTL (4 s) comes from the server, not from --akeyless-uid-ttl.
+    let init = fake.control("uid-token", json!({"ttl": 4})).await["token"]
         .as_str()
         .unwrap()
         .to_string();
@@ -234,7 +235,7 @@ async fn universal_identity_rotates_in_the_background_and_keeps_old_token_on_fai
         key_name: Some(KEY.into()),
         access_type: Some(AccessType::UniversalIdentity),
         uid_token: Some(Secret::new(init)),
-        uid_ttl: Duration::from_secs(4),
+        uid_ttl: Duration::from_secs(3600),
         ..Default::default()
     };
     let backend = AkeylessBackend::connect(&args, Some(state.path().to_path_buf()))
@@ -877,7 +878,7 @@ async fn uid_start_up_survives_a_failing_rotation_and_rotates_later() {
     let Some(fake) = Fake::start(&[]) else { return };
     let state = tempfile::tempdir().unwrap();
     let saved = state.path().join("akeyless-uid-token");
-    let init = fake.control("uid-token", json!({"ttl": 3600})).await["token"]
+    let init = fake.control("uid-token", json!({"ttl": 20})).await["token"]
         .as_str()
         .unwrap()
         .to_string();
@@ -900,7 +901,8 @@ async fn uid_start_up_survives_a_failing_rotation_and_rotates_later() {
     backend.wrap(b"x").await.unwrap();
     assert!(!saved.exists());
     fake.control("clear-faults", json!({})).await;
-    let rotated = eventually(Duration::from_secs(5), || async { saved.exists() }).await;
+    // Retried at a twentieth of the TTL the server reports (1 minute here).
+    let rotated = eventually(Duration::from_secs(10), || async { saved.exists() }).await;
     assert!(rotated, "rotation retried in the background");
     let now = std::fs::read_to_string(&saved).unwrap();
     assert_ne!(now.trim(), init);

@@ -1,5 +1,7 @@
-//! The command line: `serve`, `keygen`, `health`, `encrypt`, `decrypt`, `version`.
+//! The command line: `serve`, `keygen`, `health`, `encrypt`, `decrypt`, `version`, `akeyless uid`.
 
+#[cfg(feature = "akeyless")]
+pub mod akeyless_uid;
 pub mod client;
 pub mod serve;
 
@@ -59,6 +61,9 @@ pub enum Command {
     Decrypt(DecryptArgs),
     /// Print the version and the compiled-in backends.
     Version,
+    /// Akeyless tools: `akeyless uid …` manages Universal Identity child tokens for the nodes.
+    #[cfg(feature = "akeyless")]
+    Akeyless(akeyless_uid::AkeylessArgs),
     /// Print the configuration reference (Markdown) generated from these definitions.
     #[command(hide = true)]
     ConfigReference,

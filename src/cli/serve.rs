@@ -138,6 +138,9 @@ async fn build_backend(
             metrics.add_scrape_hook(move |m| {
                 if let Some(b) = weak.upgrade() {
                     m.set_backend_auth_calls(b.auth_calls());
+                    if let Some(left) = b.uid_token_seconds_left() {
+                        m.set_identity_token_expiry("akeyless", left);
+                    }
                 }
             });
             Ok(backend)

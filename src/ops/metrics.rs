@@ -222,6 +222,11 @@ struct TokenLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    backend: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Latency buckets from 0.25 ms to ~16 s: local operations take microseconds to a millisecond, remote
@@ -258,6 +263,7 @@ struct Inner {
     last_good_probe_mono: AtomicU64,
     audit_dropped: Counter,
     audit_write_errors: Counter,
+    identity_expiry: Family<IdentityLabels, FloatGauge>,
     auth_calls: Counter,
     local_keys_missing: Gauge,
     local_key_file_refused: Gauge,
@@ -410,6 +416,14 @@ impl Metrics {
             "Authentications to the key backend (e.g. Akeyless /auth), successful or not",
             auth_calls.clone(),
         );
+        let identity_expiry = Family::<IdentityLabels, FloatGauge>::default();
+        registry.register_with_unit(
+            "identity_token_expiry",
+            "Time until the backend's long-lived identity credential (Akeyless Universal Identity \
+             token) expires unless rotated; alert well before 0",
+            Unit::Seconds,
+            identity_expiry.clone(),
+        );
         let audit_write_errors = Counter::default();
         registry.register(
             "audit_write_errors",
@@ -491,6 +505,7 @@ impl Metrics {
             last_good_probe_mono: AtomicU64::new(0),
             audit_dropped,
             audit_write_errors,
+            identity_expiry,
             auth_calls,
             local_keys_missing,
             local_key_file_refused,
@@ -635,6 +650,14 @@ impl Metrics {
         if total > seen {
             self.0.auth_calls.inc_by(total - seen);
         }
+    }
+
+    /// Seconds until `backend`'s identity credential expires (set at scrape time by a hook).
+    pub fn set_identity_token_expiry(&self, backend: &'static str, seconds: f64) {
+        self.0
+            .identity_expiry
+            .get_or_create(&IdentityLabels { backend })
+            .set(seconds);
     }
 
     /// Mirrors the local backend's view of its key file (read at scrape time).

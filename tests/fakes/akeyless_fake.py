@@ -7,7 +7,9 @@ travel in the body (`token`, `uid-token`; the old `uid_token` spelling is refuse
 exactly `{"error": "..."}` with the real status and no other field (an unknown path answers Go's plain
 `404 page not found`, as the real server does). Implemented commands: auth (access_key,
 universal_identity, k8s, cert, jwt, aws_iam/azure_ad/gcp), encrypt, decrypt, describe-item, rotate-key,
-uid-rotate-token, create-dfc-key (AES keys only), list-items (minimal).
+create-dfc-key (AES keys only), list-items (minimal), and a Universal Identity token tree:
+uid-generate-token, uid-rotate-token (with-manual-ack, send-manual-ack-token, fork),
+uid-create-child-token, uid-list-children, uid-revoke-token (see the UID section).
 
 Logins are checked, not just looked at:
   aws_iam    base64 JSON {sts_request_method, sts_request_url, sts_request_body, sts_request_headers};
@@ -48,9 +50,17 @@ Control API for tests (JSON in, JSON out):
   POST /__control/key       {"name": "k", "action": "create"|"disable"|"enable"|"delete"|"rotate"|
                              "deny"|"allow"|"delete-version", "version": 1, "type": "AES256GCM"
                              (or "CLASSIC_KEY" with "key_type": "AES256GCM"|"RSA2048"...)}
-  POST /__control/uid-token {"ttl": 3600}  → {"token": "u-..."} a new UID token (an auth method)
+  POST /__control/uid-token {"ttl": 3600}  → {"token": "u-..."} root token of a new auth method (ttl s)
+  POST /__control/uid-method {"name": "/m", "ttl": 60} → {"token", "access_id"} method + root (ttl min)
   POST /__control/uid-expire            every UID token becomes invalid
-  GET  /__control/uid-tokens            → {"valid": n} number of live UID tokens
+  GET  /__control/uid-tokens            → {"valid": n} number of live UID token values
+  POST /__control/uid-valid {"token": "u-..."} → {"valid": bool}
+  POST /__control/uid-clock {"advance": 30}  move the UID clock forward (seconds)
+  POST /__control/drop      {"command": "uid-rotate-token", "count": 1}  apply, then drop the answer
+  POST /__control/stall     {"phase": "rotate"|"ack", "seconds": 30, "count": 1}  hold a rotation's
+                             answer after applying it ("rotate"), or hold an ack before applying it
+  POST /__control/uid-clear-faults      forget pending drops and stalls
+  POST /__control/uid-manual-ack {"supported": false}  behave like a server without two-phase rotation
 
 Start: `akeyless_fake.py --port 0 [--port-file F] [--access-id p-x --access-key K] [--key NAME]...`;
 the first line on stdout is `PORT <n>`.
@@ -181,10 +191,8 @@ class State:
         for name in args.key or []:
             self.create_key(name)
         self.tokens = {}  # t- token → {"exp": ts, "access_id": ..., "access_type": ...}
-        self.uid_tokens = {}  # u- token → expiry ts
-        self.uid_access_id = "p-uid" + secrets.token_hex(4)
+        self.uid = UidTree(args.uid_minute_seconds)
         self.token_ttl = args.token_ttl
-        self.uid_ttl = 3600.0
         self.expiration_format = args.expiration_format
         self.calls = {}
         self.auth_records = []
@@ -202,11 +210,6 @@ class State:
         self.next_item_id += 1
         self.keys[name] = Key(name, self.next_item_id, item_type, classic_type)
         return self.keys[name]
-
-    def new_uid_token(self, ttl=3600):
-        tok = "u-" + secrets.token_urlsafe(24)
-        self.uid_tokens[tok] = now() + ttl
-        return tok
 
     def issue_token(self, access_id, access_type):
         tok = "t-" + secrets.token_hex(16)
@@ -234,10 +237,11 @@ class Api:
     def require_token(self, body):
         tok = body.get("token")
         if not tok and body.get("uid-token"):
-            exp = self.s.uid_tokens.get(body["uid-token"])
-            if exp is None or exp < now():
+            node = self.s.uid.find(body["uid-token"])
+            if node is None:
                 raise ApiError(401, "Unauthorized", "uid token is invalid or expired")
-            return {"access_id": self.s.uid_access_id, "access_type": "universal_identity"}
+            return {"access_id": self.s.uid.methods[node.method]["access_id"],
+                    "access_type": "universal_identity", "uid_node": node}
         info = self.s.tokens.get(tok) if isinstance(tok, str) else None
         if info is None or info["exp"] < now():
             raise ApiError(401, "Unauthorized", "auth token is expired or invalid")
@@ -266,17 +270,14 @@ class Api:
         access_type = body.get("access-type") or "access_key"
         access_id = body.get("access-id")
         record = {"access_type": access_type, "access_id": access_id}
+        uid_node = None
         if access_type == "access_key":
             if access_id not in self.s.access_keys:
                 raise ApiError(401, "failed to authenticate: access id %s not found" % access_id)
             if not secrets.compare_digest(str(body.get("access-key") or ""), self.s.access_keys[access_id]):
                 raise ApiError(401, "failed to authenticate: access key is invalid")
         elif access_type == "universal_identity":
-            tok = body.get("uid-token")
-            exp = self.s.uid_tokens.get(tok)
-            if exp is None or exp < now():
-                raise ApiError(401, "failed to authenticate: universal identity token is invalid or expired")
-            access_id = self.s.uid_access_id
+            access_id, uid_node = uid_auth(self, body)
         elif access_type == "k8s":
             if not self.s.gateway:
                 raise ApiError(400, "failed to authenticate: k8s auth is supported only through an Akeyless Gateway")
@@ -318,7 +319,10 @@ class Api:
         if access_type != "universal_identity" and not access_id:
             raise ApiError(400, "access-id is required")
         self.s.auth_records.append(record)
-        return self.s.issue_token(access_id, access_type)
+        out = self.s.issue_token(access_id, access_type)
+        if uid_node is not None:
+            self.s.tokens[out["token"]]["uid_node"] = uid_node
+        return out
 
     @staticmethod
     def load_cert(body):
@@ -523,14 +527,6 @@ class Api:
         key.rotated = now()
         return {"new_item_version": key.last_version, "item_type": key.item_type}
 
-    def uid_rotate_token(self, body):
-        tok = body.get("uid-token")
-        exp = self.s.uid_tokens.get(tok)
-        if exp is None or exp < now():
-            raise ApiError(401, "failed to rotate token", "universal identity token is invalid or expired")
-        del self.s.uid_tokens[tok]
-        return {"token": self.s.new_uid_token(self.s.uid_ttl)}
-
     def create_dfc_key(self, body):
         self.require_token(body)
         name = body.get("name")
@@ -552,7 +548,6 @@ class Api:
         "decrypt": "decrypt",
         "describe-item": "describe_item",
         "rotate-key": "rotate_key",
-        "uid-rotate-token": "uid_rotate_token",
         "create-dfc-key": "create_dfc_key",
         "get-cert-challenge": "get_cert_challenge",
         "list-items": "list_items",
@@ -588,14 +583,9 @@ class Api:
             s.token_ttl = float(body.get("seconds", s.token_ttl))
             s.expiration_format = body.get("expiration_format", s.expiration_format)
             return {}
-        if action == "uid-token":
-            s.uid_ttl = float(body.get("ttl", 3600))
-            return {"token": s.new_uid_token(s.uid_ttl)}
-        if action == "uid-expire":
-            s.uid_tokens.clear()
-            return {}
-        if action == "uid-tokens":
-            return {"valid": sum(1 for e in s.uid_tokens.values() if e >= now())}
+        out = uid_control(self, action, body)
+        if out is not None:
+            return out
         if action == "key":
             name = body.get("name")
             act = body.get("action")
@@ -626,6 +616,305 @@ class Api:
                 raise ApiError(400, "unknown key action %r" % act)
             return {"last_version": key.last_version}
         raise ApiError(404, "unknown control action %r" % action)
+
+
+# -- Universal Identity token tree -----------------------------------------------------------------
+# Kept apart from the rest of the fake on purpose. Model (from Akeyless's docs and the SDK models):
+# an auth method has one root token (`uid-generate-token` replaces it and everything under it);
+# tokens make children (`uid-create-child-token`) unless denied; every token has a TTL in minutes
+# that a rotation renews; `with-manual-ack` keeps the old value valid until the rotated value is
+# acknowledged (`send-manual-ack-token` with `uid-token` = the old value); a value rotated away is
+# refused; revoking is per token (`revokeSelf`) or per subtree (`revokeAll`). A child does not die
+# with its parent: the docs say nothing about it, so the fake does not invent it.
+# `--uid-minute-seconds` shrinks the TTL unit so tests can outlive TTLs in seconds.
+
+
+class UidNode:
+    def __init__(self, tree, method, parent, ttl_s, deny_rotate=False, deny_inheritance=False, description=""):
+        tree.next_id += 1
+        self.id = "uid-%06d" % tree.next_id
+        self.method = method
+        self.parent = parent
+        self.ttl_s = float(ttl_s)
+        self.deny_rotate = bool(deny_rotate)
+        self.deny_inheritance = bool(deny_inheritance)
+        self.description = description or ""
+        self.revoked = False
+        self.children = []
+        self.depth = 0 if parent is None else parent.depth + 1
+        self.token = tree.new_value(self)
+        self.pending = None  # rotated value waiting for its ack
+        self.retired = set()  # values acknowledged away (an ack retried after success is fine)
+        self.expires = tree.clock() + self.ttl_s
+        self.last_rotate = None
+        if parent is not None:
+            parent.children.append(self)
+
+    def alive(self, tree):
+        return not self.revoked and tree.clock() < self.expires
+
+
+class UidTree:
+    def __init__(self, minute_seconds=60.0):
+        self.minute = float(minute_seconds)
+        self.methods = {}  # name -> {"access_id", "ttl_min", "root"}
+        self.values = {}  # live token value -> node
+        self.next_id = 0
+        self.offset = 0.0
+        self.drops = []  # [{"command", "count"}]: apply, then drop the answer
+        self.stalls = []  # [{"phase": "rotate"|"ack", "seconds", "count"}]
+        self.manual_ack = True  # False: an older server that ignores with-manual-ack and the ack field
+
+    def clock(self):
+        return now() + self.offset
+
+    def new_value(self, node):
+        tok = "u-" + secrets.token_urlsafe(24)
+        self.values[tok] = node
+        return tok
+
+    def add_method(self, name, ttl_min):
+        if name not in self.methods:
+            self.methods[name] = {"access_id": "p-uid" + secrets.token_hex(4), "ttl_min": ttl_min, "root": None}
+        return self.methods[name]
+
+    def generate(self, name, ttl_s=None):
+        m = self.methods.get(name)
+        if m is None:
+            raise ApiError(404, "failed to generate token: auth method %s not found" % name)
+        if m["root"] is not None:  # a new root token resets the method's whole tree
+            self.revoke(m["root"], everything=True)
+        m["root"] = UidNode(self, name, None, ttl_s if ttl_s is not None else m["ttl_min"] * self.minute)
+        return m["root"]
+
+    def find(self, value):
+        """The node a presented value belongs to, if that value is still usable."""
+        node = self.values.get(value) if isinstance(value, str) else None
+        if node is None or not node.alive(self) or value not in (node.token, node.pending):
+            return None
+        return node
+
+    def caller(self, body, api, what):
+        """The token a request acts as: `uid-token`, or a `t-` token obtained with one."""
+        if body.get("uid-token"):
+            node = self.find(body["uid-token"])
+            if node is None:
+                raise ApiError(401, "failed to %s: universal identity token is invalid, expired or rotated" % what)
+            return node
+        info = api.require_token(body)
+        node = info.get("uid_node")
+        if node is None or not node.alive(self):
+            raise ApiError(403, "failed to %s: the caller has no universal identity token" % what)
+        return node
+
+    def revoke(self, node, everything):
+        node.revoked = True
+        for v in [node.token, node.pending]:
+            self.values.pop(v, None)
+        if everything:
+            for c in node.children:
+                self.revoke(c, True)
+
+    def in_subtree(self, root, node):
+        while node is not None:
+            if node is root:
+                return True
+            node = node.parent
+        return False
+
+    def describe(self, node):
+        iso = lambda ts: fmt_time(ts - self.offset, "rfc3339") if ts else ""  # noqa: E731
+        return {
+            "id": node.id,
+            "ttl": max(1, int(round(node.ttl_s / self.minute))),
+            "expired_date": iso(node.expires),
+            "last_rotate": iso(node.last_rotate),
+            "depth": node.depth,
+            "deny_rotate": node.deny_rotate,
+            "deny_inheritance": node.deny_inheritance,
+            "revoked": node.revoked,
+            "comment": node.description,
+            "children": {c.id: self.describe(c) for c in node.children},
+        }
+
+    def take(self, faults, key, value):
+        for f in faults:
+            if f["count"] != 0 and f[key] == value:
+                f["count"] -= 1 if f["count"] > 0 else 0
+                return f
+        return None
+
+
+def uid_bool(body, field):
+    v = body.get(field)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ApiError(400, "%s must be a boolean" % field)
+    return v
+
+
+def uid_auth(api, body):
+    """/auth with access-type universal_identity: only the `uid-token` spelling."""
+    node = api.s.uid.find(body.get("uid-token"))
+    if node is None:
+        raise ApiError(401, "failed to authenticate", "universal identity token is invalid, expired or rotated")
+    return api.s.uid.methods[node.method]["access_id"], node
+
+
+def uid_rotate_token(api, body):
+    tree = api.s.uid
+    old = body.get("uid-token")
+    ack = body.get("send-manual-ack-token") if tree.manual_ack else None
+    if ack:
+        node = tree.values.get(ack)
+        if node is not None and node.alive(tree) and node.token == ack and old in node.retired:
+            return {"token": ack}  # already acknowledged: an ack is safe to repeat
+        if node is None or not node.alive(tree) or node.pending != ack or node.token != old:
+            raise ApiError(400, "failed to ack token", "no rotation of this token waits for that ack")
+        tree.values.pop(node.token, None)
+        node.retired.add(node.token)
+        node.token, node.pending = ack, None
+        return {"token": ack}
+    node = tree.find(old)
+    if node is None:
+        raise ApiError(401, "failed to rotate token", "universal identity token is invalid, expired or rotated")
+    if old != node.token:
+        raise ApiError(400, "failed to rotate token", "this token waits for its rotation to be acknowledged")
+    if uid_bool(body, "fork"):  # a new child with default parameters; the caller keeps its token
+        return {"token": UidNode(tree, node.method, node, node.ttl_s).token}
+    if node.deny_rotate:
+        raise ApiError(403, "failed to rotate token", "this token is not allowed to rotate")
+    if node.pending is not None:  # a second rotation before the ack replaces the first
+        tree.values.pop(node.pending, None)
+        node.pending = None
+    new = tree.new_value(node)
+    if uid_bool(body, "with-manual-ack") and tree.manual_ack:
+        node.pending = new
+    else:
+        tree.values.pop(node.token, None)
+        node.retired.add(node.token)
+        node.token = new
+    node.expires = tree.clock() + node.ttl_s
+    node.last_rotate = tree.clock()
+    return {"token": new}
+
+
+def uid_generate_token(api, body):
+    info = api.require_token(body)
+    if info.get("access_type") == "universal_identity":
+        raise ApiError(403, "failed to generate token", "a universal identity token cannot generate root tokens")
+    name = body.get("auth-method-name")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "auth-method-name is required")
+    return {"token": api.s.uid.generate(name).token}
+
+
+def uid_create_child_token(api, body):
+    tree = api.s.uid
+    if body.get("uid-token") or not body.get("uid-token-id"):
+        parent = tree.caller(body, api, "create child token")
+    else:  # an administrator names the parent by auth method and token id
+        api.require_token(body)
+        parent = next((n for n in set(tree.values.values()) if n.id == body.get("uid-token-id")
+                       and n.method == body.get("auth-method-name")), None)
+        if parent is None:
+            raise ApiError(404, "failed to create child token", "uid-token-id not found in auth-method-name")
+    if parent.deny_inheritance:
+        raise ApiError(403, "failed to create child token", "this token is not allowed to create children")
+    ttl = body.get("child-ttl")
+    if ttl is None:
+        ttl_s = parent.ttl_s
+    elif isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > 0:
+        ttl_s = ttl * tree.minute
+    else:
+        raise ApiError(400, "child-ttl must be a positive number of minutes")
+    child = UidNode(tree, parent.method, parent, ttl_s, uid_bool(body, "child-deny-rotate"),
+                    uid_bool(body, "child-deny-inheritance"), body.get("description") or body.get("comment") or "")
+    return {"token": child.token}
+
+
+def uid_list_children(api, body):
+    tree = api.s.uid
+    node = tree.caller(body, api, "list children")
+    count = []
+
+    def walk(n):
+        count.append(n)
+        depth = n.depth
+        for c in n.children:
+            depth = max(depth, walk(c))
+        return depth
+
+    max_depth = walk(node)
+    return {"max_depth": max_depth, "number_of_tokens": len(count), "root": tree.describe(node)}
+
+
+def uid_revoke_token(api, body):
+    tree = api.s.uid
+    caller = tree.caller(body, api, "revoke token")
+    target_id = body.get("revoke-token")
+    kind = body.get("revoke-type")
+    if kind not in ("revokeSelf", "revokeAll"):
+        raise ApiError(400, "revoke-type must be revokeSelf or revokeAll")
+    stack, target = [caller], None
+    while stack:
+        n = stack.pop()
+        if target_id in (n.id, n.token, n.pending):
+            target = n
+            break
+        stack.extend(n.children)
+    if target is None:
+        raise ApiError(404, "failed to revoke token", "no token %s under the caller" % target_id)
+    tree.revoke(target, kind == "revokeAll")
+    return {}
+
+
+UID_COMMANDS = {
+    "uid-rotate-token": uid_rotate_token,
+    "uid-generate-token": uid_generate_token,
+    "uid-create-child-token": uid_create_child_token,
+    "uid-list-children": uid_list_children,
+    "uid-revoke-token": uid_revoke_token,
+}
+
+
+def uid_control(api, action, body):
+    """Control actions of the UID tree; None when `action` is not one of them."""
+    tree = api.s.uid
+    if action == "uid-method":  # an auth method and its root token
+        m = tree.add_method(body["name"], int(body.get("ttl", 60)))
+        return {"access_id": m["access_id"], "token": tree.generate(body["name"]).token}
+    if action == "uid-token":  # a root token of a fresh method; ttl in seconds
+        name = "/fake/uid-%d" % (len(tree.methods) + 1)
+        tree.add_method(name, 60)
+        return {"token": tree.generate(name, float(body.get("ttl", 3600))).token}
+    if action == "uid-expire":
+        for n in set(tree.values.values()):
+            n.expires = 0
+        return {}
+    if action == "uid-tokens":
+        return {"valid": sum(1 for v in tree.values if tree.find(v) is not None)}
+    if action == "uid-clock":
+        tree.offset += float(body.get("advance", 0))
+        return {"offset": tree.offset}
+    if action == "uid-valid":  # is this value usable (auth would accept it)?
+        return {"valid": tree.find(body.get("token")) is not None}
+    if action == "drop":
+        tree.drops.append({"command": body["command"], "count": int(body.get("count", 1))})
+        return {}
+    if action == "uid-manual-ack":
+        tree.manual_ack = bool(body.get("supported", True))
+        return {}
+    if action == "uid-clear-faults":
+        tree.drops.clear()
+        tree.stalls.clear()
+        return {}
+    if action == "stall":
+        tree.stalls.append({"phase": body["phase"], "seconds": float(body.get("seconds", 30)),
+                            "count": int(body.get("count", 1))})
+        return {}
+    return None
 
 
 def make_handler(api, verbose):
@@ -675,20 +964,44 @@ def make_handler(api, verbose):
                         out = api.control(path.rsplit("/", 1)[1], body)
                     return self.send(200, out)
                 command = path.rsplit("/", 1)[-1]
-                if self.command != "POST" or command not in Api.COMMANDS:
+                if self.command != "POST" or (command not in Api.COMMANDS and command not in UID_COMMANDS):
                     # Go's default mux answer, not Akeyless's error shape.
                     raise ApiError(404, "", raw=b"404 page not found\n", content_type="text/plain; charset=utf-8")
                 self.inject(command)
+                stall = self.uid_stall(command, body)
+                if stall and stall["phase"] == "ack":  # the ack does not land while stalled
+                    time.sleep(stall["seconds"])
                 with api.s.lock:
                     api.s.calls[command] = api.s.calls.get(command, 0) + 1
                     kind = "client-type:%s" % self.headers.get("akeylessclienttype", "")
                     api.s.calls[kind] = api.s.calls.get(kind, 0) + 1
-                    out = getattr(api, Api.COMMANDS[command])(body)
+                    if command in UID_COMMANDS:
+                        out = UID_COMMANDS[command](api, body)
+                    else:
+                        out = getattr(api, Api.COMMANDS[command])(body)
+                    drop = api.s.uid.take(api.s.uid.drops, "command", command)
+                    if drop:
+                        api.s.calls["dropped:" + command] = api.s.calls.get("dropped:" + command, 0) + 1
+                if stall and stall["phase"] == "rotate":  # applied, answer held back
+                    time.sleep(stall["seconds"])
+                if drop:  # applied, but the answer is lost on the way
+                    self.close_connection = True
+                    return
                 self.send(200, out)
             except ApiError as e:
                 if e.raw is not None:
                     return self.send(e.status, e.raw, e.content_type)
                 self.send(e.status, {"error": e.error})
+
+        def uid_stall(self, command, body):
+            if command != "uid-rotate-token":
+                return None
+            phase = "ack" if body.get("send-manual-ack-token") else "rotate"
+            with api.s.lock:
+                f = api.s.uid.take(api.s.uid.stalls, "phase", phase)
+                if f:
+                    api.s.calls["stalled:" + phase] = api.s.calls.get("stalled:" + phase, 0) + 1
+            return f
 
         def inject(self, command):
             delay = 0.0
@@ -792,6 +1105,8 @@ def main():
     p.add_argument("--token-ttl", type=float, default=3600.0)
     p.add_argument("--expiration-format", default="rfc3339", choices=["rfc3339", "go", "unix", "none"])
     p.add_argument("--uid-token-file", help="create a UID token and write it here (mode 0600)")
+    p.add_argument("--uid-minute-seconds", type=float, default=60.0,
+                   help="length of one UID TTL minute in seconds (tests: 1)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help="stop when the parent closes stdin (or dies)")
     p.add_argument("--gateway", action="store_true", help="behave as a customer Gateway (k8s auth allowed)")
@@ -810,7 +1125,7 @@ def main():
     state = State(args)
     api = Api(state)
     if args.uid_token_file:
-        tok = state.new_uid_token()
+        tok = uid_control(api, "uid-token", {})["token"]
         fd = os.open(args.uid_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(tok)

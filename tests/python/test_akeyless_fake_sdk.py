@@ -360,3 +360,97 @@ def test_cert_challenge_flow(tmp_path):
         assert e.value.status == 401
     finally:
         stop(proc)
+
+
+def uid_auth(api, token):
+    return api.auth(akeyless.Auth(access_type="universal_identity", uid_token=token))
+
+
+def test_universal_identity_token_tree(fake):
+    """The generator model: a root token per auth method, one child per node, two-phase rotation,
+    listing, revocation and reset-on-generate, all driven by the SDK's own request models."""
+    api = api_for(fake)
+    admin = access_key_token(api)
+    root = control(fake, "uid-method", {"name": "/kms/generator", "ttl": 60})["token"]
+    child = api.uid_create_child_token(akeyless.UidCreateChildToken(
+        uid_token=root, child_ttl=30, child_deny_rotate=False, child_deny_inheritance=True,
+        description="kms-plugin node cp-1"))
+    assert isinstance(child, akeyless.UidCreateChildTokenOutput)
+    assert uid_auth(api, child.token).token.startswith("t-")
+    # deny-inheritance: the child cannot make children.
+    with pytest.raises(ApiException) as e:
+        api.uid_create_child_token(akeyless.UidCreateChildToken(uid_token=child.token))
+    assert e.value.status == 403 and json.loads(e.value.body)["error"]
+
+    tree = api.uid_list_children(akeyless.UidListChildren(uid_token=root))
+    assert isinstance(tree, akeyless.UniversalIdentityDetails)
+    assert tree.number_of_tokens == 2
+    (node,) = tree.root.children.values()
+    assert node.ttl == 30 and node.comment == "kms-plugin node cp-1" and node.deny_inheritance
+    assert node.expired_date and not node.last_rotate
+
+    # Two-phase rotation: the old token stays valid until the ack, a repeated ack is harmless.
+    new = api.uid_rotate_token(akeyless.UidRotateToken(uid_token=child.token, with_manual_ack=True)).token
+    assert uid_auth(api, child.token).token and uid_auth(api, new).token
+    api.uid_rotate_token(akeyless.UidRotateToken(uid_token=child.token, send_manual_ack_token=new))
+    api.uid_rotate_token(akeyless.UidRotateToken(uid_token=child.token, send_manual_ack_token=new))
+    with pytest.raises(ApiException) as e:
+        uid_auth(api, child.token)
+    assert e.value.status == 401
+    listed = api.uid_list_children(akeyless.UidListChildren(uid_token=new))
+    assert listed.root.id == node.id and listed.root.last_rotate
+
+    # fork: a fresh child, the caller keeps its token.
+    forked = api.uid_rotate_token(akeyless.UidRotateToken(uid_token=root, fork=True)).token
+    assert uid_auth(api, forked).token and uid_auth(api, root).token
+
+    # Revoke one node; the rest of the tree lives on.
+    api.uid_revoke_token(akeyless.UidRevokeToken(uid_token=root, revoke_token=node.id, revoke_type="revokeSelf"))
+    with pytest.raises(ApiException) as e:
+        uid_auth(api, new)
+    assert e.value.status == 401
+    assert uid_auth(api, forked).token
+
+    # uid-generate-token resets the method: the old root and its children are gone.
+    fresh = api.uid_generate_token(akeyless.UidGenerateToken(auth_method_name="/kms/generator", token=admin))
+    assert isinstance(fresh, akeyless.UidGenerateTokenOutput) and fresh.token != root
+    for old in (root, forked):
+        with pytest.raises(ApiException) as e:
+            uid_auth(api, old)
+        assert e.value.status == 401
+    assert uid_auth(api, fresh.token).token
+
+
+def test_universal_identity_ttl_is_enforced(fake):
+    api = api_for(fake)
+    root = control(fake, "uid-method", {"name": "/kms/ttl", "ttl": 5})["token"]
+    child = api.uid_create_child_token(akeyless.UidCreateChildToken(uid_token=root, child_ttl=1)).token
+    control(fake, "uid-clock", {"advance": 90})
+    with pytest.raises(ApiException) as e:
+        uid_auth(api, child)
+    assert e.value.status == 401
+    # The root (5 minutes) is still alive and a rotation renews its TTL.
+    renewed = api.uid_rotate_token(akeyless.UidRotateToken(uid_token=root)).token
+    control(fake, "uid-clock", {"advance": 250})
+    assert uid_auth(api, renewed).token
+    with pytest.raises(ApiException) as e:
+        api.auth(akeyless.Auth(access_type="universal_identity", uid_token=None))
+    assert e.value.status == 401
+
+
+def test_universal_identity_accepts_only_the_current_spelling(fake):
+    root = control(fake, "uid-method", {"name": "/kms/spelling", "ttl": 60})["token"]
+    for field, status in [("uid_token", 401), ("uid-token", 200)]:
+        req = urllib.request.Request(
+            fake + "/auth",
+            data=json.dumps({"access-type": "universal_identity", field: root}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                got, body = resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            got, body = e.code, json.loads(e.read())
+        assert got == status, (field, body)
+        assert ("error" in body) == (status != 200)

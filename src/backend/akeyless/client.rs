@@ -44,6 +44,7 @@ const MAX_ERROR_TEXT: usize = 300;
 const SECRET_FIELDS: &[&str] = &[
     "token",
     "uid-token",
+    "send-manual-ack-token",
     "access-key",
     "cloud-id",
     "jwt",
@@ -279,6 +280,25 @@ impl Client {
             }
             tracing::debug!(command, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying Akeyless call");
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One attempt and no retry, for a call that must not be repeated blindly (a UID rotation whose
+    /// answer was lost may already have happened). The attempt may use the whole time to `deadline`.
+    pub(crate) async fn call_once(
+        &self,
+        op: Op,
+        command: &str,
+        body: &Map<String, Value>,
+        deadline: Instant,
+    ) -> Result<Map<String, Value>, CallError> {
+        let limit = deadline.saturating_duration_since(Instant::now());
+        if limit.is_zero() {
+            return Err(CallError::Failed(BackendError::Timeout(limit)));
+        }
+        match self.send_once(command, body, limit).await {
+            Ok(v) => Ok(v),
+            Err(raw) => Err(classify(op, &raw, body, &self.base, command, limit)),
         }
     }
 

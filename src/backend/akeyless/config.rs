@@ -150,7 +150,7 @@ pub struct AkeylessArgs {
     )]
     pub uid_token_file: Option<PathBuf>,
 
-    /// How long a Universal Identity token lives; the plugin rotates it at half this time.
+    /// Universal Identity token TTL to assume when Akeyless does not report it (/uid-list-children).
     #[arg(long = "akeyless-uid-ttl", env = "KMS_PLUGIN_AKEYLESS_UID_TTL", default_value = "60m", value_parser = humantime::parse_duration)]
     pub uid_ttl: Duration,
 

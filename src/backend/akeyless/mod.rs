@@ -346,15 +346,23 @@ impl AkeylessBackend {
         self.tokens.auth_calls()
     }
 
+    /// Seconds until the Universal Identity token expires, when UID is in use and this is known.
+    pub fn uid_token_seconds_left(&self) -> Option<f64> {
+        self.uid.as_ref()?.seconds_left()
+    }
+
     /// Rotates the Universal Identity token now (for tests and an operator endpoint).
     pub async fn rotate_uid_token(&self) -> Result<(), BackendError> {
         let uid = self
             .uid
             .as_ref()
             .ok_or_else(|| BackendError::Config("not using Universal Identity".into()))?;
-        let _flight = self.tokens.flight().lock().await;
-        uid.rotate(&self.client, Instant::now() + self.login_budget)
-            .await
+        uid.rotate(
+            &self.client,
+            Instant::now() + self.login_budget,
+            Some(self.tokens.flight()),
+        )
+        .await
     }
 
     /// What the original plugin checks before listening: log in, the key exists, is enabled and
@@ -699,8 +707,10 @@ async fn rotate_uid(
         let (Some(u), Some(t)) = (uid.upgrade(), tokens.upgrade()) else {
             return;
         };
-        let _flight = t.flight().lock().await;
-        wait = match u.rotate(&client, Instant::now() + budget).await {
+        wait = match u
+            .rotate(&client, Instant::now() + budget, Some(t.flight()))
+            .await
+        {
             Ok(()) => u.interval(),
             Err(e) => {
                 tracing::warn!(error = %e, "Akeyless UID token rotation failed; keeping the current token and retrying");
@@ -717,6 +727,10 @@ impl Backend for AkeylessBackend {
     }
 
     async fn current_key(&self) -> Result<KeyIdentity, BackendError> {
+        // A UID token about to expire while rotation fails is a fact the operator must see.
+        if let Some(uid) = &self.uid {
+            uid.health()?;
+        }
         let item = self.describe(self.deadline()).await?;
         identity(&self.key_name, &item)
     }
