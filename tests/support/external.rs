@@ -109,3 +109,81 @@ pub fn start_moto() -> Option<Moto> {
     }
     panic!("moto_server did not start");
 }
+
+/// A real Vault dev server (in-memory storage, unsealed, root token `root`) on loopback.
+pub struct Vault {
+    pub url: String,
+    pub root_token: String,
+    /// The dev server's unseal key, for tests that seal and unseal it.
+    pub unseal_key: String,
+    _child: ChildGuard,
+    _log: tempfile::TempDir,
+}
+
+/// The Vault binary: $KMS_TEST_VAULT_BIN, the one `make deps-vault` caches, or `vault` on PATH.
+pub fn vault_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KMS_TEST_VAULT_BIN").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(dir) = std::env::var_os("KMS_TEST_CACHE_DIR") {
+        let p = PathBuf::from(dir).join("vault/v1.21.0/vault");
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    which("vault")
+}
+
+/// Starts `vault server -dev` on a free loopback port, or returns None when opted out
+/// (KMS_TEST_OPT_OUT contains `vault`). Panics (fails the test) when Vault is missing otherwise.
+pub fn start_vault() -> Option<Vault> {
+    if opted_out("vault") {
+        return None;
+    }
+    let bin = vault_binary().unwrap_or_else(|| {
+        panic!("the Vault server binary was not found: run `make deps-vault` (builds it with ../shared/servers/build-vault.sh), set KMS_TEST_VAULT_BIN, or set KMS_TEST_OPT_OUT=vault")
+    });
+    for _ in 0..3 {
+        let port = free_port();
+        let log = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(log.path().join("vault.log")).unwrap();
+        let child = Command::new(&bin)
+            .args([
+                "server",
+                "-dev",
+                "-dev-root-token-id=root",
+                "-dev-no-store-token",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ])
+            .env("VAULT_DISABLE_MLOCK", "true")
+            .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut guard = ChildGuard(child);
+        let text = || std::fs::read_to_string(log.path().join("vault.log")).unwrap_or_default();
+        let up = wait_until(Duration::from_secs(60), || {
+            text().contains("Unseal Key:")
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || guard.0.try_wait().ok().flatten().is_some()
+        });
+        if up && guard.0.try_wait().ok().flatten().is_none() {
+            let unseal_key = text()
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Unseal Key:"))
+                .map(|k| k.trim().to_string())
+                .unwrap_or_default();
+            return Some(Vault {
+                url: format!("http://127.0.0.1:{port}"),
+                root_token: "root".into(),
+                unseal_key,
+                _child: guard,
+                _log: log,
+            });
+        }
+    }
+    panic!("vault server -dev did not start");
+}
