@@ -4,12 +4,17 @@
 use super::table::DynamicTable;
 use super::{decode_int, decode_string, HeaderList, HpackError};
 
+/// h2 closes the connection (ENHANCE_YOUR_CALM) once a block decodes to more than this many
+/// times its header list limit; below that, an over-size block only fails its stream.
+pub const ABUSE_MULTIPLIER: usize = 4;
+
 /// Decodes the header blocks of one direction of one connection, in order.
 pub struct Decoder {
     table: DynamicTable,
     /// Largest dynamic table size the peer may select: our SETTINGS_HEADER_TABLE_SIZE.
     size_limit: usize,
-    /// Largest decoded header list (name + value + 32 per field) accepted per block.
+    /// Decoded header list size (name + value + 32 per field) from which fields are no longer
+    /// stored: h2's SETTINGS_MAX_HEADER_LIST_SIZE, past which it answers 431 on that stream.
     max_list_size: usize,
 }
 
@@ -29,8 +34,12 @@ impl Decoder {
         &self.table
     }
 
-    /// Decodes one complete header block into `out` (cleared first). On error the decoder's state
-    /// is unspecified and the connection must be closed.
+    /// Decodes one complete header block into `out` (cleared first). Once the list reaches
+    /// `max_list_size` further fields are decoded (the dynamic table must stay in step) but not
+    /// stored, and `out.is_over_size()` is set: a stream error. Beyond
+    /// [`ABUSE_MULTIPLIER`] times the limit decoding stops with `HeaderListTooLarge`, a connection
+    /// error, as h2 does. On error the decoder's state is unspecified and the connection must be
+    /// closed.
     pub fn decode(&mut self, block: &[u8], out: &mut HeaderList) -> Result<(), HpackError> {
         out.clear();
         let mut pos = 0;
@@ -79,8 +88,11 @@ impl Decoder {
                 }
             }
             size_update_allowed = false;
-            if out.list_size() > self.max_list_size {
-                return Err(HpackError::HeaderListTooLarge(self.max_list_size));
+            if out.list_size() >= self.max_list_size {
+                out.drop_last_over_size();
+                if out.list_size() > self.max_list_size.saturating_mul(ABUSE_MULTIPLIER) {
+                    return Err(HpackError::HeaderListTooLarge(self.max_list_size));
+                }
             }
         }
         Ok(())
@@ -276,9 +288,17 @@ mod tests {
             Err(HpackError::InvalidIndex(62))
         );
         assert_eq!(d.decode(&[0x41], &mut out), Err(HpackError::Truncated));
-        // Literal with a 200-byte value exceeds the 100-byte list limit.
-        let mut block = vec![0x01, 0x7f, 200 - 127];
+        // A literal with a 200-byte value is over the 100-byte list limit: decoded, not kept.
+        let mut block = vec![0x82, 0x01, 0x7f, 200 - 127];
         block.extend_from_slice(&[b'a'; 200]);
+        d.decode(&block, &mut out).unwrap();
+        assert!(out.is_over_size());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out.list_size(), 42 + 10 + 200 + 32);
+        // Past four times the limit it is a connection error.
+        let mut block = vec![0x01];
+        super::super::encode_int(500, 7, 0, &mut block);
+        block.extend_from_slice(&[b'a'; 500]);
         assert_eq!(
             d.decode(&block, &mut out),
             Err(HpackError::HeaderListTooLarge(100))
