@@ -25,11 +25,10 @@ const BIG_STATIC_REF_SIZE: usize = 60;
 /// What the rewriter does with header blocks on this connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// No header block complete yet: each block is decoded and forwarded as it came.
-    Undecided,
-    /// The first block carried a valid (or no) `:authority`: from here on every byte is forwarded
-    /// untouched and nothing is decoded (a client keeps one authority for its connection).
-    Transparent,
+    /// No path authority seen yet: each block is scanned (only `:authority` values and dynamic
+    /// table insertions are looked at, nothing is decoded into a header list) and forwarded as
+    /// it came. This is the mode of every client that sends `localhost`.
+    Scan,
     /// A block carried a path authority: every block from then on is decoded and re-encoded.
     Reencode,
 }
@@ -76,10 +75,12 @@ pub struct Rewriter {
     /// them, because our encoding does not index), so later blocks may refer to table indexes
     /// that mean nothing, or something else, to h2's decoder. Re-encoded blocks use only the
     /// static table, so h2's dynamic table is frozen from that point and cannot go out of step.
-    /// Before the first rewrite both decoders saw the same bytes and agree, so the first block
-    /// with a valid authority proves the connection needs nothing and switches it to
-    /// [`Mode::Transparent`].
+    /// Before the first rewrite both decoders saw the same bytes and agree, so blocks without a
+    /// path authority are forwarded unchanged:
+    /// [`Mode::Scan`].
     mode: Mode,
+    /// Reused for the strings [`Decoder::scan`] needs.
+    scratch: Vec<u8>,
     authorities_rewritten: u64,
 }
 
@@ -102,7 +103,8 @@ impl Rewriter {
             decoder: Decoder::new(limits.header_table_size, limits.max_header_list),
             fields: HeaderList::new(),
             encoded: Vec::new(),
-            mode: Mode::Undecided,
+            mode: Mode::Scan,
+            scratch: Vec::new(),
             authorities_rewritten: 0,
         }
     }
@@ -158,11 +160,6 @@ impl Rewriter {
         let total = input.len();
         let start = out.len();
         while !input.is_empty() && out.len() - start < OUTPUT_SOFT_LIMIT {
-            if self.mode == Mode::Transparent {
-                out.extend_from_slice(input);
-                input = &[];
-                break;
-            }
             match self.state {
                 State::Preface(done) => {
                     let n = (PREFACE.len() - done).min(input.len());
@@ -330,62 +327,54 @@ impl Rewriter {
         Ok(())
     }
 
-    /// A whole header block is here: decode it, rewrite it if needed, and emit it.
+    /// A whole header block is here: scan or decode it, rewrite it if needed, and emit it.
     fn finish_block(&mut self, out: &mut Vec<u8>) -> Result<(), ShimError> {
         let open = self.open.take().ok_or(ShimError::UnexpectedContinuation)?;
         let fragment = &self.block[self.block_start..];
+        if self.mode == Mode::Scan && !self.decoder.scan(fragment, &mut self.scratch)? {
+            // Both decoders agree and nothing needs replacing: h2 gets the block as it came
+            // (and judges its size and fields itself).
+            emit_block(out, &open, fragment);
+            self.shrink();
+            return Ok(());
+        }
+        self.mode = Mode::Reencode;
         self.decoder.decode(fragment, &mut self.fields)?;
-        let bad_authorities = self
+        self.authorities_rewritten += self
             .fields
             .iter()
             .filter(|f| f.name == b":authority" && !is_valid_authority(f.value))
             .count() as u64;
-        let over_size = self.fields.is_over_size();
-        if bad_authorities == 0 && self.mode == Mode::Undecided {
-            // h2 sees exactly what we decoded (and judges an over-size list itself).
-            emit_block(out, &open, fragment);
-            if !over_size {
-                self.mode = Mode::Transparent;
-                self.release();
-                return Ok(());
-            }
+        self.encoded.clear();
+        if self.fields.is_over_size() {
+            // Re-encoding would pass h2 only what is under the limit. Send a block that h2
+            // itself finds over its limit, so it answers as it would have: 431 and
+            // REFUSED_STREAM for this stream, the connection stays up.
+            let refs = self.limits.max_header_list / BIG_STATIC_REF_SIZE + 1;
+            self.encoded.resize(refs, BIG_STATIC_REF);
         } else {
-            self.mode = Mode::Reencode;
-            self.authorities_rewritten += bad_authorities;
-            self.encoded.clear();
-            if over_size {
-                // Re-encoding would pass h2 only what is under the limit. Send a block that h2
-                // itself finds over its limit, so it answers as it would have: 431 and
-                // REFUSED_STREAM for this stream, the connection stays up.
-                let refs = self.limits.max_header_list / BIG_STATIC_REF_SIZE + 1;
-                self.encoded.resize(refs, BIG_STATIC_REF);
-            } else {
-                for f in self.fields.iter() {
-                    let value = if f.name == b":authority" && !is_valid_authority(f.value) {
-                        REPLACEMENT_AUTHORITY
-                    } else {
-                        f.value
-                    };
-                    encode_field(f.name, value, f.never_indexed, &mut self.encoded);
-                }
+            for f in self.fields.iter() {
+                let value = if f.name == b":authority" && !is_valid_authority(f.value) {
+                    REPLACEMENT_AUTHORITY
+                } else {
+                    f.value
+                };
+                encode_field(f.name, value, f.never_indexed, &mut self.encoded);
             }
-            emit_block(out, &open, &self.encoded);
         }
-        for buf in [&mut self.block, &mut self.encoded] {
+        emit_block(out, &open, &self.encoded);
+        self.shrink();
+        Ok(())
+    }
+
+    /// Gives back memory a large block needed.
+    fn shrink(&mut self) {
+        for buf in [&mut self.block, &mut self.encoded, &mut self.scratch] {
             if buf.capacity() > KEEP_CAPACITY {
                 *buf = Vec::new();
             }
         }
         self.fields.shrink(KEEP_CAPACITY);
-        Ok(())
-    }
-
-    /// Frees everything a transparent connection no longer needs.
-    fn release(&mut self) {
-        self.block = Vec::new();
-        self.encoded = Vec::new();
-        self.fields = HeaderList::new();
-        self.decoder = Decoder::new(0, 0);
     }
 }
 

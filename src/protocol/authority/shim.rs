@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
-use super::{provoke_connection_error, Limits, Mode, Rewriter, ShimError};
+use super::{provoke_connection_error, Limits, Rewriter, ShimError};
 
 /// Socket reads go through a buffer of this size on the stack; large DATA payloads bypass it
 /// (they are read straight into the caller's buffer).
@@ -23,7 +23,6 @@ const KEEP_CAPACITY: usize = 4 * 1024;
 pub struct ShimCounters {
     rewritten: AtomicU64,
     errors: AtomicU64,
-    transparent: AtomicU64,
     reencoding: AtomicU64,
 }
 
@@ -38,11 +37,6 @@ impl ShimCounters {
         self.errors.load(Ordering::Relaxed)
     }
 
-    /// Connections whose first header block needed nothing: passed through untouched after it.
-    pub fn transparent_connections(&self) -> u64 {
-        self.transparent.load(Ordering::Relaxed)
-    }
-
     /// Connections that sent a path authority: every header block is re-encoded.
     pub fn reencoding_connections(&self) -> u64 {
         self.reencoding.load(Ordering::Relaxed)
@@ -52,13 +46,13 @@ impl ShimCounters {
 /// Wraps one accepted connection (for example a `tokio::net::UnixStream`) so that h2 sees the
 /// client's HTTP/2 stream with every invalid `:authority` replaced by `localhost`.
 ///
-/// Once the first header block shows that the client needs no rewrite, reads go straight to the
-/// socket. A protocol or HPACK error hands h2 a frame that makes it fail the connection with the
+/// Until a path authority shows up, header blocks are only scanned and forwarded as they came;
+/// other frames pass without being copied through the shim. A protocol or HPACK error hands h2 a frame that makes it fail the connection with the
 /// code it would have used on the client's bytes (so h2 sends the GOAWAY); later reads fail with
 /// `InvalidData`.
 pub struct AuthorityShim<S> {
     inner: S,
-    /// `None` once the connection is transparent.
+    /// `None` once the connection failed.
     rewriter: Option<Box<Rewriter>>,
     /// Socket bytes not yet fed to the rewriter (held back by its output limit):
     /// `pending[pending_pos..]`.
@@ -115,11 +109,6 @@ impl<S> AuthorityShim<S> {
         self.failed.as_ref()
     }
 
-    /// Whether reads now bypass the rewriter.
-    pub fn is_transparent(&self) -> bool {
-        self.rewriter.is_none()
-    }
-
     /// Feeds `input` to the rewriter and returns how much it took; on an error, queues the bytes
     /// that make h2 end the connection the way it would have, and records the error.
     fn feed(&mut self, input: &[u8]) -> usize {
@@ -129,7 +118,6 @@ impl<S> AuthorityShim<S> {
         let preface_sent = rw.preface_forwarded();
         let result = rw.feed(input, &mut self.out);
         let total = rw.authorities_rewritten();
-        let mode = rw.mode();
         if total > self.rewritten {
             if self.rewritten == 0 {
                 self.count(|c| &c.reencoding, 1);
@@ -138,13 +126,7 @@ impl<S> AuthorityShim<S> {
             self.rewritten = total;
         }
         match result {
-            Ok(n) => {
-                if mode == Mode::Transparent {
-                    self.rewriter = None;
-                    self.count(|c| &c.transparent, 1);
-                }
-                n
-            }
+            Ok(n) => n,
             Err(e) => {
                 tracing::debug!(error = %e, reason = e.label(), "HTTP/2 client violated the protocol; closing its connection");
                 self.count(|c| &c.errors, 1);
@@ -190,30 +172,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
             if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
+            let Some(rw) = this.rewriter.as_mut() else {
+                return Poll::Ready(Ok(())); // failed: `failed` is set
+            };
             if this.pending_pos < this.pending.len() {
                 // Input left over because the last feed stopped at the output limit.
                 let pending = std::mem::take(&mut this.pending);
-                let n = if this.rewriter.is_some() {
-                    this.feed(&pending[this.pending_pos..])
-                } else {
-                    let n = buf.remaining().min(pending.len() - this.pending_pos);
-                    buf.put_slice(&pending[this.pending_pos..this.pending_pos + n]);
-                    n
-                };
+                let n = this.feed(&pending[this.pending_pos..]);
                 this.pending = pending;
                 this.pending_pos += n;
                 if this.pending_pos == this.pending.len() {
                     release(&mut this.pending, &mut this.pending_pos);
                 }
-                if this.rewriter.is_none() && this.out.is_empty() {
-                    return Poll::Ready(Ok(()));
-                }
                 continue;
             }
-            let Some(rw) = this.rewriter.as_mut() else {
-                // Transparent: nothing left to look at.
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
-            };
             let direct = rw.passthrough_remaining();
             if direct > 0 {
                 // Payload of a non-header frame: read it straight into the caller's buffer.
