@@ -281,10 +281,12 @@ async fn hpack_reference_bombs_are_bounded() {
             }
         }
         assert!(goaways > 0, "{authority}: no GOAWAY ENHANCE_YOUR_CALM");
-        legit.finish(authority).await;
+        let ok = legit.finish(authority).await;
+        eprintln!("reference bombs, {authority}: {goaways} attack connections ended by GOAWAY, {ok} legit calls ok");
     }
     let peak = p.peak_mib();
-    assert!(peak < 96, "peak RSS {peak} MiB");
+    eprintln!("reference bombs: VmHWM {peak} MiB");
+    assert!(peak < 64, "peak RSS {peak} MiB");
 }
 
 #[tokio::test]
@@ -412,9 +414,10 @@ async fn pipelined_calls_without_flow_control_window_are_bounded() {
     }
     eprintln!("{streams} streams sent, {refused} resets or GOAWAYs");
     assert!(refused > 0, "no stream was refused beyond the cap");
-    legit.finish("pipelined").await;
+    let ok = legit.finish("pipelined").await;
     let peak = p.peak_mib();
-    assert!(peak < 96, "peak RSS {peak} MiB");
+    eprintln!("pipelined: VmHWM {peak} MiB, {ok} legit calls ok");
+    assert!(peak < 64, "peak RSS {peak} MiB");
 }
 
 #[tokio::test]
@@ -455,6 +458,7 @@ async fn requests_h2_resets_itself_end_in_goaway() {
         }
     }
     assert_eq!(code, Some(ENHANCE_YOUR_CALM), "after {} streams", sid / 2);
+    eprintln!("self resets: GOAWAY after at most {} streams", sid / 2);
     legit.finish("self resets").await;
 }
 
@@ -491,6 +495,7 @@ async fn idle_connections_cost_little_and_buffers_shrink_after_a_burst() {
     support::wait_until(STEP, || p.metric("connections_open") >= n as f64).await;
     let after = p.proc_kib("VmRSS:");
     let per_conn = after.saturating_sub(before) * 1024 / n as u64;
+    eprintln!("idle connections: {per_conn} bytes of RSS per connection");
     assert!(per_conn < 48 * 1024, "{per_conn} bytes per idle connection");
     legit.finish("idle connections").await;
     drop(conns);
@@ -551,6 +556,7 @@ async fn fd_exhaustion_pauses_accept_instead_of_spinning() {
     let ticks = p.cpu_ticks();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let used = p.cpu_ticks() - ticks;
+    eprintln!("fd exhaustion: {used} CPU ticks in 1 s");
     // A spinning accept loop burns a whole core (100 ticks per second).
     assert!(used < 50, "{used} ticks of CPU in 1 s");
     drop(idle);

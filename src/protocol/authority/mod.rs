@@ -2,9 +2,11 @@
 //!
 //! kube-apiserver's KMS v1beta1 client, and its v2 client before 1.32, send the UNIX socket path
 //! (`/var/run/kms.sock`, `@abstract`) as `:authority`. h2 refuses such a request with
-//! PROTOCOL_ERROR. [`AuthorityShim`] sits between the accepted socket and h2, re-encodes the
-//! client's header blocks, and replaces any `:authority` that is not a valid URI authority with
-//! `localhost`. Everything else passes through unchanged. See docs/authority-shim.md.
+//! PROTOCOL_ERROR. [`AuthorityShim`] sits between the accepted socket and h2. Header blocks are
+//! scanned (not decoded) and forwarded as they came until one carries a path authority; from
+//! then on they are decoded and re-encoded with `localhost` in place of any `:authority` that is
+//! not a valid URI authority. Everything else passes through unchanged. See
+//! docs/authority-shim.md.
 
 pub mod frame;
 pub mod hpack;
