@@ -543,3 +543,69 @@ async fn measure_call_overhead() {
         server.stop().await;
     }
 }
+
+/// CPU time of this process so far (user + system), from /proc (clock ticks of 10 ms).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The shim's end-to-end cost: Status calls from `clients` raw connections (each sequential, one
+/// call in flight), against a server without the shim (`localhost`) and with it (`localhost` and
+/// a socket path). Prints p50 latency and CPU per call (client and server are this process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_shim_cost() {
+    const CALLS: usize = 3000;
+    for clients in [1usize, 16] {
+        for (shim, authority) in [
+            (false, "localhost"),
+            (true, "localhost"),
+            (true, PATH_AUTHORITY),
+            (false, "localhost"),
+            (true, "localhost"),
+            (true, PATH_AUTHORITY),
+        ] {
+            let server = TestServer::start(shim).await;
+            let per_client = CALLS / clients;
+            let ticks = cpu_ticks();
+            let tasks: Vec<_> = (0..clients)
+                .map(|_| {
+                    let path = server.path.clone();
+                    tokio::spawn(async move {
+                        let mut c = within(RawH2::connect(&path)).await.unwrap();
+                        // Open the connection window wide: the raw client never returns it.
+                        within(c.send_frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()))
+                            .await
+                            .unwrap();
+                        let block = grpc_request(STATUS, authority);
+                        let mut lat = Vec::with_capacity(per_client);
+                        for i in 0..per_client {
+                            let t = std::time::Instant::now();
+                            let out =
+                                within(c.unary(2 * i as u32 + 1, &block, Framing::default(), &[]))
+                                    .await
+                                    .unwrap();
+                            lat.push(t.elapsed());
+                            status_ok(out);
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut lat = vec![];
+            for t in tasks {
+                lat.extend(t.await.unwrap());
+            }
+            let cpu_ms = (cpu_ticks() - ticks) * 10;
+            lat.sort();
+            eprintln!(
+                "clients={clients:2} shim={shim:5} authority={authority:28}: p50 {:6.1} µs, CPU {:5.1} µs/call",
+                lat[lat.len() / 2].as_secs_f64() * 1e6,
+                cpu_ms as f64 * 1000.0 / lat.len() as f64
+            );
+            server.stop().await;
+        }
+    }
+}

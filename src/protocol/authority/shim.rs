@@ -167,7 +167,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
                 return Poll::Ready(Ok(()));
             }
             if let Some(e) = &this.failed {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e.clone())));
+                let e = e.clone();
+                this.drain(cx);
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
             if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
@@ -208,9 +210,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityShim<S> {
             if n < input.len() {
                 this.pending.extend_from_slice(&input[n..]);
             }
+            if this.failed.is_some() {
+                // Read what the client already sent: closing a socket with unread input resets
+                // it, and the client could lose the GOAWAY.
+                this.drain(cx);
+            }
         }
     }
 }
+
+impl<S: AsyncRead + Unpin> AuthorityShim<S> {
+    /// Discards what the socket has ready, up to [`DRAIN_LIMIT`] bytes per call.
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut total = 0;
+        while total < DRAIN_LIMIT {
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => total += rb.filled().len(),
+                _ => return,
+            }
+        }
+    }
+}
+
+/// Input discarded per read after an error: enough for what a client has in flight.
+const DRAIN_LIMIT: usize = 256 * 1024;
 
 /// Empties a drained buffer, giving its memory back if a burst made it large.
 fn release(buf: &mut Vec<u8>, pos: &mut usize) {
