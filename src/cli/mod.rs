@@ -202,6 +202,24 @@ pub struct ServeArgs {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "KMS_PLUGIN_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Connections open at once on the socket; more are closed right after accept (metric kms_plugin_connections_refused).
+    #[arg(long, env = "KMS_PLUGIN_MAX_CONNECTIONS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// HTTP/2 streams (calls) one connection may have open at once; clients queue the rest.
+    #[arg(long, env = "KMS_PLUGIN_MAX_CONCURRENT_STREAMS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+    /// Largest decoded request header list (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE); larger requests get 431 on their stream.
+    #[arg(long, env = "KMS_PLUGIN_MAX_HEADER_LIST_BYTES", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1024..=1048576))]
+    pub max_header_list_bytes: u32,
+    /// A new connection must send the HTTP/2 preface within this time.
+    #[arg(long, env = "KMS_PLUGIN_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A connection without a call for this long is closed (clients reconnect on their next call); 0 = never.
+    #[arg(long, env = "KMS_PLUGIN_IDLE_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 PINGs that detect a hung client (closed after 20 s without an answer); 0 = off.
+    #[arg(long, env = "KMS_PLUGIN_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
     /// Address for /livez, /readyz, /healthz and /metrics, e.g. 127.0.0.1:8787 (off by default).
     #[arg(long, env = "KMS_PLUGIN_HTTP")]
     pub http: Option<std::net::SocketAddr>,

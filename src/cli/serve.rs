@@ -290,12 +290,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
 
     let probes = tokio::spawn(engine.clone().run_probes(stop_rx));
     let observer: Arc<dyn RequestObserver> = observer;
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
     let options = ServerOptions {
         status_version: args.status_version,
         max_request_bytes: args.max_request_bytes,
         shutdown_timeout: args.shutdown_timeout,
+        max_connections: args.max_connections as usize,
+        max_concurrent_streams: args.max_concurrent_streams,
+        max_header_list_bytes: args.max_header_list_bytes,
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: nonzero(args.idle_timeout),
+        keepalive_interval: nonzero(args.keepalive_interval),
         ..ServerOptions::default()
     };
+    let stats = options.stats.clone();
+    metrics.add_scrape_hook(move |m| m.set_connection_stats(&stats));
     server::serve(engine, socket, options, observer, termination()).await?;
     let _ = stop_tx.send(true);
     probes.abort();

@@ -268,6 +268,87 @@ struct Inner {
     local_keys_missing: Gauge,
     local_key_file_refused: Gauge,
     scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
+    connections: ConnectionMetrics,
+}
+
+/// Mirrors of the socket's connection counters (`ConnectionStats`), updated at scrape time.
+struct ConnectionMetrics {
+    open: Gauge,
+    accepted: Counter,
+    refused: Counter,
+    accept_backoffs: Counter,
+    handshake_timeouts: Counter,
+    idle_closed: Counter,
+    authorities_rewritten: Counter,
+    shim_errors: Counter,
+    reencoding: Counter,
+}
+
+impl ConnectionMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let accepted = counter(
+            "connections_accepted",
+            "Connections accepted on the KMS socket",
+        );
+        let refused = counter(
+            "connections_refused",
+            "Connections closed right after accept because --max-connections were open",
+        );
+        let accept_backoffs = counter(
+            "accept_backoffs",
+            "Pauses of the accept loop because file descriptors or socket memory ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM)",
+        );
+        let handshake_timeouts = counter(
+            "connection_handshake_timeouts",
+            "Connections closed because no HTTP/2 preface arrived within --handshake-timeout",
+        );
+        let idle_closed = counter(
+            "connections_idle_closed",
+            "Connections closed after --idle-timeout without a call",
+        );
+        let authorities_rewritten = counter(
+            "authority_rewrites",
+            "HTTP/2 :authority values (socket paths) replaced with localhost by the shim",
+        );
+        let shim_errors = counter(
+            "authority_shim_errors",
+            "Connections ended by the :authority shim for a framing or HPACK error (GOAWAY sent)",
+        );
+        let reencoding = counter(
+            "authority_shim_rewriting_connections",
+            "Connections that sent a socket path as :authority: every header block re-encoded",
+        );
+        let open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Connections open on the KMS socket",
+            open.clone(),
+        );
+        Self {
+            open,
+            accepted,
+            refused,
+            accept_backoffs,
+            handshake_timeouts,
+            idle_closed,
+            authorities_rewritten,
+            shim_errors,
+            reencoding,
+        }
+    }
+}
+
+/// Raises a mirrored counter to `total` (counters only go up).
+fn mirror(counter: &Counter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
 }
 
 type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
@@ -424,6 +505,7 @@ impl Metrics {
             Unit::Seconds,
             identity_expiry.clone(),
         );
+        let connections = ConnectionMetrics::register(&mut registry);
         let audit_write_errors = Counter::default();
         registry.register(
             "audit_write_errors",
@@ -510,6 +592,7 @@ impl Metrics {
             local_keys_missing,
             local_key_file_refused,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
+            connections,
         }))
     }
 
@@ -671,6 +754,20 @@ impl Metrics {
 
     pub fn audit_write_error(&self) {
         self.0.audit_write_errors.inc();
+    }
+
+    /// Mirrors the socket's connection and `:authority` shim counters (read at scrape time).
+    pub fn set_connection_stats(&self, stats: &crate::protocol::socket::ConnectionStats) {
+        let c = &self.0.connections;
+        c.open.set(stats.open() as i64);
+        mirror(&c.accepted, stats.accepted());
+        mirror(&c.refused, stats.refused());
+        mirror(&c.accept_backoffs, stats.accept_backoffs());
+        mirror(&c.handshake_timeouts, stats.handshake_timeouts());
+        mirror(&c.idle_closed, stats.idle_closed());
+        mirror(&c.authorities_rewritten, stats.shim.authorities_rewritten());
+        mirror(&c.shim_errors, stats.shim.errors());
+        mirror(&c.reencoding, stats.shim.reencoding_connections());
     }
 
     /// Runs `hook` before every [`Metrics::encode`], to set gauges from state owned elsewhere (e.g.

@@ -4,12 +4,26 @@
 //! refuse; if nothing answers it is a stale leftover (crash, kill -9) and is replaced. The socket is
 //! created under a temporary name, given its mode and group, and renamed into place, so it is never
 //! reachable with looser permissions. A lock file next to it stops two instances racing for one path.
+//!
+//! [`Incoming`] is the accept loop: connection cap, back-off when file descriptors run out, and
+//! per-connection handshake and idle timeouts around the `:authority` shim.
 
 use std::fs;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::{Connected, UdsConnectInfo};
+
+use super::authority::{AuthorityShim, Limits, ShimCounters};
 
 /// Where to listen.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -296,6 +310,366 @@ fn bind_path(
             _lock: lock,
         },
     ))
+}
+
+/// Connection-level counters of one server, read by the metrics.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    open: AtomicUsize,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    accept_backoffs: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    idle_closed: AtomicU64,
+    /// Counters of the `:authority` shim on these connections.
+    pub shim: Arc<ShimCounters>,
+}
+
+impl ConnectionStats {
+    /// Connections currently open.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+    /// Connections closed right after accept because `max_connections` were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+    /// Pauses of the accept loop because the process or system ran out of file descriptors
+    /// (EMFILE, ENFILE) or socket memory (ENOBUFS, ENOMEM).
+    pub fn accept_backoffs(&self) -> u64 {
+        self.accept_backoffs.load(Ordering::Relaxed)
+    }
+    /// Connections closed because no HTTP/2 preface arrived in time.
+    pub fn handshake_timeouts(&self) -> u64 {
+        self.handshake_timeouts.load(Ordering::Relaxed)
+    }
+    /// Connections closed after `idle_timeout` without a call.
+    pub fn idle_closed(&self) -> u64 {
+        self.idle_closed.load(Ordering::Relaxed)
+    }
+}
+
+/// Limits applied to accepted connections before HTTP/2 sees them.
+#[derive(Debug, Clone)]
+pub struct AcceptOptions {
+    /// Connections open at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// Time a new connection has to send the 24-byte HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// A connection without a call in flight for this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Limits of the `:authority` shim, matching the HTTP/2 server's settings.
+    pub shim: Limits,
+}
+
+/// First and longest pause after an accept error caused by resource exhaustion.
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The accept loop as a stream of connections for tonic. Never yields an error: transient accept
+/// errors are skipped, and fd or memory exhaustion pauses accepting (doubling up to 1 s) instead
+/// of spinning on a listener that stays readable; waiting clients stay in the kernel backlog.
+pub struct Incoming {
+    listener: tokio::net::UnixListener,
+    options: AcceptOptions,
+    stats: Arc<ConnectionStats>,
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    delay: Duration,
+}
+
+impl Incoming {
+    pub fn new(
+        listener: tokio::net::UnixListener,
+        options: AcceptOptions,
+        stats: Arc<ConnectionStats>,
+    ) -> Self {
+        Self {
+            listener,
+            options,
+            stats,
+            backoff: None,
+            delay: BACKOFF_MIN,
+        }
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+/// The errno values of resource exhaustion (from nix, to avoid a libc dependency).
+mod libc_errno {
+    use nix::errno::Errno;
+    pub const EMFILE: i32 = Errno::EMFILE as i32;
+    pub const ENFILE: i32 = Errno::ENFILE as i32;
+    pub const ENOBUFS: i32 = Errno::ENOBUFS as i32;
+    pub const ENOMEM: i32 = Errno::ENOMEM as i32;
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = io::Result<Connection>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(sleep) = this.backoff.as_mut() {
+                ready!(sleep.as_mut().poll(cx));
+                this.backoff = None;
+            }
+            match ready!(this.listener.poll_accept(cx)) {
+                Ok((stream, _)) => {
+                    this.delay = BACKOFF_MIN;
+                    let open = this.stats.open.load(Ordering::Relaxed);
+                    if open >= this.options.max_connections {
+                        let refused = this.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        // One line per thousand refusals: a flood must not flood the log too.
+                        if refused % 1000 == 0 {
+                            tracing::warn!(
+                                open,
+                                limit = this.options.max_connections,
+                                refused_so_far = refused + 1,
+                                "connection refused: --max-connections reached (raise it if this is a legitimate client)"
+                            );
+                        }
+                        drop(stream);
+                        continue;
+                    }
+                    this.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    return Poll::Ready(Some(Ok(Connection::new(
+                        stream,
+                        &this.options,
+                        this.stats.clone(),
+                    ))));
+                }
+                Err(e) if is_resource_exhaustion(&e) => {
+                    this.stats.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+                    if this.delay == BACKOFF_MIN {
+                        tracing::warn!(error = %e, open = this.stats.open(), "cannot accept connections: out of file descriptors or memory; pausing accept (raise the fd limit, e.g. LimitNOFILE, or lower --max-connections)");
+                    } else {
+                        tracing::debug!(error = %e, pause = ?this.delay, "accept still failing; pausing");
+                    }
+                    this.backoff = Some(Box::pin(tokio::time::sleep(this.delay)));
+                    this.delay = (this.delay * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => {
+                    // ECONNABORTED and the like concern one client only.
+                    tracing::debug!(error = %e, "accept failed");
+                }
+            }
+        }
+    }
+}
+
+/// Calls in flight on one connection and when the last one ended, shared with the request layer
+/// (through the connection's `ConnectInfo`) so the connection can tell when it is idle.
+#[derive(Debug)]
+pub struct Activity {
+    start: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `start` at which the last call began or ended.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Marks a call in flight until the guard is dropped.
+    pub fn call(self: &Arc<Self>) -> CallGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        CallGuard(self.clone())
+    }
+
+    /// When the connection became idle, or `None` while a call is in flight.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+pub struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What tonic puts in each request's extensions for a [`Connection`].
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub activity: Arc<Activity>,
+    pub peer: UdsConnectInfo,
+}
+
+/// One accepted connection: the `:authority` shim over the socket, plus the handshake and idle
+/// timeouts and this connection's slot in the connection count.
+pub struct Connection {
+    shim: AuthorityShim<tokio::net::UnixStream>,
+    stats: Arc<ConnectionStats>,
+    activity: Arc<Activity>,
+    /// Until the preface has arrived.
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
+    preface_left: usize,
+    idle_timeout: Option<Duration>,
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Connection {
+    fn new(
+        stream: tokio::net::UnixStream,
+        options: &AcceptOptions,
+        stats: Arc<ConnectionStats>,
+    ) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        let shim =
+            AuthorityShim::with_limits(stream, options.shim).with_counters(stats.shim.clone());
+        Self {
+            shim,
+            stats,
+            activity: Arc::new(Activity::new()),
+            handshake: Some(Box::pin(tokio::time::sleep(options.handshake_timeout))),
+            preface_left: crate::protocol::authority::frame::PREFACE.len(),
+            idle_timeout: options.idle_timeout,
+            idle: None,
+        }
+    }
+
+    /// Whether the idle timer says to close. The timer is only looked at when it fires, so a
+    /// busy connection pays nothing per read.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.idle_timeout else {
+            return false;
+        };
+        let sleep = self
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let now = tokio::time::Instant::now();
+            let deadline = match self.activity.idle_since() {
+                Some(since) => since + timeout,
+                None => now + timeout,
+            };
+            if deadline <= now {
+                return true;
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.shim).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if this.handshake.is_some() {
+                    let n = buf.filled().len() - before;
+                    this.preface_left = this.preface_left.saturating_sub(n);
+                    if this.preface_left == 0 {
+                        this.handshake = None;
+                    }
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if let Some(h) = this.handshake.as_mut() {
+                    if h.as_mut().poll(cx).is_ready() {
+                        this.stats
+                            .handshake_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("closing a connection that sent no HTTP/2 preface in time");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no HTTP/2 preface within the handshake timeout",
+                        )));
+                    }
+                }
+                if this.poll_idle(cx) {
+                    this.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("closing an idle connection");
+                    // End of stream: h2 closes the connection; no call is in flight on it.
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().shim).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().shim).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.shim.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().shim).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().shim).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            activity: self.activity.clone(),
+            peer: self.shim.connect_info(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,17 +2,19 @@
 //!
 //! kube-apiserver's KMS v1beta1 client, and its v2 client before 1.32, send the UNIX socket path
 //! (`/var/run/kms.sock`, `@abstract`) as `:authority`. h2 refuses such a request with
-//! PROTOCOL_ERROR. [`AuthorityShim`] sits between the accepted socket and h2, re-encodes the
-//! client's header blocks, and replaces any `:authority` that is not a valid URI authority with
-//! `localhost`. Everything else passes through unchanged. See docs/authority-shim.md.
+//! PROTOCOL_ERROR. [`AuthorityShim`] sits between the accepted socket and h2. Header blocks are
+//! scanned (not decoded) and forwarded as they came until one carries a path authority; from
+//! then on they are decoded and re-encoded with `localhost` in place of any `:authority` that is
+//! not a valid URI authority. Everything else passes through unchanged. See
+//! docs/authority-shim.md.
 
 pub mod frame;
 pub mod hpack;
 mod rewriter;
 mod shim;
 
-pub use rewriter::{Rewriter, OUTPUT_SOFT_LIMIT};
-pub use shim::AuthorityShim;
+pub use rewriter::{provoke_connection_error, GoAwayReason, Mode, Rewriter, OUTPUT_SOFT_LIMIT};
+pub use shim::{AuthorityShim, ShimCounters};
 
 use hpack::HpackError;
 
@@ -27,7 +29,9 @@ const MAX_AUTHORITY_LEN: usize = 1024;
 pub struct Limits {
     /// Largest HPACK-encoded header block (HEADERS + CONTINUATION fragments).
     pub max_header_block: usize,
-    /// Largest decoded header list (name + value + 32 per field).
+    /// The server's SETTINGS_MAX_HEADER_LIST_SIZE (name + value + 32 per field). A re-encoded
+    /// block over it becomes one h2 rejects on its stream (431); over 4 times it, a connection
+    /// error, as in h2.
     pub max_header_list: usize,
     /// Largest frame payload accepted. Must not be below the server's SETTINGS_MAX_FRAME_SIZE:
     /// tonic keeps the protocol default of 16384 unless `Server::max_frame_size` is set.
@@ -35,8 +39,33 @@ pub struct Limits {
     /// The server's SETTINGS_HEADER_TABLE_SIZE, the largest dynamic table the client may use.
     /// h2 advertises the protocol default, 4096.
     pub header_table_size: usize,
-    /// CONTINUATION frames allowed after one HEADERS frame.
+    /// CONTINUATION frames without END_HEADERS allowed in one block: h2's own limit for the
+    /// server's settings, see [`Limits::for_server`].
     pub max_continuation_frames: usize,
+}
+
+impl Limits {
+    /// The limits that match an h2 server with these settings, so the shim refuses exactly what
+    /// h2 would refuse, and no more.
+    pub fn for_server(max_header_list: u32, max_frame_size: u32) -> Self {
+        let (list, frame) = (max_header_list as usize, max_frame_size as usize);
+        let continuations = h2_max_continuation_frames(list, frame);
+        Self {
+            // HEADERS plus h2's CONTINUATION allowance, all full: larger blocks never reach h2.
+            max_header_block: (continuations + 2) * frame,
+            max_header_list: list,
+            max_frame_len: max_frame_size,
+            header_table_size: 4096,
+            max_continuation_frames: continuations,
+        }
+    }
+}
+
+/// h2 0.4's CONTINUATION flood limit: the frames a full header list needs, plus a quarter, at
+/// least 5.
+fn h2_max_continuation_frames(max_header_list: usize, max_frame_size: usize) -> usize {
+    let frames = (max_header_list / max_frame_size.max(1)).max(1);
+    (frames + frames / 4).max(5)
 }
 
 impl Default for Limits {
@@ -46,7 +75,10 @@ impl Default for Limits {
             max_header_list: 64 * 1024,
             max_frame_len: frame::DEFAULT_MAX_FRAME_SIZE,
             header_table_size: 4096,
-            max_continuation_frames: 64,
+            max_continuation_frames: h2_max_continuation_frames(
+                64 * 1024,
+                frame::DEFAULT_MAX_FRAME_SIZE as usize,
+            ),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! produces the bytes h2 should see instead.
 
 use super::frame::{flag, kind, FrameHeader, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN, PREFACE};
-use super::hpack::{encode_field, Decoder, HeaderList};
+use super::hpack::{encode_field, Decoder, HeaderList, HpackError};
 use super::{is_valid_authority, Limits, ShimError, REPLACEMENT_AUTHORITY};
 
 /// Largest prefix (pad length + priority) and suffix (padding) a HEADERS frame adds to its
@@ -13,8 +13,25 @@ const HEADERS_OVERHEAD: usize = 1 + 5 + 255;
 /// block, at most the header list limit plus framing, may take it beyond).
 pub const OUTPUT_SOFT_LIMIT: usize = 64 * 1024;
 
-/// Buffers above this size are released after the block that needed them.
-const KEEP_CAPACITY: usize = 16 * 1024;
+/// Buffers above this size are released after the block that needed them, so a burst of large
+/// blocks does not pin memory for the connection's life.
+const KEEP_CAPACITY: usize = 4 * 1024;
+
+/// Static table entry 16, `accept-encoding: gzip, deflate`: one byte that h2 counts as 60 bytes
+/// of header list (15 + 13 + 32).
+const BIG_STATIC_REF: u8 = 0x80 | 16;
+const BIG_STATIC_REF_SIZE: usize = 60;
+
+/// What the rewriter does with header blocks on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No path authority seen yet: each block is scanned (only `:authority` values and dynamic
+    /// table insertions are looked at, nothing is decoded into a header list) and forwarded as
+    /// it came. This is the mode of every client that sends `localhost`.
+    Scan,
+    /// A block carried a path authority: every block from then on is decoded and re-encoded.
+    Reencode,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -34,7 +51,8 @@ struct OpenBlock {
     stream_id: u32,
     end_stream: bool,
     priority: Option<[u8; 5]>,
-    frames: usize,
+    /// CONTINUATION frames without END_HEADERS so far, counted as h2 counts them.
+    continuations: usize,
 }
 
 /// Rewrites the client side of one HTTP/2 connection. Feed it bytes in any split.
@@ -52,14 +70,17 @@ pub struct Rewriter {
     decoder: Decoder,
     fields: HeaderList,
     encoded: Vec<u8>,
-    /// Set once a block has been re-encoded. From then on every block is re-encoded: the client's
+    /// Once a block has been re-encoded, every later block is re-encoded too: the client's
     /// encoder may have added entries to its dynamic table in the block we rewrote (h2 never saw
     /// them, because our encoding does not index), so later blocks may refer to table indexes
-    /// that mean nothing, or something else, to h2's decoder. Blocks we re-encode use only the
+    /// that mean nothing, or something else, to h2's decoder. Re-encoded blocks use only the
     /// static table, so h2's dynamic table is frozen from that point and cannot go out of step.
-    /// Before the first rewrite both decoders saw the same bytes and agree, so passing blocks
-    /// through unchanged is safe and saves the re-encoding for clients that send `localhost`.
-    reencode: bool,
+    /// Before the first rewrite both decoders saw the same bytes and agree, so blocks without a
+    /// path authority are forwarded unchanged:
+    /// [`Mode::Scan`].
+    mode: Mode,
+    /// Reused for the strings [`Decoder::scan`] needs.
+    scratch: Vec<u8>,
     authorities_rewritten: u64,
 }
 
@@ -82,8 +103,25 @@ impl Rewriter {
             decoder: Decoder::new(limits.header_table_size, limits.max_header_list),
             fields: HeaderList::new(),
             encoded: Vec::new(),
-            reencode: false,
+            mode: Mode::Scan,
+            scratch: Vec::new(),
             authorities_rewritten: 0,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// How many bytes of the client preface have been forwarded.
+    pub fn preface_forwarded(&self) -> usize {
+        match self.state {
+            State::Preface(done) => done,
+            _ => PREFACE.len(),
         }
     }
 
@@ -203,19 +241,22 @@ impl Rewriter {
                     stream_id: h.stream_id,
                     end_stream: h.flags & flag::END_STREAM != 0,
                     priority: None,
-                    frames: 1,
+                    continuations: 0,
                 });
                 self.begin_header_payload(h, out)
             }
             kind::CONTINUATION => {
-                let max_frames = self.limits.max_continuation_frames + 1;
+                let max = self.limits.max_continuation_frames;
                 let open = self
                     .open
                     .as_mut()
                     .ok_or(ShimError::UnexpectedContinuation)?;
-                open.frames += 1;
-                if open.frames > max_frames {
-                    return Err(ShimError::TooManyContinuations);
+                // h2 counts the frames without END_HEADERS; we count the client's, not ours.
+                if h.flags & flag::END_HEADERS == 0 {
+                    open.continuations += 1;
+                    if open.continuations > max {
+                        return Err(ShimError::TooManyContinuations);
+                    }
                 }
                 if self.block.len() - self.block_start + h.len as usize
                     > self.limits.max_header_block
@@ -286,43 +327,141 @@ impl Rewriter {
         Ok(())
     }
 
-    /// A whole header block is here: decode it, rewrite it if needed, and emit it.
+    /// A whole header block is here: scan or decode it, rewrite it if needed, and emit it.
     fn finish_block(&mut self, out: &mut Vec<u8>) -> Result<(), ShimError> {
         let open = self.open.take().ok_or(ShimError::UnexpectedContinuation)?;
         let fragment = &self.block[self.block_start..];
-        self.decoder.decode(fragment, &mut self.fields)?;
-        let mut bad_authorities = 0;
-        for f in self.fields.iter() {
-            if f.name == b":authority" && !is_valid_authority(f.value) {
-                bad_authorities += 1;
-            }
-        }
-        if bad_authorities > 0 || self.reencode {
-            self.reencode = true;
-            self.authorities_rewritten += bad_authorities;
-            self.encoded.clear();
-            for f in self.fields.iter() {
-                if f.name == b":authority" && !is_valid_authority(f.value) {
-                    encode_field(
-                        f.name,
-                        REPLACEMENT_AUTHORITY,
-                        f.never_indexed,
-                        &mut self.encoded,
-                    );
-                } else {
-                    encode_field(f.name, f.value, f.never_indexed, &mut self.encoded);
-                }
-            }
-            emit_block(out, &open, &self.encoded);
-        } else {
+        if self.mode == Mode::Scan && !self.decoder.scan(fragment, &mut self.scratch)? {
+            // Both decoders agree and nothing needs replacing: h2 gets the block as it came
+            // (and judges its size and fields itself).
             emit_block(out, &open, fragment);
+            self.shrink();
+            return Ok(());
         }
-        for buf in [&mut self.block, &mut self.encoded] {
+        self.mode = Mode::Reencode;
+        self.decoder.decode(fragment, &mut self.fields)?;
+        self.authorities_rewritten += self
+            .fields
+            .iter()
+            .filter(|f| f.name == b":authority" && !is_valid_authority(f.value))
+            .count() as u64;
+        self.encoded.clear();
+        if self.fields.is_over_size() {
+            // Re-encoding would pass h2 only what is under the limit. Send a block that h2
+            // itself finds over its limit, so it answers as it would have: 431 and
+            // REFUSED_STREAM for this stream, the connection stays up.
+            let refs = self.limits.max_header_list / BIG_STATIC_REF_SIZE + 1;
+            self.encoded.resize(refs, BIG_STATIC_REF);
+        } else {
+            for f in self.fields.iter() {
+                let value = if f.name == b":authority" && !is_valid_authority(f.value) {
+                    REPLACEMENT_AUTHORITY
+                } else {
+                    f.value
+                };
+                encode_field(f.name, value, f.never_indexed, &mut self.encoded);
+            }
+        }
+        emit_block(out, &open, &self.encoded);
+        self.shrink();
+        Ok(())
+    }
+
+    /// Gives back memory a large block needed.
+    fn shrink(&mut self) {
+        for buf in [&mut self.block, &mut self.encoded, &mut self.scratch] {
             if buf.capacity() > KEEP_CAPACITY {
                 *buf = Vec::new();
             }
         }
-        Ok(())
+        self.fields.shrink(KEEP_CAPACITY);
+    }
+}
+
+/// The connection error h2 answers a given violation with (the GOAWAY code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoAwayReason {
+    Protocol,
+    FrameSize,
+    EnhanceYourCalm,
+    /// The HPACK decoder failed; h2 itself reports this as PROTOCOL_ERROR.
+    Hpack,
+    /// Not HTTP/2 at all; h2 closes without a GOAWAY.
+    Preface,
+}
+
+impl ShimError {
+    pub fn goaway_reason(&self) -> GoAwayReason {
+        match self {
+            ShimError::BadPreface => GoAwayReason::Preface,
+            ShimError::FrameTooLarge(_) => GoAwayReason::FrameSize,
+            ShimError::HeaderBlockTooLarge(_)
+            | ShimError::TooManyContinuations
+            | ShimError::Hpack(HpackError::HeaderListTooLarge(_)) => GoAwayReason::EnhanceYourCalm,
+            ShimError::Hpack(_) => GoAwayReason::Hpack,
+            ShimError::ExpectedContinuation(_)
+            | ShimError::UnexpectedContinuation
+            | ShimError::HeadersOnStreamZero
+            | ShimError::BadHeadersPayload
+            | ShimError::PushPromise => GoAwayReason::Protocol,
+        }
+    }
+
+    /// A short stable label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self.goaway_reason() {
+            GoAwayReason::Protocol => "protocol_error",
+            GoAwayReason::FrameSize => "frame_size_error",
+            GoAwayReason::EnhanceYourCalm => "enhance_your_calm",
+            GoAwayReason::Hpack => "hpack_error",
+            GoAwayReason::Preface => "bad_preface",
+        }
+    }
+}
+
+/// Bytes that make h2 fail the connection exactly as it would have on the client's input: it then
+/// sends the GOAWAY (with the last stream it processed, RFC 9113 §5.4.1) itself. Only valid at a
+/// frame boundary with no header block open toward h2, which is where the rewriter stops on an
+/// error: it forwards whole frames and collects a header block before emitting any of it.
+/// `preface_sent` is how many preface bytes h2 has already been given.
+pub fn provoke_connection_error(
+    err: &ShimError,
+    limits: &Limits,
+    preface_sent: usize,
+    out: &mut Vec<u8>,
+) {
+    let frame = |out: &mut Vec<u8>, len: u32, kind: u8, flags: u8| {
+        FrameHeader {
+            len,
+            kind,
+            flags,
+            stream_id: 1,
+        }
+        .write(out)
+    };
+    match err.goaway_reason() {
+        GoAwayReason::Preface => {
+            // A preface that cannot match: h2 rejects the connection as without the shim.
+            out.extend(std::iter::repeat_n(
+                0u8,
+                PREFACE.len().saturating_sub(preface_sent),
+            ));
+        }
+        // A CONTINUATION with no HEADERS before it.
+        GoAwayReason::Protocol => frame(out, 0, kind::CONTINUATION, flag::END_HEADERS),
+        // Only the header: h2 checks the length before it waits for a payload.
+        GoAwayReason::FrameSize => frame(out, limits.max_frame_len + 1, kind::DATA, 0),
+        GoAwayReason::EnhanceYourCalm => {
+            frame(out, 0, kind::HEADERS, 0);
+            for _ in 0..=limits.max_continuation_frames {
+                frame(out, 0, kind::CONTINUATION, 0);
+            }
+        }
+        GoAwayReason::Hpack => {
+            // Index 0 is invalid in every HPACK state.
+            frame(out, 1, kind::HEADERS, flag::END_HEADERS);
+            out.push(0x80);
+        }
     }
 }
 

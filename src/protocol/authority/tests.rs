@@ -625,6 +625,14 @@ async fn shim_read_fails_on_a_protocol_error() {
     let mut got = vec![0; PREFACE.len() + good.len()];
     shim.read_exact(&mut got).await.unwrap();
     assert_eq!(got, with_preface(&[good]));
+    // h2 is handed a frame it fails the connection on with the same code (a CONTINUATION
+    // without HEADERS: PROTOCOL_ERROR), so it sends the GOAWAY; then reads fail.
+    let mut provocation = [0; 9];
+    shim.read_exact(&mut provocation).await.unwrap();
+    assert_eq!(
+        provocation,
+        frame(kind::CONTINUATION, flag::END_HEADERS, 1, &[])[..]
+    );
     let err = shim.read(&mut [0; 16]).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     assert_eq!(shim.error(), Some(&ShimError::PushPromise));

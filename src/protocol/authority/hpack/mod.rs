@@ -34,23 +34,25 @@ pub const MAX_INT: usize = 1 << 28;
 
 /// Decodes an HPACK integer with an `n`-bit prefix (RFC 7541 §5.1) at `*pos`, advancing `*pos`.
 pub fn decode_int(src: &[u8], pos: &mut usize, prefix_bits: u8) -> Result<usize, HpackError> {
-    let mask = (1usize << prefix_bits) - 1;
+    let mask = ((1u16 << prefix_bits) - 1) as u8;
     let first = *src.get(*pos).ok_or(HpackError::Truncated)?;
     *pos += 1;
-    let mut value = usize::from(first) & mask;
-    if value < mask {
-        return Ok(value);
+    if first & mask < mask {
+        return Ok(usize::from(first & mask));
     }
+    // Accumulated in u64 so that neither the shift nor the sum can overflow, on 32-bit targets too.
+    let mut value = u64::from(mask);
     let mut shift = 0u32;
     loop {
         let b = *src.get(*pos).ok_or(HpackError::Truncated)?;
         *pos += 1;
-        value += usize::from(b & 0x7f) << shift;
-        if value > MAX_INT {
+        value += u64::from(b & 0x7f) << shift;
+        if value > MAX_INT as u64 {
             return Err(HpackError::IntegerOverflow);
         }
         if b & 0x80 == 0 {
-            return Ok(value);
+            // At most MAX_INT (2^28), which fits a 32-bit usize.
+            return usize::try_from(value).map_err(|_| HpackError::IntegerOverflow);
         }
         shift += 7;
         if shift > 28 {
@@ -97,8 +99,11 @@ struct Span {
 pub struct HeaderList {
     buf: Vec<u8>,
     spans: Vec<Span>,
-    /// Size as SETTINGS_MAX_HEADER_LIST_SIZE counts it: name + value + 32 per field.
+    /// Size as SETTINGS_MAX_HEADER_LIST_SIZE counts it: name + value + 32 per field, including
+    /// fields dropped because the list went over size.
     list_size: usize,
+    /// The decoder stopped storing fields because the list reached its size limit.
+    over_size: bool,
 }
 
 impl HeaderList {
@@ -110,6 +115,30 @@ impl HeaderList {
         self.buf.clear();
         self.spans.clear();
         self.list_size = 0;
+        self.over_size = false;
+    }
+
+    /// Whether fields were dropped because the decoded list reached the decoder's limit.
+    pub fn is_over_size(&self) -> bool {
+        self.over_size
+    }
+
+    /// Drops the last field but keeps counting its size, once the list is over its limit.
+    pub(crate) fn drop_last_over_size(&mut self) {
+        if let Some(s) = self.spans.pop() {
+            self.buf.truncate(s.start);
+        }
+        self.over_size = true;
+    }
+
+    /// Releases buffers grown beyond `keep` bytes by an unusually large block.
+    pub fn shrink(&mut self, keep: usize) {
+        if self.buf.capacity() > keep {
+            self.buf = Vec::new();
+        }
+        if self.spans.capacity() * std::mem::size_of::<Span>() > keep {
+            self.spans = Vec::new();
+        }
     }
 
     pub fn len(&self) -> usize {

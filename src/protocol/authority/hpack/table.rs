@@ -155,6 +155,24 @@ impl DynamicTable {
         Ok(e.data.split_at(e.name_len))
     }
 
+    /// Entry `pos` of the dynamic part, 0 being the newest, as (name, value).
+    pub(crate) fn dynamic(&self, pos: usize) -> Option<(&[u8], &[u8])> {
+        self.entries.get(pos).map(|e| e.data.split_at(e.name_len))
+    }
+
+    /// Adds an entry already laid out as name followed by value.
+    pub(crate) fn insert_owned(&mut self, data: Box<[u8]>, name_len: usize) {
+        let entry_size = data.len() + ENTRY_OVERHEAD;
+        if entry_size > self.max_size {
+            self.entries.clear();
+            self.size = 0;
+            return;
+        }
+        self.evict_to(self.max_size - entry_size);
+        self.entries.push_front(Entry { data, name_len });
+        self.size += entry_size;
+    }
+
     /// Adds an entry; an entry larger than the whole table empties it and is not added (§4.4).
     pub fn insert(&mut self, name: &[u8], value: &[u8]) {
         let entry_size = name.len() + value.len() + ENTRY_OVERHEAD;
