@@ -10,4 +10,4 @@ APT_PACKAGES += softhsm2 opensc
 .PHONY: test-backends
 ## Only the backend tests on their real servers (SoftHSM2, moto) and the cloud-identity fakes.
 test-backends: deps-apt deps-python
-	cargo test --locked --test pkcs11_softhsm --test aws_kms_moto --test cloud_id
+	cargo test --locked --test pkcs11_softhsm --test pkcs11_serve --test aws_kms_moto --test lifecycle_aws --test cloud_id
