@@ -1,13 +1,11 @@
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches};
 use kms_plugin::cli::{self, Cli, Command, LogFormat};
 
 /// How long tasks still running after the command returned may take before the process exits.
-const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
@@ -103,7 +101,7 @@ fn main() -> ExitCode {
     // A command has finished its own orderly shutdown (serve drains within --shutdown-timeout).
     // What may still run is a backend call stuck in a token or server that never answers: do not
     // wait for it, or a hung HSM would keep SIGTERM from ending the process.
-    runtime.shutdown_timeout(EXIT_GRACE);
+    runtime.shutdown_timeout(cli::serve::EXIT_GRACE);
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {

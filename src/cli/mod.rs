@@ -199,7 +199,8 @@ pub struct ServeArgs {
     /// Largest gRPC request accepted, in bytes.
     #[arg(long, env = "KMS_PLUGIN_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024 + 64 * 1024)]
     pub max_request_bytes: usize,
-    /// How long in-flight calls may take to finish after SIGTERM.
+    /// Longest time from SIGTERM to exit: in-flight calls get all but the last second to finish,
+    /// and a backend call that still hangs (an HSM that never answers) is abandoned in that second.
     #[arg(long, env = "KMS_PLUGIN_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
     /// Connections open at once on the socket; more are closed right after accept (metric kms_plugin_connections_refused).

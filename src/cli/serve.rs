@@ -158,6 +158,9 @@ async fn build_backend(
     }
 }
 
+/// Time the runtime gives tasks still running after `serve` returned (a hung backend call).
+pub const EXIT_GRACE: Duration = Duration::from_secs(1);
+
 fn engine_config(args: &ServeArgs) -> EngineConfig {
     EngineConfig {
         kek_max_uses: args.kek_max_uses.max(1),
@@ -294,7 +297,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let options = ServerOptions {
         status_version: args.status_version,
         max_request_bytes: args.max_request_bytes,
-        shutdown_timeout: args.shutdown_timeout,
+        // The last EXIT_GRACE of --shutdown-timeout is for ending backend calls stuck in a token or
+        // server that never answers (see main), so SIGTERM exits within --shutdown-timeout.
+        shutdown_timeout: args.shutdown_timeout.saturating_sub(EXIT_GRACE),
         max_connections: args.max_connections as usize,
         max_concurrent_streams: args.max_concurrent_streams,
         max_header_list_bytes: args.max_header_list_bytes,
