@@ -5,8 +5,6 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches};
 use kms_plugin::cli::{self, Cli, Command, LogFormat};
 
-/// How long tasks still running after the command returned may take before the process exits.
-
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
         eprintln!("invalid --log-level {level:?} ({e}); using info");
