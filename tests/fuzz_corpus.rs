@@ -190,6 +190,22 @@ async fn seeds(engine: &Engine) -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ] {
         s.push(("akeyless_response", name, answer(status, body)));
     }
+    for (name, status, body) in [
+        (
+            "encrypted",
+            200,
+            r#"{"data":{"ciphertext":"vault:v3:c2VhbGVk","key_version":3}}"#,
+        ),
+        (
+            "too_old",
+            400,
+            r#"{"errors":["ciphertext or signature version is disallowed by policy (too old)"]}"#,
+        ),
+        ("sealed", 503, r#"{"errors":["Vault is sealed"]}"#),
+        ("proxy_html", 403, "<html><body>403 Forbidden</body></html>"),
+    ] {
+        s.push(("vault_response", name, answer(status, body)));
+    }
     s
 }
 
@@ -232,6 +248,7 @@ async fn committed_seed_corpus_is_meaningful() {
         "v1_request",
         "config",
         "authority",
+        "vault_response",
     ] {
         let n = std::fs::read_dir(root.join(target)).unwrap().count();
         assert!(n >= 3, "fuzz/corpus/{target} has {n} seeds");

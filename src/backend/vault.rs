@@ -849,6 +849,28 @@ pub async fn from_args(args: &VaultArgs) -> Result<std::sync::Arc<dyn Backend>, 
     Ok(std::sync::Arc::new(backend))
 }
 
+/// Fuzzing entry point: one Vault HTTP answer through error-shape detection and classification
+/// (every operation), and a success body through the ciphertext-version parser. Never panics.
+#[doc(hidden)]
+pub fn interpret_response_for_fuzzing(status: u16, body: &[u8]) -> Vec<String> {
+    if (200..300).contains(&status) {
+        let version = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+            v.get("data")?
+                .get("ciphertext")?
+                .as_str()
+                .and_then(version_of)
+        });
+        return vec![format!("{version:?}")];
+    }
+    match vault_errors(body) {
+        Some(text) => ["reading the key", "encrypt", "decrypt"]
+            .iter()
+            .map(|what| classify(status, &text, what, "k8s").to_string())
+            .collect(),
+        None => vec!["not a Vault answer".into()],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

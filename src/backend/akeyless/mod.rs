@@ -531,7 +531,16 @@ impl AkeylessBackend {
 /// identity of `/describe-item`. Never panics. The `errors` never contain [`fuzz_sent_secrets`].
 #[doc(hidden)]
 pub fn interpret_response_for_fuzzing(status: u16, body: &[u8]) -> FuzzInterpretation {
-    let errors = client::interpret_for_fuzzing(status, body);
+    let mut errors = client::interpret_for_fuzzing(status, body);
+    // The legacy v1 decoders see bytes from etcd and values from /decrypt.
+    errors.extend(
+        legacy_candidates(body)
+            .into_iter()
+            .map(|c| format!("candidate of {} bytes", c.len())),
+    );
+    if let Err(e) = legacy_dek(Zeroizing::new(body.to_vec())) {
+        errors.push(e.to_string());
+    }
     let (state, key_id) = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(item)) => (
             Some(format!("{:?}", check_state("/k/fuzz", &item))),
