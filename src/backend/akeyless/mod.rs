@@ -531,15 +531,16 @@ impl AkeylessBackend {
 /// identity of `/describe-item`. Never panics. The `errors` never contain [`fuzz_sent_secrets`].
 #[doc(hidden)]
 pub fn interpret_response_for_fuzzing(status: u16, body: &[u8]) -> FuzzInterpretation {
-    let mut errors = client::interpret_for_fuzzing(status, body);
+    let errors = client::interpret_for_fuzzing(status, body);
     // The legacy v1 decoders see bytes from etcd and values from /decrypt.
-    errors.extend(
+    let mut legacy: Vec<String> = Vec::new();
+    legacy.extend(
         legacy_candidates(body)
             .into_iter()
             .map(|c| format!("candidate of {} bytes", c.len())),
     );
     if let Err(e) = legacy_dek(Zeroizing::new(body.to_vec())) {
-        errors.push(e.to_string());
+        legacy.push(e.to_string());
     }
     let (state, key_id) = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(item)) => (
@@ -550,6 +551,7 @@ pub fn interpret_response_for_fuzzing(status: u16, body: &[u8]) -> FuzzInterpret
     };
     FuzzInterpretation {
         errors,
+        legacy,
         state,
         key_id,
     }
@@ -560,6 +562,8 @@ pub fn interpret_response_for_fuzzing(status: u16, body: &[u8]) -> FuzzInterpret
 #[derive(Debug)]
 pub struct FuzzInterpretation {
     pub errors: Vec<String>,
+    /// What the legacy v1 decoders made of the body (candidate lengths, refusals).
+    pub legacy: Vec<String>,
     pub state: Option<String>,
     pub key_id: Option<String>,
 }
