@@ -5,8 +5,14 @@
 #
 # Environment:
 #   KMS_PLUGIN_BIN      plugin binary (default <repo>/target/debug/kms-plugin)
-#   KMS_E2E_FLOWS       flows to run as backend:api pairs (default "local:v2 local:v1", plus "akeyless:v2" when
-#                       tests/fakes/akeyless_fake.py exists); each backend needs backend_<name>_* below
+#   KMS_E2E_VERSIONS    kube-apiserver releases to run, each VERSION or VERSION=flow,flow (default
+#                       "default v1.31.14=local:v2": the release pinned in build/go.mod with all flows, and
+#                       the newest 1.31 the module proxy serves with the local:v2 flow only, for CI time).
+#                       "default" names the pinned release; other releases need apiserver/<version>/go.mod
+#                       (gen-apiserver-mod.sh). `make e2e-matrix` adds v1.28.15 (v2 with --status-version v2beta1).
+#   KMS_E2E_FLOWS       flows for a release listed without "=flows", as backend:api pairs (default "local:v2
+#                       local:v1", plus "akeyless:v2 akeyless-swap:v1" when tests/fakes/akeyless_fake.py exists);
+#                       each backend needs backend_<name>_* below; akeyless-swap:v1 is its own flow (run_swap_flow)
 #   KMS_E2E_KEEP=1      keep the work directory (logs, certs, etcd data) after the run
 #   KMS_TEST_OPT_OUT    contains "k8s" -> skip
 #   KMS_E2E_BUILD_KUBECTL=1  use a kubectl built from the same release even if the machine has one
@@ -28,15 +34,24 @@ fi
 command -v openssl >/dev/null || { echo "FAIL: openssl not found" >&2; exit 1; }
 
 t0=$SECONDS
-BIN="$(bash "$here/build.sh")"
-# build.sh puts a kubectl there when the machine has none (or KMS_E2E_BUILD_KUBECTL=1); it is then preferred.
-if [[ -x "$BIN/kubectl" ]]; then export PATH="$BIN:$PATH"; fi
-echo "binaries: $BIN ($("$BIN/kube-apiserver" --version), built/reused in $((SECONDS - t0))s); kubectl: $(command -v kubectl)"
+DEFAULT_VERSION="$(bash "$here/build.sh" --default-version)"
+BIN="" K8S_MINOR=""
+ORIG_PATH="$PATH"
+# use_version VERSION: build or take from the cache the binaries of that kube-apiserver release.
+use_version() {
+  local start=$SECONDS
+  BIN="$(bash "$here/build.sh" "$1")" || fail "build.sh $1"
+  # build.sh puts a kubectl there when the machine has none (or KMS_E2E_BUILD_KUBECTL=1); it is then preferred.
+  PATH="$ORIG_PATH"
+  if [[ -x "$BIN/kubectl" ]]; then export PATH="$BIN:$PATH"; fi
+  K8S_MINOR="${1#v1.}"; K8S_MINOR="${K8S_MINOR%%.*}"
+  log "binaries: $BIN ($("$BIN/kube-apiserver" --version), built/reused in $((SECONDS - start))s); kubectl: $(command -v kubectl)"
+}
 
 # Short path: the plugin's UNIX socket lives here (sun_path is limited to 107 bytes).
 WORK="$(mktemp -d /tmp/kms-e2e.XXXXXX)"
 PASSED=0
-ETCD_PID="" PLUGIN_PID="" APISERVER_PID=""
+ETCD_PID="" PLUGIN_PID="" APISERVER_PID="" STANDIN_PID=""
 
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - t0))s] $*"; }
 ok() { PASSED=$((PASSED + 1)); echo "  ok: $*"; }
@@ -75,7 +90,7 @@ stop_pid() {
 
 cleanup() {
   local rc=$?
-  stop_pid "$APISERVER_PID"; stop_pid "$PLUGIN_PID"; stop_pid "$ETCD_PID"; stop_pid "$FAKE_PID"
+  stop_pid "$APISERVER_PID"; stop_pid "$PLUGIN_PID"; stop_pid "$STANDIN_PID"; stop_pid "$ETCD_PID"; stop_pid "$FAKE_PID"
   if [[ "${KMS_E2E_KEEP:-}" == 1 || $rc -ne 0 ]]; then
     echo "work directory kept: $WORK"
   else
@@ -196,14 +211,17 @@ default_flows() {
   if [[ ",${KMS_TEST_OPT_OUT:-}," == *",akeyless-fake,"* ]]; then
     echo "SKIP: akeyless:v2 flow opted out via KMS_TEST_OPT_OUT" >&2
   elif [[ -f "$AKEYLESS_FAKE" ]] && "$PLUGIN_BIN" serve --help 2>/dev/null | grep -q -- --akeyless-url; then
-    echo "akeyless:v2"
+    echo "akeyless:v2 akeyless-swap:v1"
   fi
 }
 
 # ---------------------------------------------------------------------------------------------- plugin
 SOCK_ENDPOINT=""
 start_plugin() {
-  "$PLUGIN_BIN" serve --listen "$SOCK_ENDPOINT" "${PLUGIN_BACKEND_ARGS[@]}" --probe-interval 1s \
+  # 1.27-1.28 check StatusResponse.version == "v2beta1" (docs/troubleshooting.md).
+  local status=()
+  [[ "$API" == v2 && "$K8S_MINOR" -le 28 ]] && status=(--status-version v2beta1)
+  "$PLUGIN_BIN" serve --listen "$SOCK_ENDPOINT" "${PLUGIN_BACKEND_ARGS[@]}" --probe-interval 1s "${status[@]}" \
     >>"$WORK/plugin.log" 2>&1 &
   PLUGIN_PID=$!
   wait_for 30 "kms-plugin Status on $SOCK_ENDPOINT" "$BIN/e2ehelper" kms-status "$SOCK_ENDPOINT"
@@ -282,8 +300,9 @@ check_stored() {
     local kid; kid="$("$BIN/e2ehelper" keyid "$prefix" <"$raw")" || fail "decode EncryptedObject of $name"
     [[ -z "$want_key_id" || "$kid" == "$want_key_id" ]] ||
       fail "secret $name stored under key_id '$kid', want '$want_key_id'"
-  else
+  elif [[ -z "${SKIP_KEYREF:-}" ]]; then
     # v1 has no key_id; the plugin's ciphertext names the backend key that wrapped its local KEK.
+    # (SKIP_KEYREF=1: data written by another plugin, the swap flow.)
     local ref; ref="$("$BIN/e2ehelper" keyref "$prefix" <"$raw")" || fail "decode the v1 encrypted DEK of $name"
     [[ -z "$want_key_id" || "$ref" == "$want_key_id" ]] ||
       fail "secret $name wrapped under backend key '$ref', want '$want_key_id'"
@@ -504,11 +523,119 @@ run_flow() {
   log "=== flow kms $API / $BACKEND passed in $((SECONDS - flow_start))s"
 }
 
+# ---------------------------------------------------------------------------------------------- the image swap
+# akeyless-swap:v1 (issue 12): data written by the original Akeyless plugin (stand-in: standin
+# akeyless-original, the original's env and wire behaviour) reads back after its image is swapped for
+# kms-plugin in drop-in mode (same env, same socket, `serve` with no flags), through a real kube-apiserver.
+
+# v1_dek_first_byte NAME: first byte (hex) of the encrypted DEK in the stored value: PREFIX ‖ uint16 ‖ DEK.
+v1_dek_first_byte() {
+  local prefix="k8s:enc:kms:v1:$KMS_NAME:"
+  etcd_raw "/registry/secrets/$NS/$1" >"$WORK/raw-$1" || return 1
+  tail -c +$((${#prefix} + 3)) "$WORK/raw-$1" | head -c 1 | od -An -tx1 | tr -d ' \n'
+}
+
+# The original plugin's environment (shared by both images).
+akeyless_original_env() {
+  AKEYLESS_URL="$FAKE_URL" AKEYLESS_UNIX_SOCKET="$SWAP_SOCKET" AKEYLESS_KEY_ENCRYPTION_KEY=e2e-kek \
+    AKEYLESS_ACCESS_ID=p-e2e AKEYLESS_ACCESS_KEY="$(cat "$WORK/akeyless.access-key")" "$@"
+}
+
+plugin_metric() {
+  curl -sf "http://127.0.0.1:$SWAP_HTTP_PORT/metrics" | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $2 } END { print s + 0 }'
+}
+
+run_swap_flow() {
+  API=v1 BACKEND=akeyless-swap
+  KMS_NAME="e2e-akeyless-swap-v1"
+  local flow_start=$SECONDS n
+  log "=== flow: image swap, original Akeyless plugin -> kms-plugin drop-in (kms v1)"
+  rm -rf "$WORK/etcd" "$WORK"/*.sock "$WORK/plugin-data"
+  MARKER=()
+  SWAP_SOCKET="$WORK/akeyless_kms_plugin.sock"
+  SOCK_ENDPOINT="unix://$SWAP_SOCKET"
+  API_PORT="$(free_port)"
+  write_kubeconfig
+  backend_akeyless_init
+  write_encryption_config
+  start_etcd
+  akeyless_original_env "$BIN/standin" akeyless-original >>"$WORK/standin.log" 2>&1 &
+  STANDIN_PID=$!
+  wait_for 30 "the original plugin's stand-in on $SWAP_SOCKET" test -S "$SWAP_SOCKET"
+  start_apiserver
+  kms_ready >/dev/null || fail "/readyz/kms-providers not ok with the original plugin"
+  ok "kube-apiserver ready with the original Akeyless plugin (stand-in) as its kms v1 provider"
+
+  k create namespace "$NS" >/dev/null
+  for n in 1 2 3 4 5; do create_secret "legacy$n"; done
+  for n in 1 2 3 4 5; do
+    SKIP_KEYREF=1 check_stored "legacy$n"
+    [[ "$(v1_dek_first_byte "legacy$n")" != 4b ]] || fail "legacy$n is in kms-plugin's format, not the original's"
+    "$BIN/e2ehelper" keyref "k8s:enc:kms:v1:$KMS_NAME:" <"$WORK/raw-legacy$n" >/dev/null 2>&1 &&
+      fail "legacy$n decodes as a kms-plugin ciphertext"
+  done
+  ok "5 secrets stored by the original plugin: its format (an Akeyless /encrypt result), no plaintext in etcd"
+
+  log "swap the image: stop the original, start kms-plugin in drop-in mode, restart the apiserver"
+  stop_pid "$STANDIN_PID"; STANDIN_PID=""
+  SWAP_HTTP_PORT="$(free_port)"
+  mkdir -p "$WORK/plugin-data"
+  akeyless_original_env env KMS_PLUGIN_HTTP="127.0.0.1:$SWAP_HTTP_PORT" KMS_PLUGIN_DATA_DIR="$WORK/plugin-data" \
+    "$PLUGIN_BIN" serve >>"$WORK/plugin.log" 2>&1 &
+  PLUGIN_PID=$!
+  wait_for 30 "kms-plugin (drop-in) Status on $SOCK_ENDPOINT" "$BIN/e2ehelper" kms-status "$SOCK_ENDPOINT"
+  ok "kms-plugin serve (no flags, the original's AKEYLESS_* env) listens on the original's socket"
+  stop_apiserver
+  start_apiserver
+  check_all_read "after the swap and an apiserver restart (cold DEK cache: legacy Decrypts through kms-plugin)"
+  local legacy; legacy="$(plugin_metric kms_plugin_legacy_v1_decrypts_total)"
+  ((${legacy%.*} > 0)) || fail "kms_plugin_legacy_v1_decrypts_total is $legacy after reading legacy data"
+  ok "kms_plugin_legacy_v1_decrypts_total = $legacy before the re-encryption"
+  create_secret fresh1
+  [[ "$(v1_dek_first_byte fresh1)" == 4b ]] || fail "a secret written after the swap is not in kms-plugin's format"
+  ok "a secret written after the swap is in kms-plugin's format"
+
+  log "re-encrypt (docs/rotation.md: annotate every Secret)"
+  k annotate secrets -A --all --overwrite "kms-plugin.test/reencrypted=$(date +%s)" >"$WORK/annotate.out" ||
+    fail "kubectl annotate: $(cat "$WORK/annotate.out")"
+  local left=0
+  for n in "${!MARKER[@]}"; do
+    check_stored "$n"
+    if [[ "$(v1_dek_first_byte "$n")" != 4b ]] ||
+      ! "$BIN/e2ehelper" keyref "k8s:enc:kms:v1:$KMS_NAME:" <"$WORK/raw-$n" >/dev/null 2>&1; then
+      left=$((left + 1))
+    fi
+  done
+  ((left == 0)) || fail "$left of ${#MARKER[@]} secrets still in the original plugin's format after the re-encryption"
+  ok "after kubectl annotate: 0 of ${#MARKER[@]} secrets left in the original's format (etcd decoded)"
+  stop_apiserver
+  start_apiserver
+  check_all_read "after the re-encryption and an apiserver restart"
+
+  stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
+  backend_akeyless_stop
+  log "=== flow akeyless-swap:v1 passed in $((SECONDS - flow_start))s"
+}
+
 make_certs
-flows="$(echo ${KMS_E2E_FLOWS:-$(default_flows)})"
-echo "flows (backend:api): $flows"
-for flow in $flows; do
-  run_flow "${flow#*:}" "${flow%%:*}"
+declare -a SUMMARY=()
+versions="$(echo ${KMS_E2E_VERSIONS:-default v1.31.14=local:v2})"
+echo "kube-apiserver releases (version[=flows]): $versions"
+for entry in $versions; do
+  version="${entry%%=*}"
+  [[ "$version" == default ]] && version="$DEFAULT_VERSION"
+  if [[ "$entry" == *=* ]]; then flows="${entry#*=}"; flows="${flows//,/ }"; else flows="$(echo ${KMS_E2E_FLOWS:-$(default_flows)})"; fi
+  version_start=$SECONDS
+  log "##### kube-apiserver $version: flows $flows"
+  use_version "$version"
+  for flow in $flows; do
+    flow_start=$SECONDS
+    if [[ "$flow" == akeyless-swap:v1 ]]; then run_swap_flow; else run_flow "${flow#*:}" "${flow%%:*}"; fi
+    SUMMARY+=("$version $flow $((SECONDS - flow_start))s")
+  done
+  SUMMARY+=("$version total $((SECONDS - version_start))s")
 done
 log "all flows passed"
+echo "per-step times (release flow seconds):"
+printf '  %s\n' "${SUMMARY[@]}"
 echo "k8s-e2e: $PASSED passed, 0 failed"
