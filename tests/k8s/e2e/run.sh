@@ -535,10 +535,11 @@ v1_dek_first_byte() {
   tail -c +$((${#prefix} + 3)) "$WORK/raw-$1" | head -c 1 | od -An -tx1 | tr -d ' \n'
 }
 
-# The original plugin's environment (shared by both images).
+# The original plugin's environment (shared by both images), for `env`: a plain command started with `&`
+# so that $! is the process itself (stop_pid), not a subshell around it.
 akeyless_original_env() {
-  AKEYLESS_URL="$FAKE_URL" AKEYLESS_UNIX_SOCKET="$SWAP_SOCKET" AKEYLESS_KEY_ENCRYPTION_KEY=e2e-kek \
-    AKEYLESS_ACCESS_ID=p-e2e AKEYLESS_ACCESS_KEY="$(cat "$WORK/akeyless.access-key")" "$@"
+  ORIG_ENV=(AKEYLESS_URL="$FAKE_URL" AKEYLESS_UNIX_SOCKET="$SWAP_SOCKET" AKEYLESS_KEY_ENCRYPTION_KEY=e2e-kek
+    AKEYLESS_ACCESS_ID=p-e2e AKEYLESS_ACCESS_KEY="$(cat "$WORK/akeyless.access-key")")
 }
 
 plugin_metric() {
@@ -559,7 +560,8 @@ run_swap_flow() {
   backend_akeyless_init
   write_encryption_config
   start_etcd
-  akeyless_original_env "$BIN/standin" akeyless-original >>"$WORK/standin.log" 2>&1 &
+  akeyless_original_env
+  env "${ORIG_ENV[@]}" "$BIN/standin" akeyless-original >>"$WORK/standin.log" 2>&1 &
   STANDIN_PID=$!
   wait_for 30 "the original plugin's stand-in on $SWAP_SOCKET" test -S "$SWAP_SOCKET"
   start_apiserver
@@ -580,7 +582,7 @@ run_swap_flow() {
   stop_pid "$STANDIN_PID"; STANDIN_PID=""
   SWAP_HTTP_PORT="$(free_port)"
   mkdir -p "$WORK/plugin-data"
-  akeyless_original_env env KMS_PLUGIN_HTTP="127.0.0.1:$SWAP_HTTP_PORT" KMS_PLUGIN_DATA_DIR="$WORK/plugin-data" \
+  env "${ORIG_ENV[@]}" KMS_PLUGIN_HTTP="127.0.0.1:$SWAP_HTTP_PORT" KMS_PLUGIN_DATA_DIR="$WORK/plugin-data" \
     "$PLUGIN_BIN" serve >>"$WORK/plugin.log" 2>&1 &
   PLUGIN_PID=$!
   wait_for 30 "kms-plugin (drop-in) Status on $SOCK_ENDPOINT" "$BIN/e2ehelper" kms-status "$SOCK_ENDPOINT"
