@@ -52,6 +52,7 @@ use_version() {
 WORK="$(mktemp -d /tmp/kms-e2e.XXXXXX)"
 PASSED=0
 ETCD_PID="" PLUGIN_PID="" APISERVER_PID="" STANDIN_PID=""
+NODE=""  # suffix of kubeconfig/encryption-config/apiserver log names (the ha flow runs three nodes)
 
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - t0))s] $*"; }
 ok() { PASSED=$((PASSED + 1)); echo "  ok: $*"; }
@@ -90,7 +91,10 @@ stop_pid() {
 
 cleanup() {
   local rc=$?
-  stop_pid "$APISERVER_PID"; stop_pid "$PLUGIN_PID"; stop_pid "$STANDIN_PID"; stop_pid "$ETCD_PID"; stop_pid "$FAKE_PID"
+  stop_pid "$APISERVER_PID"; stop_pid "$PLUGIN_PID"; stop_pid "$STANDIN_PID"
+  local p
+  for p in "${HA_API_PIDS[@]}" "${HA_PLUGIN_PIDS[@]}"; do stop_pid "$p"; done
+  stop_pid "$ETCD_PID"; stop_pid "$FAKE_PID"
   if [[ "${KMS_E2E_KEEP:-}" == 1 || $rc -ne 0 ]]; then
     echo "work directory kept: $WORK"
   else
@@ -133,7 +137,7 @@ make_certs() {
 }
 
 write_kubeconfig() {
-  cat >"$WORK/kubeconfig" <<EOF
+  cat >"$WORK/kubeconfig$NODE" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -153,7 +157,7 @@ current-context: e2e
 EOF
 }
 
-k() { kubectl --kubeconfig "$WORK/kubeconfig" --request-timeout=30s "$@"; }
+k() { kubectl --kubeconfig "$WORK/kubeconfig$NODE" --request-timeout=30s "$@"; }
 
 # ---------------------------------------------------------------------------------------------- etcd
 start_etcd() {
@@ -231,7 +235,7 @@ plugin_key_id() { "$BIN/e2ehelper" kms-status "$SOCK_ENDPOINT" | awk '{print $3}
 
 # ---------------------------------------------------------------------------------------------- apiserver
 write_encryption_config() {
-  cat >"$WORK/encryption-config.yaml" <<EOF
+  cat >"$WORK/encryption-config$NODE.yaml" <<EOF
 apiVersion: apiserver.config.k8s.io/v1
 kind: EncryptionConfiguration
 resources:
@@ -260,11 +264,11 @@ start_apiserver() {
     --service-account-key-file="$WORK/pki/sa.pub" --service-account-signing-key-file="$WORK/pki/sa.key" \
     --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none \
     --authorization-mode=RBAC \
-    --encryption-provider-config="$WORK/encryption-config.yaml" \
+    --encryption-provider-config="$WORK/encryption-config$NODE.yaml" \
     --encryption-provider-config-automatic-reload=true \
     "${gates[@]}" \
     --profiling=false --v=2 \
-    >>"$WORK/apiserver.log" 2>&1 &
+    >>"$WORK/apiserver$NODE.log" 2>&1 &
   APISERVER_PID=$!
   local start=$SECONDS
   wait_for 240 "kube-apiserver /readyz" k get --raw /readyz
@@ -619,6 +623,133 @@ run_swap_flow() {
   log "=== flow akeyless-swap:v1 passed in $((SECONDS - flow_start))s"
 }
 
+# ---------------------------------------------------------------------------------------------- three nodes
+# ha:v2 (issue 17 §2, opt-in: KMS_E2E_VERSIONS="default=ha:v2"): three kube-apiservers on one etcd, each
+# with its own plugin and its own copy of the local key file; a writer and a reader loop across the nodes
+# for the whole flow; a rotation (new key added once, the file copied to every node before any write with
+# it); one plugin killed and restarted. Reads and writes must never fail.
+declare -a HA_API_PIDS=() HA_PLUGIN_PIDS=() HA_PORTS=()
+
+ha_start_plugin() {
+  local i="$1"
+  "$PLUGIN_BIN" serve --listen "unix://$WORK/kms-ha$i.sock" --backend local --local-key-file "$WORK/local-keys-$i" \
+    --probe-interval 1s >>"$WORK/plugin-$i.log" 2>&1 &
+  HA_PLUGIN_PIDS[i]=$!
+  wait_for 30 "plugin $i Status" "$BIN/e2ehelper" kms-status "unix://$WORK/kms-ha$i.sock"
+}
+ha_key_id() { "$BIN/e2ehelper" kms-status "unix://$WORK/kms-ha$1.sock" | awk '{print $3}'; }
+HA_KID1=""
+ha_plugin_moved() { [[ "$(ha_key_id "$1")" != "$HA_KID1" ]]; }
+
+# ha_loop KIND SECONDS: KIND=write creates ha-w<n> through node n%3; KIND=read reads s-ha<n%5> through
+# node n%3 and compares. Each failure is one line in $WORK/ha-<KIND>.fail; the count in $WORK/ha-<KIND>.n.
+ha_loop() {
+  local kind="$1" until=$((SECONDS + $2)) n=0 node
+  : >"$WORK/ha-$kind.fail"
+  while ((SECONDS < until)); do
+    n=$((n + 1)); node=$((n % 3 + 1))
+    if [[ "$kind" == write ]]; then
+      NODE="-$node" k -n "$NS" create secret generic "ha-w$n" --from-literal=password="w$n" >/dev/null 2>>"$WORK/ha-$kind.fail" ||
+        echo "write ha-w$n via node $node failed" >>"$WORK/ha-$kind.fail"
+    else
+      local want="ha-marker-$((n % 5))" got
+      got="$(NODE="-$node" k -n "$NS" get secret "s-ha$((n % 5))" -o jsonpath='{.data.password}' 2>>"$WORK/ha-$kind.fail" | base64 -d)"
+      [[ "$got" == "$want" ]] || echo "read s-ha$((n % 5)) via node $node: got '$got'" >>"$WORK/ha-$kind.fail"
+    fi
+    echo "$n" >"$WORK/ha-$kind.n"
+    sleep 0.2
+  done
+}
+
+run_ha_flow() {
+  API=v2 BACKEND=local KMS_NAME=e2e-ha-v2
+  local flow_start=$SECONDS i
+  log "=== flow: three kube-apiservers on one etcd, one plugin each (kms v2, local key file copied)"
+  rm -rf "$WORK/etcd" "$WORK"/local-keys* "$WORK"/*.sock
+  MARKER=()
+  "$PLUGIN_BIN" keygen "$WORK/local-keys" >>"$WORK/plugin.log" 2>&1 || fail "kms-plugin keygen"
+  start_etcd
+  for i in 1 2 3; do
+    cp -p "$WORK/local-keys" "$WORK/local-keys-$i"
+    ha_start_plugin "$i"
+    NODE="-$i" API_PORT="$(free_port)"; HA_PORTS[i]=$API_PORT
+    SOCK_ENDPOINT="unix://$WORK/kms-ha$i.sock"
+    write_kubeconfig; write_encryption_config; start_apiserver
+    HA_API_PIDS[i]=$APISERVER_PID; APISERVER_PID=""
+  done
+  NODE=""
+  local kid1; kid1="$(ha_key_id 1)"
+  [[ "$(ha_key_id 2)" == "$kid1" && "$(ha_key_id 3)" == "$kid1" ]] || fail "the three plugins report different key_ids"
+  ok "3 apiservers ready, 3 plugins on the same key_id"
+  NODE=-1 k create namespace "$NS" >/dev/null
+  for i in 0 1 2 3 4; do
+    NODE="-$((i % 3 + 1))" k -n "$NS" create secret generic "s-ha$i" --from-literal=password="ha-marker-$i" >/dev/null ||
+      fail "create s-ha$i"
+  done
+  ok "5 secrets written through the three nodes"
+
+  ha_loop write 90 & local wpid=$!
+  ha_loop read 90 & local rpid=$!
+
+  log "rotate: add a key once, copy the file to every node, then wait for every plugin and apiserver"
+  "$PLUGIN_BIN" keygen --add "$WORK/local-keys" >>"$WORK/plugin.log" 2>&1 || fail "keygen --add"
+  for i in 1 2 3; do cp -p "$WORK/local-keys" "$WORK/local-keys-$i.new" && mv "$WORK/local-keys-$i.new" "$WORK/local-keys-$i"; sleep 2; done
+  local kid2=""
+  HA_KID1="$kid1"
+  for i in 1 2 3; do wait_for 30 "plugin $i to report the new key" ha_plugin_moved "$i"; done
+  kid2="$(ha_key_id 1)"
+  [[ "$(ha_key_id 2)" == "$kid2" && "$(ha_key_id 3)" == "$kid2" ]] || fail "plugins disagree on the new key_id"
+  ok "all three plugins report the new key_id"
+  KID_AFTER="$kid2"
+  for i in 1 2 3; do
+    NODE="-$i" wait_for 120 "apiserver $i to see the new key_id" apiserver_has_new_key_id
+  done
+  NODE=""
+  ok "all three apiservers saw the new key_id (status key_id hash metric)"
+
+  log "kill plugin 2 (SIGKILL) and restart it"
+  kill -KILL "${HA_PLUGIN_PIDS[2]}"; wait "${HA_PLUGIN_PIDS[2]}" 2>/dev/null || true
+  ha_start_plugin 2
+  ok "plugin 2 killed and restarted"
+
+  log "storage migration through node 1"
+  NODE=-1 k get secrets -A -o json | NODE=-1 k replace -f - >"$WORK/replace.out" 2>&1 || fail "replace: $(tail -3 "$WORK/replace.out")"
+  wait "$wpid" "$rpid"
+  # Anything written by the loops after the replace is already under the new key; rewrite once more.
+  NODE=-1 k get secrets -A -o json | NODE=-1 k replace -f - >"$WORK/replace.out" 2>&1 || fail "replace: $(tail -3 "$WORK/replace.out")"
+  local wn rn wf rf
+  wn="$(cat "$WORK/ha-write.n")" rn="$(cat "$WORK/ha-read.n")"
+  wf="$(grep -c . "$WORK/ha-write.fail" || true)" rf="$(grep -c . "$WORK/ha-read.fail" || true)"
+  ((wf == 0)) || fail "$wf failed writes of $wn: $(head -5 "$WORK/ha-write.fail")"
+  ((rf == 0)) || fail "$rf failed reads of $rn: $(head -5 "$WORK/ha-read.fail")"
+  ok "writer and reader loops across the three nodes: $wn writes, $rn reads, 0 failed"
+  local name bad=0 total=0
+  for name in $("$BIN/e2ehelper" keys --endpoint "$ETCD_URL" "/registry/secrets/$NS/"); do
+    total=$((total + 1))
+    etcd_raw "$name" >"$WORK/raw-ha" || fail "read $name"
+    [[ "$("$BIN/e2ehelper" keyid "k8s:enc:kms:v2:$KMS_NAME:" <"$WORK/raw-ha")" == "$kid2" ]] || bad=$((bad + 1))
+  done
+  ((bad == 0)) || fail "$bad of $total secrets in etcd not under the new key_id after the migration"
+  ok "etcd: all $total secrets under the new key_id after the migration through node 1"
+  for i in 1 2 3; do
+    for name in 0 1 2 3 4; do
+      [[ "$(NODE="-$i" k -n "$NS" get secret "s-ha$name" -o jsonpath='{.data.password}' | base64 -d)" == "ha-marker-$name" ]] ||
+        fail "s-ha$name does not read back through node $i"
+    done
+  done
+  ok "every seeded secret reads back through every node"
+  for i in 1 2 3; do
+    NODE="-$i" k -n "$NS" get secrets -o name >"$WORK/ha-list-$i" || fail "list (decrypt) all secrets through node $i"
+    [[ "$(wc -l <"$WORK/ha-list-$i")" -eq "$total" ]] || fail "node $i lists $(wc -l <"$WORK/ha-list-$i") secrets, etcd has $total"
+  done
+  ok "all $total secrets (the loops' writes from every node included) decrypt through each of the three nodes"
+
+  for i in 1 2 3; do stop_pid "${HA_API_PIDS[i]}"; stop_pid "${HA_PLUGIN_PIDS[i]}"; done
+  HA_API_PIDS=() HA_PLUGIN_PIDS=()
+  stop_pid "$ETCD_PID"; ETCD_PID=""
+  log "=== flow ha:v2 passed in $((SECONDS - flow_start))s"
+}
+
 make_certs
 declare -a SUMMARY=()
 versions="$(echo ${KMS_E2E_VERSIONS:-default v1.31.14=local:v2})"
@@ -632,7 +763,11 @@ for entry in $versions; do
   use_version "$version"
   for flow in $flows; do
     flow_start=$SECONDS
-    if [[ "$flow" == akeyless-swap:v1 ]]; then run_swap_flow; else run_flow "${flow#*:}" "${flow%%:*}"; fi
+    case "$flow" in
+      akeyless-swap:v1) run_swap_flow ;;
+      ha:v2) run_ha_flow ;;
+      *) run_flow "${flow#*:}" "${flow%%:*}" ;;
+    esac
     SUMMARY+=("$version $flow $((SECONDS - flow_start))s")
   done
   SUMMARY+=("$version total $((SECONDS - version_start))s")
