@@ -49,7 +49,7 @@ deps-k8s-matrix: deps-k8s
 	echo "deps-k8s-matrix: kube-apiserver $(K8S_MATRIX_128) ready in $$((SECONDS - start))s"
 
 e2e-matrix: deps-k8s-matrix
-	$(MAKE) test-k8s-e2e KMS_E2E_VERSIONS="$(K8S_E2E_VERSIONS) $(K8S_MATRIX_128)=local:v2,local:v1"
+	$(MAKE) test-k8s-e2e KMS_E2E_VERSIONS="$(K8S_E2E_VERSIONS) $(K8S_MATRIX_128)=local:v2,local:v1,status-mismatch:v2"
 
 # Everything the e2e run needs (builds are cached), then the run.
 e2e: deps-k8s

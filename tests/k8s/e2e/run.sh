@@ -270,6 +270,7 @@ start_apiserver() {
     --profiling=false --v=2 \
     >>"$WORK/apiserver$NODE.log" 2>&1 &
   APISERVER_PID=$!
+  [[ "${1:-}" == --no-wait ]] && return 0
   local start=$SECONDS
   wait_for 240 "kube-apiserver /readyz" k get --raw /readyz
   ok "kube-apiserver ready in $((SECONDS - start))s"
@@ -750,6 +751,32 @@ run_ha_flow() {
   log "=== flow ha:v2 passed in $((SECONDS - flow_start))s"
 }
 
+# ---------------------------------------------------------------------------------------------- status version
+# status-mismatch:v2 (1.27-1.28 only, in `make e2e-matrix`): the plugin without --status-version v2beta1
+# leaves the apiserver unready with exactly the message docs/troubleshooting.md names.
+run_status_mismatch_flow() {
+  API=v2 BACKEND=local KMS_NAME=e2e-status-mismatch
+  local flow_start=$SECONDS want="expected KMSv2 API version v2beta1, got v2"
+  log "=== flow: kms v2 on 1.$K8S_MINOR without --status-version v2beta1"
+  ((K8S_MINOR <= 28)) || fail "status-mismatch:v2 is for kube-apiserver 1.27-1.28 (this is 1.$K8S_MINOR)"
+  rm -rf "$WORK/etcd" "$WORK/local-keys" "$WORK"/*.sock "$WORK/apiserver.log"
+  SOCK_ENDPOINT="unix://$WORK/kms-mismatch.sock"
+  API_PORT="$(free_port)"
+  write_kubeconfig
+  backend_local_init
+  write_encryption_config
+  start_etcd
+  local minor="$K8S_MINOR"
+  K8S_MINOR=99 start_plugin
+  K8S_MINOR="$minor"
+  start_apiserver --no-wait
+  wait_for 120 "the apiserver log to name the version mismatch" grep -qF "$want" "$WORK/apiserver.log"
+  kms_not_ready || fail "/readyz/kms-providers is ok although the Status version is wrong"
+  ok "apiserver 1.$K8S_MINOR logs '$want' and /readyz/kms-providers fails (docs/troubleshooting.md)"
+  stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
+  log "=== flow status-mismatch:v2 passed in $((SECONDS - flow_start))s"
+}
+
 make_certs
 declare -a SUMMARY=()
 versions="$(echo ${KMS_E2E_VERSIONS:-default v1.31.14=local:v2})"
@@ -766,6 +793,7 @@ for entry in $versions; do
     case "$flow" in
       akeyless-swap:v1) run_swap_flow ;;
       ha:v2) run_ha_flow ;;
+      status-mismatch:v2) run_status_mismatch_flow ;;
       *) run_flow "${flow#*:}" "${flow%%:*}" ;;
     esac
     SUMMARY+=("$version $flow $((SECONDS - flow_start))s")
