@@ -2,8 +2,9 @@
 //!
 //! Binding never steals a live plugin's socket: if the path exists and something answers on it, we
 //! refuse; if nothing answers it is a stale leftover (crash, kill -9) and is replaced. The socket is
-//! created under a temporary name, given its mode and group, and renamed into place, so it is never
-//! reachable with looser permissions. A lock file next to it stops two instances racing for one path.
+//! bound at its configured path (the name peers see), given its mode and group, and only then put
+//! into listening state, so it is never reachable with looser permissions. A lock file next to it
+//! stops two instances racing for one path.
 //!
 //! [`Incoming`] is the accept loop: connection cap, back-off when file descriptors run out, and
 //! per-connection handshake and idle timeouts around the `:authority` shim.
@@ -272,19 +273,21 @@ fn bind_path(
         }
     }
 
-    // Bind under a temporary name, fix permissions, then rename into place.
-    let tmp = dir.join(format!(".kms-plugin-{}.sock", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let std_listener =
-        std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err("bind", &tmp))?;
+    // Bind at the configured path (peers, and so apiserver errors, see the name a socket was bound
+    // under), fix mode and group, and only then listen: until listen() a connect() is refused, so the
+    // socket is never reachable with looser permissions.
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+        .map_err(io_err("create socket for", path))?;
+    let addr = socket2::SockAddr::unix(path).map_err(io_err("bind", path))?;
+    socket.bind(&addr).map_err(io_err("bind", path))?;
     let finish = || -> Result<u64, SocketError> {
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(options.mode))
-            .map_err(io_err("set mode of", &tmp))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(options.mode))
+            .map_err(io_err("set mode of", path))?;
         if let Some(gid) = gid {
-            std::os::unix::fs::chown(&tmp, None, Some(gid))
-                .map_err(io_err("change group of", &tmp))?;
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(io_err("change group of", path))?;
         }
-        fs::rename(&tmp, path).map_err(io_err("move socket into place at", path))?;
+        socket.listen(1024).map_err(io_err("listen on", path))?;
         Ok(fs::symlink_metadata(path)
             .map_err(io_err("inspect", path))?
             .ino())
@@ -292,10 +295,11 @@ fn bind_path(
     let inode = match finish() {
         Ok(inode) => inode,
         Err(e) => {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(path);
             return Err(e);
         }
     };
+    let std_listener = std::os::unix::net::UnixListener::from(socket);
     std_listener
         .set_nonblocking(true)
         .map_err(io_err("configure", path))?;

@@ -3,6 +3,7 @@
 //
 //	standin keygen [--add] FILE
 //	standin serve --listen unix:///path/kms.sock --backend local --local-key-file FILE [--probe-interval 1s]
+//	standin akeyless-original   (env AKEYLESS_*: the original Akeyless plugin's wire behaviour, akeyless.go)
 //
 // It serves KMS v2 and v1beta1 on one socket. Its key file format is its own (JSON); only the
 // harness's use of `keygen`/`keygen --add` matters. It is never used by `make test` unless
@@ -51,6 +52,8 @@ func main() {
 		err = keygen(os.Args[2:])
 	case "serve":
 		err = serve(os.Args[2:])
+	case "akeyless-original":
+		err = serveAkeylessOriginal()
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
