@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use support::akeyless_fake::{Fake, ACCESS_ID, ACCESS_KEY, KEY};
 use support::plugin::{channel, v1_client, Plugin};
 
-/// What the original plugin did for a v1 Encrypt: authenticate, then `/encrypt` the DEK.
-async fn original_encrypt(fake: &Fake, dek: &[u8], input_format: bool) -> String {
+/// The original plugin's access-key login.
+async fn original_login(fake: &Fake) -> Value {
     let auth: Value = fake
         .http
         .post(format!("{}/auth", fake.url))
@@ -24,10 +24,16 @@ async fn original_encrypt(fake: &Fake, dek: &[u8], input_format: bool) -> String
         .json()
         .await
         .unwrap();
+    auth["token"].clone()
+}
+
+/// What the original plugin did for a v1 Encrypt: authenticate, then `/encrypt` the DEK.
+async fn original_encrypt(fake: &Fake, dek: &[u8], input_format: bool) -> String {
+    let token = original_login(fake).await;
     let mut body = json!({
         "key-name": KEY,
         "plaintext": B64.encode(dek),
-        "token": auth["token"],
+        "token": token,
     });
     if input_format {
         body["input-format"] = json!("base64");
@@ -145,16 +151,7 @@ async fn ciphertexts_of_the_original_plugin_decrypt_after_an_image_swap() {
 
 /// What the original plugin would do for a v1 Decrypt of what it wrote.
 async fn original_decrypt(fake: &Fake, cipher: &[u8]) -> Vec<u8> {
-    let auth: Value = fake
-        .http
-        .post(format!("{}/auth", fake.url))
-        .json(&json!({ "access-type": "access_key", "access-id": ACCESS_ID, "access-key": ACCESS_KEY }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token = original_login(fake).await;
     let r: Value = fake
         .http
         .post(format!("{}/decrypt", fake.url))
@@ -162,7 +159,7 @@ async fn original_decrypt(fake: &Fake, cipher: &[u8]) -> Vec<u8> {
             "key-name": KEY,
             "ciphertext": std::str::from_utf8(cipher).unwrap(),
             "output-format": "base64",
-            "token": auth["token"],
+            "token": token,
         }))
         .send()
         .await

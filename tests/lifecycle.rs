@@ -6,28 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kms_plugin::backend::memory::{KeyState, MemoryBackend};
-use kms_plugin::backend::{Backend, BackendError};
+use kms_plugin::backend::BackendError;
 use kms_plugin::engine::{Api, Binding, Engine, EngineConfig, EngineError, KeyHealth};
 use support::faulty::{Faults, FaultyBackend};
 
-fn config() -> EngineConfig {
-    EngineConfig {
-        backend_timeout: Duration::from_secs(2),
-        ..EngineConfig::default()
-    }
-}
-
-async fn ready(backend: Arc<dyn Backend>, config: EngineConfig) -> Arc<Engine> {
-    let engine = Engine::new(backend, config);
-    engine.probe(true).await.expect("initial probe");
-    engine
-}
-
-fn seed(i: u32) -> Vec<u8> {
-    let mut s = vec![0x5Au8; 32];
-    s[..4].copy_from_slice(&i.to_be_bytes());
-    s
-}
+use support::engines::{config, ready, seed};
 
 /// Key reference stored in a ciphertext (format.md: byte 2 is its length, the reference follows).
 fn key_ref_of(ciphertext: &[u8]) -> String {

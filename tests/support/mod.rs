@@ -4,6 +4,7 @@
 #[cfg(feature = "akeyless")]
 pub mod akeyless_fake;
 pub mod conformance;
+pub mod engines;
 pub mod events;
 pub mod external;
 pub mod fault_proxy;
