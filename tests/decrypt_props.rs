@@ -143,8 +143,11 @@ fn apply(ct: &[u8], m: &Mutation) -> Vec<u8> {
     let at = |pos: usize, len: usize| if len == 0 { 0 } else { pos % len };
     match m {
         Mutation::Flip { pos, bit } => {
+            // An earlier mutation may have emptied the input: nothing to flip then.
             let i = at(*pos, v.len());
-            v[i] ^= 1 << bit;
+            if let Some(byte) = v.get_mut(i) {
+                *byte ^= 1 << bit;
+            }
         }
         Mutation::Truncate(n) => v.truncate(at(*n, v.len())),
         Mutation::Append(b) => v.extend_from_slice(b),
