@@ -37,6 +37,14 @@ fn admin(url: &str) -> AwsKmsBackend {
     )))
 }
 
+/// Creates (`CreateAlias`) or re-points (`UpdateAlias`) an alias: how operators rotate.
+async fn point_alias(admin: &AwsKmsBackend, action: &str, alias: &str, key: &str) {
+    admin
+        .call_api(action, &json!({ "AliasName": alias, "TargetKeyId": key }))
+        .await
+        .unwrap();
+}
+
 async fn create_key(admin: &AwsKmsBackend) -> String {
     let r = admin
         .call_api("CreateKey", &json!({ "Description": "lifecycle test" }))
@@ -186,13 +194,7 @@ async fn a_disabled_key_drops_only_its_own_data() {
     let admin = admin(&moto.url);
     let k1 = create_key(&admin).await;
     let k2 = create_key(&admin).await;
-    admin
-        .call_api(
-            "CreateAlias",
-            &json!({ "AliasName": "alias/lc", "TargetKeyId": k1 }),
-        )
-        .await
-        .unwrap();
+    point_alias(&admin, "CreateAlias", "alias/lc", &k1).await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kms.sock");
     aws_env();
@@ -204,13 +206,7 @@ async fn a_disabled_key_drops_only_its_own_data() {
     )
     .await;
     let (old, old_plain) = encrypt(&addr, 1).await;
-    admin
-        .call_api(
-            "UpdateAlias",
-            &json!({ "AliasName": "alias/lc", "TargetKeyId": k2 }),
-        )
-        .await
-        .unwrap();
+    point_alias(&admin, "UpdateAlias", "alias/lc", &k2).await;
     let new_id =
         support::plugin::wait_for_key_id_change(&addr, &old.key_id, Duration::from_secs(10)).await;
     let (new, new_plain) = encrypt(&addr, 2).await;
@@ -288,13 +284,7 @@ async fn an_old_key_disabled_while_cached_stops_decrypting_within_one_deep_probe
     let admin = admin(&moto.url);
     let k1 = create_key(&admin).await;
     let k2 = create_key(&admin).await;
-    admin
-        .call_api(
-            "CreateAlias",
-            &json!({ "AliasName": "alias/old", "TargetKeyId": k1 }),
-        )
-        .await
-        .unwrap();
+    point_alias(&admin, "CreateAlias", "alias/old", &k1).await;
     let proxy = fault_proxy::start(&moto.url).await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kms.sock");
@@ -307,13 +297,7 @@ async fn an_old_key_disabled_while_cached_stops_decrypting_within_one_deep_probe
     )
     .await;
     let (old, old_plain) = encrypt(&addr, 1).await;
-    admin
-        .call_api(
-            "UpdateAlias",
-            &json!({ "AliasName": "alias/old", "TargetKeyId": k2 }),
-        )
-        .await
-        .unwrap();
+    point_alias(&admin, "UpdateAlias", "alias/old", &k2).await;
     support::plugin::wait_for_key_id_change(&addr, &old.key_id, Duration::from_secs(10)).await;
     let (new, new_plain) = encrypt(&addr, 2).await;
     // k1 is disabled. moto keeps decrypting under a disabled key; real KMS answers Decrypt with a
