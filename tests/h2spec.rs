@@ -94,9 +94,16 @@ async fn start_floor(dir: &Path) -> PathBuf {
     path
 }
 
-/// Runs h2spec against `port`; returns the failed cases' names.
-fn failed_cases(bin: &Path, port: u16, report: &Path) -> (BTreeSet<String>, usize) {
+/// Runs h2spec against `port` (only the `sections`, such as `http2/5.1.2`, if any); returns the
+/// failed cases' names and how many cases ran.
+fn failed_cases(
+    bin: &Path,
+    port: u16,
+    sections: &[&str],
+    report: &Path,
+) -> (BTreeSet<String>, usize) {
     let out = Command::new(bin)
+        .args(sections)
         // 5 s per case: on a loaded CI machine the default 2 s makes timing-dependent cases flap.
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-o", "5", "-j"])
         .arg(report)
@@ -124,8 +131,9 @@ fn failed_cases(bin: &Path, port: u16, report: &Path) -> (BTreeSet<String>, usiz
             }
         }
     }
+    let expected = if sections.is_empty() { 100 } else { 0 };
     assert!(
-        total > 100,
+        total > expected,
         "h2spec ran only {total} cases:\n{summary}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -146,28 +154,59 @@ async fn h2spec_passes_everything_the_shimless_floor_passes() {
     let plugin_port = bridge(setup.socket.clone()).await;
     let floor_port = bridge(floor).await;
     let dir = setup.dir.path().to_path_buf();
-    // Some cases depend on timing and fail now and then on either server: a case counts as
-    // failing on the floor if it failed in any of two runs, on the plugin if it failed in both.
-    let (floor_failed, plugin_failed, total) = tokio::task::spawn_blocking(move || {
-        let (f1, total) = failed_cases(&bin, floor_port, &dir.join("floor1.xml"));
-        let (p1, _) = failed_cases(&bin, plugin_port, &dir.join("plugin1.xml"));
-        let (f2, _) = failed_cases(&bin, floor_port, &dir.join("floor2.xml"));
-        let (p2, _) = failed_cases(&bin, plugin_port, &dir.join("plugin2.xml"));
-        let floor: BTreeSet<String> = f1.union(&f2).cloned().collect();
-        let plugin: BTreeSet<String> = p1.intersection(&p2).cloned().collect();
-        (floor, plugin, total)
+    // Some cases depend on timing and fail now and then on either server (5.1.2, for one, fails
+    // when the server answers the first streams before the last HEADERS arrives: about one run in
+    // four on both). A case counts as a regression only if the plugin fails it in both full runs
+    // and in every one of RERUNS targeted runs, while the floor never failed it.
+    const RERUNS: usize = 6;
+    let (floor_failed, worse, total) = tokio::task::spawn_blocking(move || {
+        let (f1, total) = failed_cases(&bin, floor_port, &[], &dir.join("floor1.xml"));
+        let (p1, _) = failed_cases(&bin, plugin_port, &[], &dir.join("plugin1.xml"));
+        let (f2, _) = failed_cases(&bin, floor_port, &[], &dir.join("floor2.xml"));
+        let (p2, _) = failed_cases(&bin, plugin_port, &[], &dir.join("plugin2.xml"));
+        let mut floor: BTreeSet<String> = f1.union(&f2).cloned().collect();
+        let mut worse: BTreeSet<String> = p1
+            .intersection(&p2)
+            .filter(|case| !floor.contains(*case))
+            .cloned()
+            .collect();
+        for i in 0..RERUNS {
+            if worse.is_empty() {
+                break;
+            }
+            // The case name starts with its section ("http2/5.1.2 Sends HEADERS ...").
+            let sections: BTreeSet<&str> = worse
+                .iter()
+                .filter_map(|case| case.split(' ').next())
+                .collect();
+            let sections: Vec<&str> = sections.into_iter().collect();
+            let (f, _) = failed_cases(
+                &bin,
+                floor_port,
+                &sections,
+                &dir.join(format!("floor-r{i}.xml")),
+            );
+            let (p, _) = failed_cases(
+                &bin,
+                plugin_port,
+                &sections,
+                &dir.join(format!("plugin-r{i}.xml")),
+            );
+            floor.extend(f);
+            worse.retain(|case| p.contains(case) && !floor.contains(case));
+        }
+        (floor, worse, total)
     })
     .await
     .unwrap();
     eprintln!(
-        "h2spec: {total} cases; floor fails {}, plugin fails {}",
+        "h2spec: {total} cases; floor fails {}, plugin fails {} more",
         floor_failed.len(),
-        plugin_failed.len()
+        worse.len()
     );
-    let worse: Vec<_> = plugin_failed.difference(&floor_failed).collect();
     assert!(
         worse.is_empty(),
-        "cases that pass on the floor but fail on the plugin: {worse:#?}"
+        "cases that pass on the floor but fail on the plugin every time: {worse:#?}"
     );
     // The plugin is still healthy afterwards.
     plugin.wait_healthy(Duration::from_secs(10)).await;
