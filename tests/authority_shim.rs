@@ -14,7 +14,7 @@ use kms_plugin::proto::v2::key_management_service_server::{
 use kms_plugin::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
-use kms_plugin::protocol::authority::AuthorityShim;
+use kms_plugin::protocol::authority::{AuthorityShim, Limits};
 use prost::Message;
 use support::raw_h2::*;
 use tokio::net::{UnixListener, UnixStream};
@@ -91,6 +91,10 @@ struct TestServer {
 
 impl TestServer {
     async fn start(shim: bool) -> Self {
+        Self::start_with(shim, Limits::default()).await
+    }
+
+    async fn start_with(shim: bool, limits: Limits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kms.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -103,7 +107,8 @@ impl TestServer {
             .add_service(KeyManagementServiceServer::new(TestKms));
         let incoming = UnixListenerStream::new(listener);
         let task = if shim {
-            let incoming = incoming.map(|conn| conn.map(AuthorityShim::new));
+            let incoming =
+                incoming.map(move |conn| conn.map(|c| AuthorityShim::with_limits(c, limits)));
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
         } else {
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
@@ -247,7 +252,13 @@ async fn localhost_authority_works() {
 
 #[tokio::test]
 async fn authorities_from_the_clients_dynamic_table() {
-    let server = TestServer::start(true).await;
+    // A connection that opens with `localhost` is normally bypassed after its first block (see
+    // the next test); keep scanning so that the switch to re-encoding mid-connection is covered.
+    let limits = Limits {
+        bypass_after_valid_authority: false,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(true, limits).await;
     let mut c = server.client().await;
     // 1: a valid authority indexed into the client's table (passes through untouched) → 62.
     let first = pseudo(STATUS)
@@ -307,6 +318,45 @@ async fn authorities_from_the_clients_dynamic_table() {
             .unwrap(),
     );
     drop(c); // graceful shutdown waits for open connections
+    server.stop().await;
+}
+
+/// A connection whose first request names a valid authority is forwarded untouched from then on:
+/// a later path authority gets h2's own answer (a stream reset, as without the shim) and the
+/// connection keeps serving.
+#[tokio::test]
+async fn a_connection_that_opens_with_localhost_is_bypassed() {
+    let server = TestServer::start(true).await;
+    let mut c = server.client().await;
+    let localhost = grpc_request(STATUS, "localhost");
+    let path = grpc_request(STATUS, PATH_AUTHORITY);
+    status_ok(
+        within(c.unary(1, &localhost, Framing::default(), &[]))
+            .await
+            .unwrap(),
+    );
+    let later = within(c.unary(3, &path, Framing::default(), &[]))
+        .await
+        .unwrap();
+    assert!(matches!(later, Outcome::Reset(1)), "{later:?}");
+    status_ok(
+        within(c.unary(5, &localhost, Framing::default(), &[]))
+            .await
+            .unwrap(),
+    );
+    // A new connection that opens with a path authority is still rewritten.
+    let mut d = server.client().await;
+    status_ok(
+        within(d.unary(1, &path, Framing::default(), &[]))
+            .await
+            .unwrap(),
+    );
+    status_ok(
+        within(d.unary(3, &localhost, Framing::default(), &[]))
+            .await
+            .unwrap(),
+    );
+    drop((c, d));
     server.stop().await;
 }
 

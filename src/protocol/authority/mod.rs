@@ -42,6 +42,9 @@ pub struct Limits {
     /// CONTINUATION frames without END_HEADERS allowed in one block: h2's own limit for the
     /// server's settings, see [`Limits::for_server`].
     pub max_continuation_frames: usize,
+    /// Forward a connection untouched once its first header block carried a valid
+    /// `:authority` ([`Mode::Bypass`](rewriter::Mode::Bypass)). Off only in tests of the scan path.
+    pub bypass_after_valid_authority: bool,
 }
 
 impl Limits {
@@ -57,6 +60,7 @@ impl Limits {
             max_frame_len: max_frame_size,
             header_table_size: 4096,
             max_continuation_frames: continuations,
+            bypass_after_valid_authority: true,
         }
     }
 }
@@ -79,6 +83,7 @@ impl Default for Limits {
                 64 * 1024,
                 frame::DEFAULT_MAX_FRAME_SIZE as usize,
             ),
+            bypass_after_valid_authority: true,
         }
     }
 }

@@ -31,6 +31,12 @@ pub enum Mode {
     Scan,
     /// A block carried a path authority: every block from then on is decoded and re-encoded.
     Reencode,
+    /// The connection's first header block carried a valid `:authority`: every later byte goes
+    /// to h2 untouched, without framing or HPACK work. A gRPC client sends the same authority on
+    /// every stream of a connection (1.32+ apiservers send `localhost`), so the first block
+    /// decides; a client that later sends a path authority gets h2's own answer to it, as it
+    /// would from a server without the shim.
+    Bypass,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +49,8 @@ enum State {
     Passthrough(u32),
     /// Payload bytes of a HEADERS or CONTINUATION frame still to be collected.
     HeaderPayload(u32),
+    /// [`Mode::Bypass`]: everything is forwarded verbatim.
+    Bypass,
 }
 
 /// A header block that started with HEADERS and waits for END_HEADERS.
@@ -130,11 +138,13 @@ impl Rewriter {
         self.authorities_rewritten
     }
 
-    /// Payload bytes of the current frame that may be forwarded verbatim without going through
-    /// [`Rewriter::feed`]; the caller reports them with [`Rewriter::consume_passthrough`].
+    /// Bytes that may be forwarded verbatim without going through [`Rewriter::feed`] (the rest
+    /// of the current frame's payload, or everything in [`Mode::Bypass`]); the caller reports
+    /// them with [`Rewriter::consume_passthrough`].
     pub fn passthrough_remaining(&self) -> usize {
         match self.state {
             State::Passthrough(n) => n as usize,
+            State::Bypass => usize::MAX,
             _ => 0,
         }
     }
@@ -189,6 +199,10 @@ impl Rewriter {
                     out.extend_from_slice(&input[..n]);
                     input = &input[n..];
                     self.consume_passthrough(n);
+                }
+                State::Bypass => {
+                    out.extend_from_slice(input);
+                    input = &[];
                 }
                 State::HeaderPayload(rem) => {
                     let n = (rem as usize).min(input.len());
@@ -335,7 +349,11 @@ impl Rewriter {
             // Both decoders agree and nothing needs replacing: h2 gets the block as it came
             // (and judges its size and fields itself).
             emit_block(out, &open, fragment);
-            self.shrink();
+            if self.limits.bypass_after_valid_authority && self.decoder.scanned_authority() {
+                self.enter_bypass();
+            } else {
+                self.shrink();
+            }
             return Ok(());
         }
         self.mode = Mode::Reencode;
@@ -365,6 +383,17 @@ impl Rewriter {
         emit_block(out, &open, &self.encoded);
         self.shrink();
         Ok(())
+    }
+
+    /// [`Mode::Bypass`]: nothing of the HPACK state is needed any more.
+    fn enter_bypass(&mut self) {
+        self.mode = Mode::Bypass;
+        self.state = State::Bypass;
+        self.decoder = Decoder::new(0, 0);
+        self.fields = HeaderList::new();
+        self.block = Vec::new();
+        self.encoded = Vec::new();
+        self.scratch = Vec::new();
     }
 
     /// Gives back memory a large block needed.

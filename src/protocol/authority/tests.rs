@@ -157,6 +157,57 @@ fn valid_authorities_pass_through_byte_for_byte() {
 }
 
 #[test]
+fn a_valid_first_authority_switches_the_connection_to_bypass() {
+    let mut rw = Rewriter::new(Limits::default());
+    let mut out = vec![];
+    let opening = with_preface(&[frame(
+        kind::HEADERS,
+        flag::END_HEADERS,
+        1,
+        &request_block("localhost"),
+    )]);
+    rw.feed_all(&opening, &mut out).unwrap();
+    assert_eq!(rw.mode(), Mode::Bypass);
+    assert_eq!(rw.passthrough_remaining(), usize::MAX);
+    // From here on nothing is parsed: a path authority, and bytes that are not even frames,
+    // reach h2 as they came, for h2 to judge.
+    let later = [
+        frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            3,
+            &request_block("/tmp/kms.sock"),
+        ),
+        vec![0xff; 7],
+    ]
+    .concat();
+    out.clear();
+    rw.feed_all(&later, &mut out).unwrap();
+    assert_eq!(out, later);
+    assert_eq!(rw.authorities_rewritten(), 0);
+
+    // A first block without any `:authority` decides nothing: scanning goes on.
+    let mut rw = Rewriter::new(Limits::default());
+    let mut block = vec![];
+    indexed(3, &mut block);
+    indexed(6, &mut block);
+    indexed(4, &mut block);
+    let opening = with_preface(&[frame(kind::HEADERS, flag::END_HEADERS, 1, &block)]);
+    rw.feed_all(&opening, &mut vec![]).unwrap();
+    assert_eq!(rw.mode(), Mode::Scan);
+    // Nor does a first block with a path authority: that connection is re-encoded.
+    let mut rw = Rewriter::new(Limits::default());
+    let opening = with_preface(&[frame(
+        kind::HEADERS,
+        flag::END_HEADERS,
+        1,
+        &request_block("/tmp/kms.sock"),
+    )]);
+    rw.feed_all(&opening, &mut vec![]).unwrap();
+    assert_eq!(rw.mode(), Mode::Reencode);
+}
+
+#[test]
 fn path_authority_becomes_localhost_and_other_fields_stay_in_order() {
     let input = with_preface(&[
         frame(

@@ -16,6 +16,8 @@ pub struct Decoder {
     /// Decoded header list size (name + value + 32 per field) from which fields are no longer
     /// stored: h2's SETTINGS_MAX_HEADER_LIST_SIZE, past which it answers 431 on that stream.
     max_list_size: usize,
+    /// Whether the last clean [`Decoder::scan`] saw an `:authority` field.
+    scanned_authority: bool,
 }
 
 impl Decoder {
@@ -26,6 +28,7 @@ impl Decoder {
             table: DynamicTable::new(table_size_limit),
             size_limit: table_size_limit,
             max_list_size,
+            scanned_authority: false,
         }
     }
 
@@ -186,6 +189,8 @@ impl Decoder {
     /// no, the table is updated as [`Decoder::decode`] would have; if yes, it is left unchanged so
     /// that the block can be decoded in full.
     pub fn scan(&mut self, block: &[u8], scratch: &mut Vec<u8>) -> Result<bool, HpackError> {
+        self.scanned_authority = false;
+        let mut authority = false;
         let mut ov = Overlay {
             table: &self.table,
             added: Vec::new(),
@@ -208,6 +213,7 @@ impl Decoder {
                 if is_bad_authority(name, value) {
                     return Ok(true);
                 }
+                authority |= name == b":authority";
                 list_size += name.len() + value.len() + ENTRY_OVERHEAD;
             } else if first & 0xe0 == 0x20 {
                 if !size_update_allowed {
@@ -241,6 +247,7 @@ impl Decoder {
                     if is_bad_authority(name, value) {
                         return Ok(true);
                     }
+                    authority |= name == b":authority";
                     list_size += scratch.len() + ENTRY_OVERHEAD;
                     if indexing {
                         ov.insert(scratch.as_slice().into(), name_len);
@@ -266,7 +273,13 @@ impl Decoder {
                 }
             }
         }
+        self.scanned_authority = authority;
         Ok(false)
+    }
+
+    /// Whether the last [`Decoder::scan`] that found no path authority saw a valid one.
+    pub fn scanned_authority(&self) -> bool {
+        self.scanned_authority
     }
 }
 
