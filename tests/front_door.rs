@@ -559,6 +559,25 @@ async fn fd_exhaustion_pauses_accept_instead_of_spinning() {
     eprintln!("fd exhaustion: {used} CPU ticks in 1 s");
     // A spinning accept loop burns a whole core (100 ticks per second).
     assert!(used < 50, "{used} ticks of CPU in 1 s");
+    // The /metrics listener runs out too: it pauses and says so once, not once per attempt.
+    let mut http_conns = vec![];
+    for _ in 0..4 {
+        if let Ok(Ok(c)) = tokio::time::timeout(STEP, tokio::net::TcpStream::connect(&p.http)).await
+        {
+            http_conns.push(c);
+        }
+    }
+    support::wait_until(STEP, || p.plugin.log_text().contains("http accept failed")).await;
+    let ticks = p.cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = p.cpu_ticks() - ticks;
+    assert!(
+        used < 50,
+        "{used} ticks of CPU in 1 s with /metrics out of descriptors too"
+    );
+    let warnings = p.plugin.log_text().matches("http accept failed").count();
+    assert_eq!(warnings, 1, "one warning per episode, not one per attempt");
+    drop(http_conns);
     drop(idle);
     legit.finish("fd exhaustion").await;
     // New connections are served again once descriptors are free.
@@ -576,6 +595,8 @@ async fn fd_exhaustion_pauses_accept_instead_of_spinning() {
     .await
     .unwrap();
     status_ok(out, "after fds are free");
+    // And /metrics answers again, counting the gRPC listener's pauses.
+    assert!(p.metric("accept_backoffs") >= 1.0);
 }
 
 #[tokio::test]

@@ -115,6 +115,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
         .map_err(|source| HttpError::Bind { addr, source })
 }
 
+/// First and longest pause of the accept loop after an accept error (EMFILE and the like).
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// Serves until `shutdown` completes, then stops accepting, lets open requests finish (up to a few
 /// seconds) and returns.
 pub async fn serve(
@@ -124,6 +128,7 @@ pub async fn serve(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    let mut accept_pause: Option<Duration> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -132,11 +137,28 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
-                    Ok(a) => a,
+                    Ok(a) => {
+                        accept_pause = None;
+                        a
+                    }
                     Err(e) => {
-                        // E.g. EMFILE: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "http accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // E.g. EMFILE: pause, doubling up to a second, and say so once per
+                        // episode instead of ten times a second.
+                        let pause = match accept_pause {
+                            None => {
+                                tracing::warn!(error = %e, "http accept failed; pausing accept (out of file descriptors? raise LimitNOFILE)");
+                                ACCEPT_PAUSE_MIN
+                            }
+                            Some(p) => {
+                                tracing::debug!(error = %e, "http accept still failing");
+                                (p * 2).min(ACCEPT_PAUSE_MAX)
+                            }
+                        };
+                        accept_pause = Some(pause);
+                        tokio::select! {
+                            _ = &mut shutdown => break,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
                         continue;
                     }
                 };
