@@ -1,7 +1,8 @@
 //! The Vault Transit backend against a real Vault dev server (`make deps-vault` builds one): the
 //! conformance suite with rotation, `min_decryption_version` revoking only older versions, a sealed
-//! server and a proxy's answers as outages, permission denied, AppRole tokens expiring under load,
-//! and the served binary's socket conformance.
+//! server and a proxy's answers as outages, permission denied, AppRole and JWT tokens expiring
+//! under load, TLS certificate login on an HTTPS listener, and the served binary's socket
+//! conformance.
 #![cfg(feature = "vault")]
 mod support;
 
@@ -12,7 +13,7 @@ use kms_plugin::backend::vault::{VaultArgs, VaultAuth, VaultBackend};
 use kms_plugin::backend::{Backend, BackendError};
 use kms_plugin::engine::{Api, Binding, Engine, EngineConfig, KeyHealth};
 use serde_json::{json, Value};
-use support::external::{start_vault, Vault};
+use support::external::{start_vault, start_vault_tls, Vault};
 use support::fault_proxy::{self, ProxyAnswer};
 
 struct Admin {
@@ -23,8 +24,13 @@ struct Admin {
 
 impl Admin {
     fn new(v: &Vault) -> Self {
+        let mut http = reqwest::Client::builder();
+        if let Some(ca) = &v.ca_file {
+            let pem = std::fs::read(ca).unwrap();
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
         Admin {
-            http: reqwest::Client::new(),
+            http: http.build().unwrap(),
             url: v.url.clone(),
             token: v.root_token.clone(),
         }
@@ -329,4 +335,174 @@ async fn served_binary_passes_socket_conformance_with_vaults_environment() {
     support::plugin::socket_conformance(&addr, &socket).await;
     let log = p.log_text();
     assert!(!log.contains("hvs."), "a Vault token in the log");
+}
+
+/// Runs `tests/python/<script>` with the test Python; returns its standard output.
+fn python_script(script: &str, args: &[&str]) -> String {
+    let py = std::env::var_os("KMS_TEST_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+        });
+    let out = std::process::Command::new(&py)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "run {script} with {} (make deps, or set KMS_TEST_PYTHON): {e}",
+                py.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Wraps and unwraps for `for_how_long`, one call every 100 ms; every call must succeed.
+async fn calls_keep_succeeding(b: &VaultBackend, for_how_long: Duration) -> usize {
+    let until = std::time::Instant::now() + for_how_long;
+    let mut calls = 0;
+    while std::time::Instant::now() < until {
+        let w = b.wrap(b"secret").await.expect("wrap while tokens expire");
+        assert_eq!(
+            &b.unwrap(&w.key_ref, &w.ciphertext).await.expect("unwrap")[..],
+            b"secret"
+        );
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    calls
+}
+
+/// JWT auth with a signing key configured in Vault (`jwt_validation_pubkeys`, no JWKS server):
+/// logins work, the short-lived Vault tokens are replaced under load without a failed call, and a
+/// JWT for another audience is an authentication failure, not a revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_login_renews_under_load_and_a_wrong_audience_is_not_a_revocation() {
+    let Some(vault) = start_vault() else { return };
+    let admin = Admin::new(&vault);
+    admin.setup_transit("k8s").await;
+    admin.policy("kms", KMS_POLICY).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    python_script("tests/python/vault_fixtures.py", &["signer", d]);
+    let public = std::fs::read_to_string(dir.path().join("jwt-pub.pem")).unwrap();
+    admin.post("sys/auth/jwt", json!({ "type": "jwt" })).await;
+    admin
+        .post(
+            "auth/jwt/config",
+            json!({ "jwt_validation_pubkeys": [public], "bound_issuer": "https://issuer.test" }),
+        )
+        .await;
+    admin
+        .post(
+            "auth/jwt/role/kms",
+            json!({
+                "role_type": "jwt",
+                "bound_audiences": ["vault-kms"],
+                "user_claim": "sub",
+                "token_policies": ["kms"],
+                "token_ttl": "2s",
+                "token_max_ttl": "4s",
+            }),
+        )
+        .await;
+    let jwt_file = dir.path().join("token");
+    let mint = |aud: &str| {
+        python_script(
+            "tests/python/vault_fixtures.py",
+            &[
+                "jwt",
+                d,
+                "https://issuer.test",
+                "system:serviceaccount:kube-system:kms",
+                aud,
+                "600",
+            ],
+        )
+    };
+    std::fs::write(&jwt_file, mint("vault-kms").trim()).unwrap();
+    let args = |role: &str| VaultArgs {
+        vault_addr: Some(vault.url.clone()),
+        vault_transit_key: Some("k8s".into()),
+        vault_transit_mount: "transit".into(),
+        vault_auth: VaultAuth::Jwt,
+        vault_role: Some(role.into()),
+        vault_jwt_file: Some(jwt_file.clone()),
+        ..Default::default()
+    };
+    let b = VaultBackend::with_env(&args("kms"), |_| None).unwrap();
+    // 6 s of calls: tokens of at most 4 s are renewed, then replaced by new logins.
+    let calls = calls_keep_succeeding(&b, Duration::from_secs(6)).await;
+    assert!(calls > 20, "{calls}");
+
+    let wrong = dir.path().join("wrong-audience");
+    std::fs::write(&wrong, mint("someone-else").trim()).unwrap();
+    let b = VaultBackend::with_env(
+        &VaultArgs {
+            vault_jwt_file: Some(wrong),
+            ..args("kms")
+        },
+        |_| None,
+    )
+    .unwrap();
+    let err = b.current_key().await.unwrap_err();
+    assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
+    assert!(
+        !err.to_string().contains("eyJ"),
+        "the JWT leaked into the error: {err}"
+    );
+}
+
+/// TLS certificate auth on an HTTPS listener whose CA is given with --vault-cacert: a client
+/// certificate Vault trusts logs in; one it does not trust is an authentication failure.
+#[tokio::test]
+async fn cert_login_over_https_with_a_private_ca() {
+    let Some(vault) = start_vault_tls() else {
+        return;
+    };
+    let admin = Admin::new(&vault);
+    admin.setup_transit("k8s").await;
+    admin.policy("kms", KMS_POLICY).await;
+    let trusted = tempfile::tempdir().unwrap();
+    let untrusted = tempfile::tempdir().unwrap();
+    for d in [&trusted, &untrusted] {
+        python_script(
+            "tests/fakes/akeyless_fake.py",
+            &["--make-certs", d.path().to_str().unwrap()],
+        );
+    }
+    admin.post("sys/auth/cert", json!({ "type": "cert" })).await;
+    let client_ca = std::fs::read_to_string(trusted.path().join("ca.pem")).unwrap();
+    admin
+        .post(
+            "auth/cert/certs/kms",
+            json!({ "certificate": client_ca, "token_policies": ["kms"], "token_ttl": "1h" }),
+        )
+        .await;
+    let args = |certs: &std::path::Path| VaultArgs {
+        vault_addr: Some(vault.url.clone()),
+        vault_transit_key: Some("k8s".into()),
+        vault_transit_mount: "transit".into(),
+        vault_auth: VaultAuth::Cert,
+        vault_cacert: vault.ca_file.clone(),
+        vault_client_cert_file: Some(certs.join("client.pem")),
+        vault_client_key_file: Some(certs.join("client-key.pem")),
+        ..Default::default()
+    };
+    let b = VaultBackend::with_env(&args(trusted.path()), |_| None).unwrap();
+    let w = b.wrap(b"over tls").await.expect("wrap after cert login");
+    assert_eq!(
+        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"over tls"
+    );
+
+    let b = VaultBackend::with_env(&args(untrusted.path()), |_| None).unwrap();
+    let err = b.current_key().await.unwrap_err();
+    assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
 }

@@ -116,6 +116,8 @@ pub struct Vault {
     pub root_token: String,
     /// The dev server's unseal key, for tests that seal and unseal it.
     pub unseal_key: String,
+    /// With [`start_vault_tls`]: the CA of the dev server's certificate (PEM).
+    pub ca_file: Option<PathBuf>,
     _child: ChildGuard,
     _log: tempfile::TempDir,
 }
@@ -137,6 +139,16 @@ pub fn vault_binary() -> Option<PathBuf> {
 /// Starts `vault server -dev` on a free loopback port, or returns None when opted out
 /// (KMS_TEST_OPT_OUT contains `vault`). Panics (fails the test) when Vault is missing otherwise.
 pub fn start_vault() -> Option<Vault> {
+    start_vault_with(false)
+}
+
+/// As [`start_vault`], with an HTTPS listener (`-dev-tls`: Vault makes its own CA, in
+/// [`Vault::ca_file`]) that asks clients for a certificate, as TLS certificate auth needs.
+pub fn start_vault_tls() -> Option<Vault> {
+    start_vault_with(true)
+}
+
+fn start_vault_with(tls: bool) -> Option<Vault> {
     if opted_out("vault") {
         return None;
     }
@@ -147,6 +159,14 @@ pub fn start_vault() -> Option<Vault> {
         let port = free_port();
         let log = tempfile::tempdir().unwrap();
         let out = std::fs::File::create(log.path().join("vault.log")).unwrap();
+        let tls_args = if tls {
+            vec![
+                "-dev-tls".to_string(),
+                format!("-dev-tls-cert-dir={}", log.path().display()),
+            ]
+        } else {
+            vec![]
+        };
         let child = Command::new(&bin)
             .args([
                 "server",
@@ -155,6 +175,7 @@ pub fn start_vault() -> Option<Vault> {
                 "-dev-no-store-token",
                 &format!("-dev-listen-address=127.0.0.1:{port}"),
             ])
+            .args(&tls_args)
             .env("VAULT_DISABLE_MLOCK", "true")
             .env_remove("VAULT_ADDR")
             .env_remove("VAULT_TOKEN")
@@ -176,10 +197,12 @@ pub fn start_vault() -> Option<Vault> {
                 .find_map(|l| l.trim().strip_prefix("Unseal Key:"))
                 .map(|k| k.trim().to_string())
                 .unwrap_or_default();
+            let scheme = if tls { "https" } else { "http" };
             return Some(Vault {
-                url: format!("http://127.0.0.1:{port}"),
+                url: format!("{scheme}://127.0.0.1:{port}"),
                 root_token: "root".into(),
                 unseal_key,
+                ca_file: tls.then(|| log.path().join("vault-ca.pem")),
                 _child: guard,
                 _log: log,
             });
