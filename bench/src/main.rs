@@ -14,6 +14,7 @@ mod load;
 mod procinfo;
 mod procs;
 mod report;
+mod shim;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ enum Cmd {
     },
     /// Run the scenarios against the plugin binary and the floor; write JSON and SVG.
     Run(RunArgs),
+    /// What the `:authority` shim costs: raw Status calls with `localhost` and path authorities.
+    Shim(shim::ShimArgs),
     /// Load one running server (for profiling): one operation, fixed concurrency and duration.
     Load {
         #[arg(long)]
@@ -144,6 +147,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Floor { listen } => floor::run(listen),
+        Cmd::Shim(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(shim::run(args)),
         Cmd::Load {
             listen,
             payloads_from,
