@@ -11,6 +11,8 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -108,16 +110,90 @@ func pluginBin() (string, error) {
 	return p, nil
 }
 
-// plugin is one kms-plugin serve process with a local key file.
+// plugin is one kms-plugin serve process with a local key file, or, with KMS_L1_BACKEND=vault, on
+// a real Vault dev server's Transit key (KMS_TEST_VAULT_BIN, built by `make deps-vault`).
 type plugin struct {
 	t       *testing.T
 	bin     string
 	dir     string
 	sock    string
 	keyFile string
+	vault   *vaultServer
 	cmd     *exec.Cmd
 	done    chan struct{}
 	out     *syncBuffer
+}
+
+// vaultServer is a `vault server -dev` with Transit mounted and the key l1-kek.
+type vaultServer struct {
+	url string
+	cmd *exec.Cmd
+	out *syncBuffer
+}
+
+func startVault(t *testing.T, dir string) *vaultServer {
+	t.Helper()
+	bin := os.Getenv("KMS_TEST_VAULT_BIN")
+	if st, err := os.Stat(bin); bin == "" || err != nil || st.Mode()&0o111 == 0 {
+		t.Fatalf("KMS_L1_BACKEND=vault needs a Vault server binary in KMS_TEST_VAULT_BIN (make deps-vault), got %q", bin)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	v := &vaultServer{url: "http://" + addr, out: &syncBuffer{}}
+	v.cmd = exec.Command(bin, "server", "-dev", "-dev-root-token-id=root", "-dev-no-store-token",
+		"-dev-listen-address="+addr)
+	v.cmd.Env = append(os.Environ(), "VAULT_DISABLE_MLOCK=true")
+	v.cmd.Stdout, v.cmd.Stderr = v.out, v.out
+	if err := v.cmd.Start(); err != nil {
+		t.Fatalf("start vault: %v", err)
+	}
+	t.Cleanup(func() { _ = v.cmd.Process.Kill(); _ = v.cmd.Wait() })
+	pollUntil(t, 60*time.Second, "the Vault dev server to answer", func() (bool, error) {
+		return v.call("GET", "sys/health", "") == nil, nil
+	})
+	for _, c := range [][2]string{{"sys/mounts/transit", `{"type":"transit"}`}, {"transit/keys/l1-kek", `{"type":"aes256-gcm96"}`}} {
+		if err := v.call("POST", c[0], c[1]); err != nil {
+			t.Fatalf("vault %s: %v\n%s", c[0], err, v.out)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "vault.token"), []byte("root"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func (v *vaultServer) call(method, path, body string) error {
+	req, err := http.NewRequest(method, v.url+"/v1/"+path, strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("X-Vault-Token", "root")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return fmt.Errorf("%s %s: HTTP %d", method, path, resp.StatusCode)
+	}
+	return nil
+}
+
+// rotate makes the backend's current key a new one: a new key in the local file, or Transit's
+// rotate on Vault.
+func (p *plugin) rotate() {
+	p.t.Helper()
+	if p.vault == nil {
+		p.run("keygen", "--add", p.keyFile)
+		return
+	}
+	if err := p.vault.call("POST", "transit/keys/l1-kek/rotate", ""); err != nil {
+		p.t.Fatalf("rotate the transit key: %v", err)
+	}
 }
 
 type syncBuffer struct {
@@ -150,7 +226,14 @@ func newPlugin(t *testing.T) *plugin {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	p := &plugin{t: t, bin: bin, dir: dir, sock: filepath.Join(dir, "kms.sock"), keyFile: filepath.Join(dir, "keys")}
-	p.run("keygen", p.keyFile)
+	switch backend := os.Getenv("KMS_L1_BACKEND"); backend {
+	case "", "local":
+		p.run("keygen", p.keyFile)
+	case "vault":
+		p.vault = startVault(t, dir)
+	default:
+		t.Fatalf("KMS_L1_BACKEND=%q: expected local or vault", backend)
+	}
 	p.start()
 	t.Cleanup(p.stop)
 	return p
@@ -169,8 +252,14 @@ func (p *plugin) run(args ...string) {
 func (p *plugin) start() {
 	p.t.Helper()
 	p.out = &syncBuffer{}
-	p.cmd = exec.Command(p.bin, "serve", "--listen", p.endpoint(), "--backend", "local",
-		"--local-key-file", p.keyFile, "--probe-interval", "1s")
+	args := []string{"serve", "--listen", p.endpoint(), "--probe-interval", "1s"}
+	if p.vault == nil {
+		args = append(args, "--backend", "local", "--local-key-file", p.keyFile)
+	} else {
+		args = append(args, "--backend", "vault", "--vault-addr", p.vault.url, "--vault-transit-key", "l1-kek",
+			"--vault-token-file", filepath.Join(p.dir, "vault.token"))
+	}
+	p.cmd = exec.Command(p.bin, args...)
 	p.cmd.Stdout = p.out
 	p.cmd.Stderr = p.out
 	if err := p.cmd.Start(); err != nil {
@@ -440,9 +529,9 @@ func TestKMSv2(t *testing.T) {
 	}
 	t.Logf("20 objects round-tripped, prefix %q, key_id stable", prefix)
 
-	// Rotate the backend key. The plugin re-reads its key file at its next probe (1s); the library
+	// Rotate the backend key. The plugin sees the new key at its next probe (1s); the library
 	// re-asks Status once its cached health result expires (20s) and then rotates its DEK seed.
-	p.run("keygen", "--add", p.keyFile)
+	p.rotate()
 	pollUntil(t, 15*time.Second, "plugin Status to report a new key_id", func() (bool, error) {
 		return statusKeyID(t, p.endpoint()) != keyID1, nil
 	})
@@ -528,7 +617,7 @@ func TestKMSv1(t *testing.T) {
 	// socket tells when it has picked up the new key. New writes must be wrapped under the new backend
 	// key, old data must still read, and rewriting it moves it to the new key.
 	keyID1 := statusKeyID(t, p.endpoint())
-	p.run("keygen", "--add", p.keyFile)
+	p.rotate()
 	pollUntil(t, 15*time.Second, "plugin to pick up the new key", func() (bool, error) {
 		return statusKeyID(t, p.endpoint()) != keyID1, nil
 	})
