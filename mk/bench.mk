@@ -6,9 +6,9 @@ BENCH_SVG ?= bench/results/latency.svg
 BENCH_ARGS ?=
 TESTS += test-bench
 
-.PHONY: bench bench-load bench-engine test-bench
+.PHONY: bench bench-load bench-engine bench-shim test-bench
 
-bench: bench-load bench-engine
+bench: bench-load bench-engine bench-shim
 
 bench-load:
 	cargo build --release --locked --bin kms-plugin
@@ -20,6 +20,12 @@ bench-load:
 bench-engine:
 	cargo bench --locked --bench engine -- --noplot 2>&1 | tee bench/results/engine.txt
 
+# What the :authority shim costs: raw Status calls with `localhost` and a socket path (BENCHMARKS.md).
+bench-shim:
+	cargo build --release --locked --bin kms-plugin
+	cargo build --release --locked -p kms-bench
+	./target/release/kms-bench shim --plugin-bin ./target/release/kms-plugin | tee bench/results/shim.md
+
 test-bench:
 	cargo clippy --locked -p kms-bench --all-targets -- -D warnings
 	cargo build --locked --bin kms-plugin
@@ -27,4 +33,5 @@ test-bench:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  ./target/debug/kms-bench run --smoke --plugin-bin ./target/debug/kms-plugin \
 	    --out "$$tmp/smoke.json" --svg "$$tmp/smoke.svg" && \
-	  grep -q '"invariant_failures": \[\]' "$$tmp/smoke.json"
+	  grep -q '"invariant_failures": \[\]' "$$tmp/smoke.json" && \
+	  ./target/debug/kms-bench shim --plugin-bin ./target/debug/kms-plugin --duration 200ms --rounds 1 >/dev/null
