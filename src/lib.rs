@@ -13,6 +13,8 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod fsutil;
+#[cfg(feature = "inventory")]
+pub mod inventory;
 pub mod ops;
 pub mod proto;
 pub mod protocol;

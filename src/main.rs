@@ -87,6 +87,8 @@ fn main() -> ExitCode {
             Command::Health(args) => cli::client::health(args).await,
             Command::Encrypt(args) => cli::client::encrypt(args).await,
             Command::Decrypt(args) => cli::client::decrypt(args).await,
+            #[cfg(feature = "inventory")]
+            Command::Inventory(args) => cli::inventory::run(*args).await,
             #[cfg(feature = "akeyless")]
             Command::Akeyless(args) => cli::akeyless_uid::run(args).await,
             Command::Version => {

@@ -3,6 +3,7 @@
 //! `KMS_WRITE_FUZZ_CORPUS=1 cargo test --test fuzz_corpus` (or `make fuzz-corpus`) rewrites it; plain
 //! runs check that the committed seeds still mean what they should: ciphertexts that decrypt under the
 //! fuzz targets' fixed key (fuzz/src/lib.rs), and well-formed request messages.
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +73,26 @@ async fn seeds(engine: &Engine) -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let v1c = engine.encrypt(b"ping", Api::V1).await.unwrap();
     assert_eq!(v2c.key_id, KEY_ID);
     let mut s = vec![
+        (
+            "etcd_value",
+            "kms_v2",
+            support::etcd_values::v2_value("kms", KEY_ID, &v2c.ciphertext),
+        ),
+        (
+            "etcd_value",
+            "kms_v1",
+            support::etcd_values::v1_value("kms", &v1c.ciphertext),
+        ),
+        (
+            "etcd_value",
+            "aescbc",
+            b"k8s:enc:aescbc:v1:key1:\x01\x02".to_vec(),
+        ),
+        (
+            "etcd_value",
+            "plaintext",
+            b"k8s\x00\x0a\x0c\x0a\x02v1\x12\x06Secret".to_vec(),
+        ),
         ("ciphertext", "v2", with(1, &v2c.ciphertext)),
         ("ciphertext", "v1", with(0, &v1c.ciphertext)),
         ("ciphertext", "truncated", with(1, &v2c.ciphertext[..40])),
@@ -225,6 +246,13 @@ async fn committed_seed_corpus_is_meaningful() {
             panic!("fuzz/corpus/{target}/{name}: {e} (KMS_WRITE_FUZZ_CORPUS=1 regenerates it)")
         })
     };
+    // The etcd seeds are what the inventory reads as this plugin's KMS v1 and v2 objects.
+    for (name, want) in [("kms_v2", "kms-v2"), ("kms_v1", "kms-v1")] {
+        let storage = kms_plugin::inventory::classify(&read("etcd_value", name));
+        let json = serde_json::to_value(&storage).unwrap();
+        assert_eq!(json["storage"], want, "{json}");
+        assert_eq!(json["plugin"]["remote_key"], KEY_NAME, "{json}");
+    }
     let v2c = read("ciphertext", "v2");
     let out = engine
         .decrypt(&v2c[1..], Binding::V2 { key_id: KEY_ID })
@@ -249,6 +277,7 @@ async fn committed_seed_corpus_is_meaningful() {
         "config",
         "authority",
         "vault_response",
+        "etcd_value",
     ] {
         let n = std::fs::read_dir(root.join(target)).unwrap().count();
         assert!(n >= 3, "fuzz/corpus/{target} has {n} seeds");

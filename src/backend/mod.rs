@@ -25,7 +25,12 @@ pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
-#[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
+#[cfg(any(
+    feature = "aws-kms",
+    feature = "akeyless",
+    feature = "vault",
+    feature = "inventory"
+))]
 pub mod tls;
 #[cfg(feature = "vault")]
 pub mod vault;

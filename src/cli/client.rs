@@ -52,9 +52,9 @@ fn request<T>(msg: T, args: &ClientArgs) -> tonic::Request<T> {
 }
 
 /// Exit code 0 when Status says ok, 1 otherwise.
-pub async fn health(args: HealthArgs) -> anyhow::Result<i32> {
-    let c = &args.client;
-    let status = with_timeout(c, async {
+/// The running plugin's Status.
+pub async fn status(c: &ClientArgs) -> anyhow::Result<v2::StatusResponse> {
+    with_timeout(c, async {
         let mut client = v2::key_management_service_client::KeyManagementServiceClient::new(
             connect(&c.listen).await?,
         );
@@ -63,7 +63,11 @@ pub async fn health(args: HealthArgs) -> anyhow::Result<i32> {
             .await?
             .into_inner())
     })
-    .await?;
+    .await
+}
+
+pub async fn health(args: HealthArgs) -> anyhow::Result<i32> {
+    let status = status(&args.client).await?;
     if args.verbose {
         println!(
             "version: {}\nhealthz: {}\nkey_id: {}",

@@ -3,6 +3,8 @@
 #[cfg(feature = "akeyless")]
 pub mod akeyless_uid;
 pub mod client;
+#[cfg(feature = "inventory")]
+pub mod inventory;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -59,6 +61,10 @@ pub enum Command {
     Encrypt(EncryptArgs),
     /// Decrypt a base64 ciphertext from stdin through a running plugin (debugging); writes the plaintext.
     Decrypt(DecryptArgs),
+    /// Count how the objects in etcd are stored (plaintext, other providers, KMS v1/v2 and under which
+    /// key); read-only. With --require-key-id, exit 3 unless every object is under that key.
+    #[cfg(feature = "inventory")]
+    Inventory(Box<inventory::InventoryArgs>),
     /// Print the version and the compiled-in backends.
     Version,
     /// Akeyless tools: `akeyless uid …` manages Universal Identity child tokens for the nodes.

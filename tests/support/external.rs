@@ -210,3 +210,66 @@ fn start_vault_with(tls: bool) -> Option<Vault> {
     }
     panic!("vault server -dev did not start");
 }
+
+/// A real etcd (the e2e harness's `e2ehelper serve`, which embeds etcd's server) on loopback.
+pub struct Etcd {
+    pub url: String,
+    _child: ChildGuard,
+    _dir: tempfile::TempDir,
+}
+
+/// The e2ehelper binary that `make deps-k8s` builds into the cache (any release's will do).
+fn e2ehelper_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KMS_TEST_E2EHELPER").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let dir = PathBuf::from(std::env::var_os("KMS_TEST_CACHE_DIR")?).join("k8s");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join("e2ehelper")))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Starts etcd on free loopback ports, or returns None when opted out (KMS_TEST_OPT_OUT contains
+/// `etcd`). Panics (fails the test) when the binary is missing otherwise.
+pub fn start_etcd() -> Option<Etcd> {
+    if opted_out("etcd") {
+        return None;
+    }
+    let bin = e2ehelper_binary().unwrap_or_else(|| {
+        panic!("etcd (tests/k8s e2ehelper) was not found: run `make deps-k8s`, set KMS_TEST_E2EHELPER, or set KMS_TEST_OPT_OUT=etcd")
+    });
+    for _ in 0..3 {
+        let (port, peer) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--client-url", &url])
+            .args(["--peer-url", &format!("http://127.0.0.1:{peer}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut guard = ChildGuard(child);
+        let up = wait_until(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || guard.0.try_wait().ok().flatten().is_some()
+        });
+        if up && guard.0.try_wait().ok().flatten().is_none() {
+            return Some(Etcd {
+                url,
+                _child: guard,
+                _dir: dir,
+            });
+        }
+    }
+    panic!("etcd (e2ehelper serve) did not start");
+}

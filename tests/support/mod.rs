@@ -5,6 +5,7 @@
 pub mod akeyless_fake;
 pub mod conformance;
 pub mod engines;
+pub mod etcd_values;
 pub mod events;
 pub mod external;
 pub mod fault_proxy;
