@@ -1,6 +1,6 @@
 //! Compiles the KMS protobuf definitions with a pure-Rust protobuf compiler, so building needs no `protoc`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/v2.proto", "proto/v1beta1.proto"];
+    let files = ["proto/v2.proto", "proto/v1beta1.proto", "proto/admin.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             Command::Health(args) => cli::client::health(args).await,
             Command::Encrypt(args) => cli::client::encrypt(args).await,
             Command::Decrypt(args) => cli::client::decrypt(args).await,
+            Command::RotateLocal(args) => cli::client::rotate_local(&args.client).await,
             #[cfg(feature = "inventory")]
             Command::Inventory(args) => cli::inventory::run(*args).await,
             #[cfg(feature = "akeyless")]

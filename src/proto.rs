@@ -8,3 +8,8 @@ pub mod v2 {
 pub mod v1beta1 {
     tonic::include_proto!("v1beta1");
 }
+
+/// kms-plugin's own administration service (proto/admin.proto).
+pub mod admin {
+    tonic::include_proto!("kmsplugin.admin.v1");
+}

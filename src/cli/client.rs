@@ -66,6 +66,28 @@ pub async fn status(c: &ClientArgs) -> anyhow::Result<v2::StatusResponse> {
     .await
 }
 
+/// `kms-plugin rotate-local`: asks the running plugin to retire its current local KEK.
+pub async fn rotate_local(c: &ClientArgs) -> anyhow::Result<i32> {
+    let reply = with_timeout(c, async {
+        let mut client =
+            crate::proto::admin::admin_client::AdminClient::new(connect(&c.listen).await?);
+        Ok(client
+            .retire_local_kek(request(crate::proto::admin::RetireLocalKekRequest {}, c))
+            .await?
+            .into_inner())
+    })
+    .await?;
+    if reply.retired_kek.is_empty() {
+        println!("no local KEK was in use; the next Encrypt creates one");
+    } else {
+        println!(
+            "retired local KEK {}; the next Encrypt creates a new one (run a storage migration to move existing data)",
+            reply.retired_kek
+        );
+    }
+    Ok(0)
+}
+
 pub async fn health(args: HealthArgs) -> anyhow::Result<i32> {
     let status = status(&args.client).await?;
     if args.verbose {

@@ -65,6 +65,9 @@ pub enum Command {
     /// key); read-only. With --require-key-id, exit 3 unless every object is under that key.
     #[cfg(feature = "inventory")]
     Inventory(Box<inventory::InventoryArgs>),
+    /// Retire the running plugin's current local KEK now (e.g. after a suspected node compromise): the
+    /// next Encrypt creates a new one; data under the old one still decrypts until it is rewritten.
+    RotateLocal(ClientArgsOnly),
     /// Print the version and the compiled-in backends.
     Version,
     /// Akeyless tools: `akeyless uid …` manages Universal Identity child tokens for the nodes.
@@ -268,6 +271,12 @@ pub struct ClientArgs {
     /// Per-call timeout.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgsOnly {
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Args, Debug)]

@@ -102,6 +102,8 @@ pub enum RetireReason {
     MaxAge,
     KeyIdChanged,
     Revoked,
+    /// An operator asked for it (`kms-plugin rotate-local`).
+    Operator,
 }
 
 impl RetireReason {
@@ -111,6 +113,7 @@ impl RetireReason {
             RetireReason::MaxAge => "max_age",
             RetireReason::KeyIdChanged => "key_id_changed",
             RetireReason::Revoked => "revoked",
+            RetireReason::Operator => "operator",
         }
     }
 }
@@ -551,6 +554,17 @@ impl Engine {
             let e = e.clone();
             tokio::spawn(async move { me.answer(&key_ref, &e).await });
         }
+    }
+
+    /// Stops using the current local KEK for Encrypt now (e.g. after a suspected node compromise):
+    /// the next Encrypt wraps a fresh one. Data under the old KEK still decrypts; a storage migration
+    /// moves it. Returns the retired KEK's short reference, `None` if there was none.
+    pub async fn retire_current_kek(&self) -> Option<String> {
+        let _guard = self.rotate_lock.lock().await;
+        let old = self.current.swap(None)?;
+        self.observer.kek_retired(RetireReason::Operator);
+        tracing::warn!(kek = %old.reference(), "local KEK retired on request; the next Encrypt creates a new one");
+        Some(old.reference())
     }
 
     /// The local KEK for the next Encrypt. Fast path: one atomic load and two comparisons.

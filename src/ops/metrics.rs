@@ -102,11 +102,12 @@ impl From<crate::engine::BackendOp> for BackendOp {
     }
 }
 
-const RETIRE_REASONS: [RetireReason; 4] = [
+const RETIRE_REASONS: [RetireReason; 5] = [
     RetireReason::MaxUses,
     RetireReason::MaxAge,
     RetireReason::KeyIdChanged,
     RetireReason::Revoked,
+    RetireReason::Operator,
 ];
 
 /// Which credential a backend renewed.

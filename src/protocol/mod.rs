@@ -1,6 +1,7 @@
 //! The gRPC side: KMS v2 and v1beta1 adapters over the envelope engine, the UNIX socket, and the
 //! server that ties them together. Nothing here knows which backend holds the remote KEK.
 
+pub mod admin;
 pub mod authority;
 pub mod deadline;
 pub mod errors;

@@ -1,5 +1,7 @@
 //! The gRPC server: KMS v2, KMS v1beta1 and grpc.health.v1 on one UNIX socket.
 
+use super::admin::AdminService;
+use crate::proto::admin::admin_server::AdminServer;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,6 +137,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(v2)
         .add_service(v1)
+        .add_service(AdminServer::new(AdminService::new(engine.clone())))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let result = tokio::select! {
