@@ -496,3 +496,100 @@ async fn cert_login_over_https_with_a_private_ca() {
     let err = b.current_key().await.unwrap_err();
     assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
 }
+
+/// A live move from the local key file to Vault (`--backend vault --previous-backend local`): the
+/// key_id becomes Vault's, data written under the local key still decrypts, new data is under
+/// Vault; once the previous backend is dropped, only the new data decrypts.
+#[tokio::test]
+async fn migration_from_the_local_key_file_to_vault_keeps_old_data_readable() {
+    let Some(vault) = start_vault() else { return };
+    let admin = Admin::new(&vault);
+    admin.setup_transit("k8s").await;
+    let setup = support::plugin::Setup::new();
+    let token = setup.dir.path().join("vault-token");
+    std::fs::write(&token, &vault.root_token).unwrap();
+    let decrypt =
+        |sealed: &kms_plugin::proto::v2::EncryptResponse| kms_plugin::proto::v2::DecryptRequest {
+            ciphertext: sealed.ciphertext.clone(),
+            uid: "migration".into(),
+            key_id: sealed.key_id.clone(),
+            annotations: Default::default(),
+        };
+    let encrypt = |p: &[u8]| kms_plugin::proto::v2::EncryptRequest {
+        plaintext: p.to_vec(),
+        uid: "migration".into(),
+    };
+    let mut plugin =
+        support::plugin::Plugin::start(&setup.args(), setup.addr(), setup.dir.path()).await;
+    let mut c = support::plugin::v2_client(support::plugin::channel(&setup.addr()).await);
+    let old = c
+        .encrypt(encrypt(b"under the local key"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(old.key_id.starts_with("local:"), "{}", old.key_id);
+    plugin.terminate();
+
+    let vault_args = [
+        "--backend",
+        "vault",
+        "--vault-addr",
+        &vault.url,
+        "--vault-transit-key",
+        "k8s",
+        "--vault-token-file",
+        token.to_str().unwrap(),
+    ];
+    // setup.args() is `serve --listen … --backend local --local-key-file F …`: keep the local flags
+    // for the previous backend, and make vault the backend.
+    let with_vault = |previous: bool| {
+        let mut args = setup.args();
+        let at = args.iter().position(|a| a == "--backend").unwrap();
+        args[at] = "--previous-backend".into();
+        if !previous {
+            args.drain(at..at + 4); // --previous-backend local --local-key-file F
+        }
+        args.extend(vault_args.iter().map(|s| s.to_string()));
+        args
+    };
+    let args = with_vault(true);
+    let mut plugin = support::plugin::Plugin::start(&args, setup.addr(), setup.dir.path()).await;
+    let mut c = support::plugin::v2_client(support::plugin::channel(&setup.addr()).await);
+    let status = c
+        .status(kms_plugin::proto::v2::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.key_id.starts_with("vault:"), "{}", status.key_id);
+    let back = c.decrypt(decrypt(&old)).await.unwrap().into_inner();
+    assert_eq!(back.plaintext, b"under the local key");
+    let new = c
+        .encrypt(encrypt(b"under vault"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(new.key_id, status.key_id);
+    assert_eq!(
+        c.decrypt(decrypt(&new))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext,
+        b"under vault"
+    );
+    plugin.terminate();
+
+    // Without the previous backend, the old data is out of reach; the new data is not.
+    let args = with_vault(false);
+    let _plugin = support::plugin::Plugin::start(&args, setup.addr(), setup.dir.path()).await;
+    let mut c = support::plugin::v2_client(support::plugin::channel(&setup.addr()).await);
+    assert!(c.decrypt(decrypt(&old)).await.is_err());
+    assert_eq!(
+        c.decrypt(decrypt(&new))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext,
+        b"under vault"
+    );
+}

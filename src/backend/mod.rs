@@ -34,6 +34,7 @@ pub mod pkcs11;
 pub mod tls;
 #[cfg(feature = "vault")]
 pub mod vault;
+pub mod with_previous;
 
 /// A secret returned by [`Backend::unwrap`]; wiped from memory when dropped.
 pub type SecretBytes = Zeroizing<Vec<u8>>;

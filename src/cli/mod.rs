@@ -147,6 +147,12 @@ pub struct ServeArgs {
     /// --local-key-file is given; otherwise serve refuses to start unless --dev is given.
     #[arg(long, env = "KMS_PLUGIN_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
+    /// Decrypt-only backend for a live move between key managers: --backend wraps every new local KEK
+    /// and gives the key_id; this one (configured with its own flags) only unwraps what --backend
+    /// cannot, until a storage migration has moved all data (docs/migration.md). Must differ from
+    /// --backend.
+    #[arg(long, env = "KMS_PLUGIN_PREVIOUS_BACKEND", value_enum)]
+    pub previous_backend: Option<BackendKind>,
     /// Development only: with no backend configured, serve a throw-away local key created under
     /// --data-dir. Deliberately without an environment variable; refused together with a backend.
     #[arg(long)]

@@ -99,7 +99,41 @@ async fn build_backend(
     metrics: &Metrics,
     events: Arc<dyn BackendEvents>,
 ) -> anyhow::Result<Arc<dyn Backend>> {
+    let primary = build_kind(args, effective_backend(args), metrics, events.clone()).await?;
+    let Some(previous) = args.previous_backend else {
+        return Ok(primary);
+    };
+    let name = |k: BackendKind| {
+        clap::ValueEnum::to_possible_value(&k)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    };
     match effective_backend(args) {
+        None => anyhow::bail!("--previous-backend needs --backend: the backend data moves to"),
+        Some(kind) if kind == previous => anyhow::bail!(
+            "--previous-backend {} is the same kind as --backend: within one key manager, rotate its key instead              (docs/rotation.md); a move between two configurations of the same kind is not supported",
+            name(kind)
+        ),
+        Some(kind) => tracing::info!(
+            backend = name(kind),
+            previous = name(previous),
+            "migration mode: new data under --backend; the previous backend only decrypts"
+        ),
+    }
+    let previous = build_kind(args, Some(previous), metrics, events).await?;
+    Ok(Arc::new(crate::backend::with_previous::WithPrevious::new(
+        primary, previous,
+    )))
+}
+
+#[cfg_attr(not(feature = "akeyless"), allow(unused_variables))]
+async fn build_kind(
+    args: &ServeArgs,
+    kind: Option<BackendKind>,
+    metrics: &Metrics,
+    events: Arc<dyn BackendEvents>,
+) -> anyhow::Result<Arc<dyn Backend>> {
+    match kind {
         None => {
             // check_dev_mode ran first: this is an explicit --dev.
             let path = args.data_dir.join("dev-kek.json");
