@@ -134,7 +134,7 @@ async fn serves_on_a_fresh_moto_kms_key() {
     let env = support::aws::child_env(dir.path());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let addr = kms_plugin::protocol::socket::ListenAddr::Path(socket.clone());
-    let p = Plugin::spawn_with_env(&args, &env, addr.clone(), dir.path());
+    let p = Plugin::spawn_aws_isolated(&args, &env, addr.clone(), dir.path());
     p.wait_healthy(std::time::Duration::from_secs(20)).await;
     socket_conformance(&addr, &socket).await;
     assert!(

@@ -58,7 +58,7 @@ async fn start(args: &[String], addr: &ListenAddr, dir: &std::path::Path) -> Plu
 fn spawn(args: &[String], addr: &ListenAddr, dir: &std::path::Path) -> Plugin {
     let env = child_env(dir);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Plugin::spawn_with_env(args, &env, addr.clone(), dir)
+    Plugin::spawn_aws_isolated(args, &env, addr.clone(), dir)
 }
 
 async fn wait_status(addr: &ListenAddr, limit: Duration, want_ok: bool) -> String {

@@ -28,7 +28,6 @@ use aws_sdk_kms::primitives::Blob;
 use aws_smithy_runtime_api::client::interceptors::context::InterceptorContext;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::retries::classifiers::{ClassifyRetry, RetryAction};
-use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use zeroize::Zeroizing;
@@ -454,7 +453,7 @@ where
         SdkError::TimeoutError(_) => BackendError::Timeout(RETRY_BUDGET),
         SdkError::DispatchFailure(d) if d.is_timeout() => BackendError::Timeout(RETRY_BUDGET),
         SdkError::DispatchFailure(d) if d.is_io() => {
-            let cause = DisplayErrorContext(&err).to_string();
+            let cause = super::aws::error_chain(&err);
             let hint = if cause.contains("invalid peer certificate") {
                 " (the server's certificate is not trusted: add its CA with --aws-ca-file or \
                  SSL_CERT_FILE)"
@@ -468,7 +467,7 @@ where
         SdkError::DispatchFailure(_) => BackendError::Unavailable(format!(
             "AWS KMS {action}: no usable AWS credentials: {} (the SDK's chain: environment, \
              profile, web identity, container endpoint, IMDS)",
-            DisplayErrorContext(&err)
+            super::aws::error_chain(&err)
         )),
         SdkError::ResponseError(r) => BackendError::Unavailable(format!(
             "AWS KMS {action}: HTTP {} with an unreadable body (a proxy or endpoint in between?)",
@@ -476,9 +475,12 @@ where
         )),
         SdkError::ConstructionFailure(_) => BackendError::Config(format!(
             "AWS KMS {action}: cannot build the request: {}",
-            DisplayErrorContext(&err)
+            super::aws::error_chain(&err)
         )),
-        _ => BackendError::Other(format!("AWS KMS {action}: {}", DisplayErrorContext(&err))),
+        _ => BackendError::Other(format!(
+            "AWS KMS {action}: {}",
+            super::aws::error_chain(&err)
+        )),
     }
 }
 

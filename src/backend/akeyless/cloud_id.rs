@@ -254,11 +254,7 @@ impl AwsCredentialSource {
             .await?
             .provide_credentials()
             .await
-            .map_err(|e| {
-                CloudIdError::Credentials(
-                    aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
-                )
-            })?;
+            .map_err(|e| CloudIdError::Credentials(crate::backend::aws::error_chain(&e)))?;
         *cached = Some(creds.clone());
         Ok(creds)
     }
