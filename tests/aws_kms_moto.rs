@@ -302,3 +302,39 @@ async fn unwrap_only_asks_kms_about_allowed_keys() {
     );
     assert_eq!(count.load(Ordering::SeqCst), 2);
 }
+
+/// The trust store is the one every HTTPS backend uses: a private CA is trusted only when given
+/// (`--aws-ca-file`), and an untrusted certificate says which option fixes it. The HTTPS server
+/// here is the Akeyless fake's TLS listener: what is tested is the handshake, not KMS.
+#[cfg(feature = "akeyless")]
+#[tokio::test]
+async fn private_ca_is_trusted_only_when_given() {
+    let tls = tempfile::tempdir().unwrap();
+    if !support::akeyless_fake::make_certs(tls.path()) {
+        return;
+    }
+    let Some(fake) = support::akeyless_fake::Fake::start_tls(tls.path(), &[]) else {
+        return;
+    };
+    let mut args = support::aws::args(&fake.url, K1, &[]);
+    let err = support::aws::backend_with(&args)
+        .await
+        .current_key()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BackendError::Unavailable(_)) && err.to_string().contains("--aws-ca-file"),
+        "{err}"
+    );
+    args.aws_ca_file = Some(tls.path().join("ca.pem"));
+    let err = support::aws::backend_with(&args)
+        .await
+        .current_key()
+        .await
+        .unwrap_err();
+    // The handshake succeeded; the answer is not KMS's, so it is an outage, not a revocation.
+    assert!(
+        !err.to_string().contains("certificate") && !err.is_revocation(),
+        "{err}"
+    );
+}

@@ -464,9 +464,13 @@ where
         }
         // Before sending: resolving credentials (STS, IMDS, the container endpoint, a profile)
         // or signing failed. Not KMS's answer, so never a revocation.
-        SdkError::DispatchFailure(_) => BackendError::Unavailable(format!(
+        SdkError::DispatchFailure(d) if d.is_other() => BackendError::Unavailable(format!(
             "AWS KMS {action}: no usable AWS credentials: {} (the SDK's chain: environment, \
              profile, web identity, container endpoint, IMDS)",
+            super::aws::error_chain(&err)
+        )),
+        SdkError::DispatchFailure(_) => BackendError::Other(format!(
+            "AWS KMS {action}: the request could not be sent: {}",
             super::aws::error_chain(&err)
         )),
         SdkError::ResponseError(r) => BackendError::Unavailable(format!(
