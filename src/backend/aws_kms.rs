@@ -848,4 +848,47 @@ mod tests {
         );
         assert_eq!(arn_parts("arn:aws:kms:eu-west-1:1"), None);
     }
+
+    /// The endpoints the SDK derives from region, partition and the FIPS / dual-stack options:
+    /// what replaces the hand-built `https://kms.REGION.amazonaws.com`.
+    #[tokio::test]
+    async fn endpoints_follow_partition_fips_and_dual_stack() {
+        use aws_sdk_kms::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
+        let url = |region: &str, fips: bool, dual: bool| {
+            let p = Params::builder()
+                .region(region)
+                .use_fips(fips)
+                .use_dual_stack(dual)
+                .build()
+                .unwrap();
+            async move {
+                DefaultResolver::new()
+                    .resolve_endpoint(&p)
+                    .await
+                    .unwrap()
+                    .url()
+                    .to_string()
+            }
+        };
+        assert_eq!(
+            url("eu-west-1", false, false).await,
+            "https://kms.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            url("cn-north-1", false, false).await,
+            "https://kms.cn-north-1.amazonaws.com.cn"
+        );
+        assert_eq!(
+            url("us-east-1", true, false).await,
+            "https://kms-fips.us-east-1.amazonaws.com"
+        );
+        assert_eq!(
+            url("us-gov-west-1", true, false).await,
+            "https://kms-fips.us-gov-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            url("eu-west-1", false, true).await,
+            "https://kms.eu-west-1.api.aws"
+        );
+    }
 }
