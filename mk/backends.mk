@@ -4,7 +4,7 @@
 # - tests/aws_kms_moto.rs starts `moto_server` from the test venv (moto[server] in
 #   tests/python/requirements.txt), found next to $KMS_TEST_PYTHON; tests/aws_credentials.rs runs
 #   the binary once per AWS credential source against it (moto STS for assume-role and IRSA).
-# Opt out with KMS_TEST_OPT_OUT=softhsm and/or moto.
+# Opt out with KMS_TEST_OPT_OUT=softhsm and/or moto (and botocore for the cloud-id signature check).
 # opensc provides pkcs11-tool, used by the procedures in docs/backends.md.
 APT_PACKAGES += softhsm2 opensc
 
