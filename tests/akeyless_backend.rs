@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use kms_plugin::backend::akeyless::auth::{CloudIdProvider, CloudIdRequest, NoCloudId};
 use kms_plugin::backend::akeyless::cloud_id::aws_iam_cloud_id;
+use kms_plugin::backend::akeyless::cloud_id::Credentials;
 use kms_plugin::backend::akeyless::{AccessType, AkeylessArgs, AkeylessBackend, Secret};
-use kms_plugin::backend::aws::credentials::Credentials;
 use kms_plugin::backend::{AuthKind, Backend, BackendError};
 use serde_json::json;
 use support::akeyless_fake::{
@@ -698,7 +698,7 @@ impl CloudIdProvider for TestCloud {
         let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
         Ok(match req.kind {
             AccessType::AwsIam => {
-                let creds = Credentials::new(AWS_KEY_ID, AWS_SECRET, None);
+                let creds = Credentials::new(AWS_KEY_ID, AWS_SECRET, None, None, "test");
                 aws_iam_cloud_id(&creds, "https://sts.eu-west-1.amazonaws.com/", "eu-west-1")
                     .await
                     .unwrap()
@@ -751,7 +751,7 @@ async fn cloud_identities_go_through_the_provider_hook() {
     #[async_trait::async_trait]
     impl CloudIdProvider for BadAws {
         async fn cloud_id(&self, _: &CloudIdRequest) -> Result<String, BackendError> {
-            let creds = Credentials::new(AWS_KEY_ID, "not-the-secret", None);
+            let creds = Credentials::new(AWS_KEY_ID, "not-the-secret", None, None, "test");
             Ok(
                 aws_iam_cloud_id(&creds, "https://sts.amazonaws.com/", "us-east-1")
                     .await

@@ -7,68 +7,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kms_plugin::backend::aws::credentials::{ChainConfig, Credentials, CredentialsProvider};
-use kms_plugin::backend::aws_kms::{AwsKmsArgs, AwsKmsBackend};
 use kms_plugin::backend::{Backend, BackendError};
 use serde_json::{json, Value};
+use support::aws::{backend, create_key, point_alias, set_enabled};
 use support::external::start_moto;
-
-fn backend(url: &str, key: &str, context: &[(&str, &str)]) -> AwsKmsBackend {
-    let args = AwsKmsArgs {
-        aws_kms_key_id: Some(key.to_string()),
-        aws_region: Some("us-east-1".into()),
-        aws_endpoint_url: Some(url.to_string()),
-        aws_kms_encryption_context: context
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    AwsKmsBackend::new(
-        &args,
-        ChainConfig {
-            imds_disabled: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .with_credentials(CredentialsProvider::fixed(Credentials::new(
-        "AKIDTESTING",
-        "testing-secret",
-        None,
-    )))
-}
-
-async fn create_key(admin: &AwsKmsBackend) -> (String, String) {
-    let r = admin
-        .call_api("CreateKey", &json!({ "Description": "kms-plugin test" }))
-        .await
-        .unwrap();
-    let meta = &r["KeyMetadata"];
-    (
-        meta["KeyId"].as_str().unwrap().to_string(),
-        meta["Arn"].as_str().unwrap().to_string(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conforms_with_alias_rotation() {
     let Some(moto) = start_moto() else { return };
-    let admin = backend(&moto.url, "unused", &[]);
+    let admin = backend(&moto.url, "unused", &[]).await;
     let (k1, arn1) = create_key(&admin).await;
     let (k2, arn2) = create_key(&admin).await;
-    admin
-        .call_api(
-            "CreateAlias",
-            &json!({ "AliasName": "alias/kms-plugin", "TargetKeyId": k1 }),
-        )
-        .await
-        .unwrap();
+    point_alias(&admin, true, "alias/kms-plugin", &k1).await;
 
-    let b = Arc::new(backend(
-        &moto.url,
-        "alias/kms-plugin",
-        &[("cluster", "conformance")],
-    ));
+    let b = Arc::new(backend(&moto.url, "alias/kms-plugin", &[("cluster", "conformance")]).await);
     let id = b.current_key().await.unwrap();
     assert_eq!(id.key_id, arn1);
     let admin = Arc::new(admin);
@@ -79,12 +31,7 @@ async fn conforms_with_alias_rotation() {
             let a = a2.clone();
             let k2 = k2.clone();
             Box::pin(async move {
-                a.call_api(
-                    "UpdateAlias",
-                    &json!({ "AliasName": "alias/kms-plugin", "TargetKeyId": k2 }),
-                )
-                .await
-                .unwrap();
+                point_alias(&a, false, "alias/kms-plugin", &k2).await;
             })
         })),
     )
@@ -96,17 +43,17 @@ async fn conforms_with_alias_rotation() {
 #[tokio::test]
 async fn changed_key_new_key_id_old_data_decrypts() {
     let Some(moto) = start_moto() else { return };
-    let admin = backend(&moto.url, "unused", &[]);
+    let admin = backend(&moto.url, "unused", &[]).await;
     let (k1, arn1) = create_key(&admin).await;
     let (_k2, arn2) = create_key(&admin).await;
 
-    let before = backend(&moto.url, &k1, &[("cluster", "a")]);
+    let before = backend(&moto.url, &k1, &[("cluster", "a")]).await;
     assert_eq!(before.current_key().await.unwrap().key_id, arn1);
     let w = before.wrap(b"local kek bytes").await.unwrap();
     assert_eq!(w.key_ref, arn1);
 
     // "Restart" with another key configured (by ARN this time).
-    let after = backend(&moto.url, &arn2, &[("cluster", "a")]);
+    let after = backend(&moto.url, &arn2, &[("cluster", "a")]).await;
     let id = after.current_key().await.unwrap();
     assert_eq!(id.key_id, arn2);
     assert_ne!(id.key_id, arn1);
@@ -116,7 +63,7 @@ async fn changed_key_new_key_id_old_data_decrypts() {
     );
 
     // The encryption context is bound: another context does not decrypt.
-    let other_ctx = backend(&moto.url, &arn2, &[("cluster", "b")]);
+    let other_ctx = backend(&moto.url, &arn2, &[("cluster", "b")]).await;
     let err = other_ctx
         .unwrap(&w.key_ref, &w.ciphertext)
         .await
@@ -127,32 +74,26 @@ async fn changed_key_new_key_id_old_data_decrypts() {
 #[tokio::test]
 async fn disabled_and_missing_keys() {
     let Some(moto) = start_moto() else { return };
-    let admin = backend(&moto.url, "unused", &[]);
+    let admin = backend(&moto.url, "unused", &[]).await;
     let (k1, _) = create_key(&admin).await;
-    let b = backend(&moto.url, &k1, &[]);
+    let b = backend(&moto.url, &k1, &[]).await;
     let w = b.wrap(b"secret").await.unwrap();
 
-    admin
-        .call_api("DisableKey", &json!({ "KeyId": k1 }))
-        .await
-        .unwrap();
+    set_enabled(&admin, &k1, false).await;
     let err = b.current_key().await.unwrap_err();
     assert!(matches!(err, BackendError::KeyDisabled(_)), "{err:?}");
     assert!(err.is_revocation());
     // moto still encrypts under a disabled key (real KMS answers DisabledException, whose mapping
     // `permanent_errors_are_not_retried` checks), so only the probe is asserted here.
 
-    admin
-        .call_api("EnableKey", &json!({ "KeyId": k1 }))
-        .await
-        .unwrap();
+    set_enabled(&admin, &k1, true).await;
     b.current_key().await.unwrap();
     assert_eq!(
         &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
         b"secret"
     );
 
-    let missing = backend(&moto.url, "alias/does-not-exist", &[]);
+    let missing = backend(&moto.url, "alias/does-not-exist", &[]).await;
     let err = missing.current_key().await.unwrap_err();
     assert!(matches!(err, BackendError::KeyNotFound(_)), "{err:?}");
 }
@@ -207,6 +148,8 @@ async fn scripted(responses: Vec<(u16, Value)>) -> (String, Arc<AtomicUsize>) {
     (url, count)
 }
 
+const K1: &str = "arn:aws:kms:us-east-1:111122223333:key/k1";
+
 fn describe_ok() -> Value {
     json!({ "KeyMetadata": { "Arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "KeyId": "k1",
         "KeyState": "Enabled", "KeyUsage": "ENCRYPT_DECRYPT", "KeySpec": "SYMMETRIC_DEFAULT" } })
@@ -222,7 +165,7 @@ async fn throttling_and_5xx_are_retried_within_budget() {
         (200, describe_ok()),
     ])
     .await;
-    let b = backend(&url, "k1", &[]);
+    let b = backend(&url, K1, &[]).await;
     assert_eq!(
         b.current_key().await.unwrap().key_id,
         "arn:aws:kms:us-east-1:111122223333:key/k1"
@@ -230,7 +173,7 @@ async fn throttling_and_5xx_are_retried_within_budget() {
     assert_eq!(count.load(Ordering::SeqCst), 4);
 
     let (url, count) = scripted(vec![(500, json!({ "__type": "KMSInternalException" }))]).await;
-    let b = backend(&url, "k1", &[]);
+    let b = backend(&url, K1, &[]).await;
     let started = Instant::now();
     let err = b.current_key().await.unwrap_err();
     let took = started.elapsed();
@@ -262,7 +205,7 @@ async fn permanent_errors_are_not_retried() {
         }),
     ] {
         let (url, count) = scripted(vec![(400, json!({ "__type": typ, "message": "no" }))]).await;
-        let b = backend(&url, "k1", &[]);
+        let b = backend(&url, K1, &[]).await;
         let err = b
             .unwrap("arn:aws:kms:us-east-1:111122223333:key/k1", b"blob")
             .await
@@ -281,7 +224,8 @@ async fn permanent_errors_are_not_retried() {
         ),
     ])
     .await;
-    let err = backend(&url, "k1", &[])
+    let err = backend(&url, K1, &[])
+        .await
         .unwrap("arn:aws:kms:us-east-1:111122223333:key/k1", b"blob")
         .await
         .unwrap_err();
@@ -296,55 +240,101 @@ async fn permanent_errors_are_not_retried() {
         json!({ "__type": "KMSInvalidStateException", "message": "pending import" }),
     )])
     .await;
-    let err = backend(&url, "k1", &[])
+    let err = backend(&url, K1, &[])
+        .await
         .unwrap("arn:aws:kms:us-east-1:111122223333:key/k1", b"blob")
         .await
         .unwrap_err();
     assert!(!err.is_revocation() && !err.is_transient(), "{err:?}");
     assert_eq!(count.load(Ordering::SeqCst), 2);
-    // A rejected signature is retried once, with freshly resolved credentials.
+    // A rejected signature is an authentication error, not retried: the SDK's credentials cache
+    // refreshes temporary credentials ahead of their expiry.
     let (url, count) = scripted(vec![(
         400,
         json!({ "__type": "UnrecognizedClientException" }),
     )])
     .await;
-    let err = backend(&url, "k1", &[]).current_key().await.unwrap_err();
+    let err = backend(&url, K1, &[])
+        .await
+        .current_key()
+        .await
+        .unwrap_err();
     assert!(matches!(err, BackendError::Authentication(_)), "{err:?}");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    // A bare 403/404 without KMS's error type (a proxy, WAF or VPC endpoint policy) is an outage.
+    for status in [403, 404] {
+        let (url, _) = scripted(vec![(status, json!({ "message": "denied by proxy" }))]).await;
+        let err = backend(&url, K1, &[])
+            .await
+            .current_key()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BackendError::Unavailable(_)),
+            "{status}: {err:?}"
+        );
+    }
+}
+
+/// A crafted ciphertext naming another account's key never reaches KMS; the flag widens the set.
+#[tokio::test]
+async fn unwrap_only_asks_kms_about_allowed_keys() {
+    let (url, count) = scripted(vec![(200, json!({ "KeyId": K1, "Plaintext": "c2VjcmV0" }))]).await;
+    let b = backend(&url, K1, &[]).await;
+    let foreign = "arn:aws:kms:us-east-1:999999999999:key/evil";
+    let err = b.unwrap(foreign, b"blob").await.unwrap_err();
+    assert!(matches!(err, BackendError::InvalidCiphertext(_)), "{err:?}");
+    assert!(err.to_string().contains("--aws-kms-unwrap-allow"), "{err}");
+    let other_region = "arn:aws:kms:eu-west-1:111122223333:key/k2";
+    assert!(b.unwrap(other_region, b"blob").await.is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 0, "KMS was called");
+    // Same account and region: allowed (an alias's earlier target lives there).
+    let same = "arn:aws:kms:us-east-1:111122223333:key/k0";
+    assert_eq!(&b.unwrap(same, b"blob").await.unwrap()[..], b"secret");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+
+    let mut args = support::aws::args(&url, K1, &[]);
+    args.aws_kms_unwrap_allow = vec!["arn:aws:kms:us-east-1:999999999999:key/*".into()];
+    let widened = support::aws::backend_with(&args).await;
+    assert_eq!(
+        &widened.unwrap(foreign, b"blob").await.unwrap()[..],
+        b"secret"
+    );
     assert_eq!(count.load(Ordering::SeqCst), 2);
 }
 
-/// The credentials chain end to end: web identity (IRSA) against moto's STS, then KMS calls signed
-/// with the temporary credentials it returned.
+/// The trust store is the one every HTTPS backend uses: a private CA is trusted only when given
+/// (`--aws-ca-file`), and an untrusted certificate says which option fixes it. The HTTPS server
+/// here is the Akeyless fake's TLS listener: what is tested is the handshake, not KMS.
+#[cfg(feature = "akeyless")]
 #[tokio::test]
-async fn web_identity_credentials_through_moto_sts() {
-    let Some(moto) = start_moto() else { return };
-    let admin = backend(&moto.url, "unused", &[]);
-    let (k1, arn1) = create_key(&admin).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.e30.c2ln\n").unwrap();
-    let chain = ChainConfig {
-        web_identity_token_file: Some(token),
-        role_arn: Some("arn:aws:iam::123456789012:role/kms-plugin".into()),
-        sts_endpoint: Some(moto.url.clone()),
-        imds_disabled: true,
-        ..Default::default()
+async fn private_ca_is_trusted_only_when_given() {
+    let tls = tempfile::tempdir().unwrap();
+    if !support::akeyless_fake::make_certs(tls.path()) {
+        return;
+    }
+    let Some(fake) = support::akeyless_fake::Fake::start_tls(tls.path(), &[]) else {
+        return;
     };
-    let provider = CredentialsProvider::new(chain.clone());
-    let creds = provider.credentials().await.unwrap();
-    assert_eq!(creds.source(), "web-identity");
-    assert!(creds.session_token().is_some() && creds.expires().is_some());
-    let args = AwsKmsArgs {
-        aws_kms_key_id: Some(k1),
-        aws_region: Some("us-east-1".into()),
-        aws_endpoint_url: Some(moto.url.clone()),
-        aws_kms_encryption_context: vec![],
-    };
-    let b = AwsKmsBackend::new(&args, chain).unwrap();
-    assert_eq!(b.current_key().await.unwrap().key_id, arn1);
-    let w = b.wrap(b"irsa").await.unwrap();
-    assert_eq!(
-        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
-        b"irsa"
+    let mut args = support::aws::args(&fake.url, K1, &[]);
+    let err = support::aws::backend_with(&args)
+        .await
+        .current_key()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BackendError::Unavailable(_)) && err.to_string().contains("--aws-ca-file"),
+        "{err}"
+    );
+    args.aws_ca_file = Some(tls.path().join("ca.pem"));
+    let err = support::aws::backend_with(&args)
+        .await
+        .current_key()
+        .await
+        .unwrap_err();
+    // The handshake succeeded; the answer is not KMS's, so it is an outage, not a revocation.
+    assert!(
+        !err.to_string().contains("certificate") && !err.is_revocation(),
+        "{err}"
     );
 }

@@ -108,38 +108,11 @@ async fn serves_on_a_fresh_softhsm_token() {
 #[cfg(feature = "aws-kms")]
 #[tokio::test]
 async fn serves_on_a_fresh_moto_kms_key() {
-    use kms_plugin::backend::aws::credentials::{ChainConfig, Credentials, CredentialsProvider};
-    use kms_plugin::backend::aws_kms::{AwsKmsArgs, AwsKmsBackend};
     let Some(moto) = support::external::start_moto() else {
         return;
     };
-    let admin_args = AwsKmsArgs {
-        aws_kms_key_id: Some("unused".into()),
-        aws_region: Some("us-east-1".into()),
-        aws_endpoint_url: Some(moto.url.clone()),
-        aws_kms_encryption_context: vec![],
-    };
-    let admin = AwsKmsBackend::new(
-        &admin_args,
-        ChainConfig {
-            imds_disabled: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .with_credentials(CredentialsProvider::fixed(Credentials::new(
-        "AKIDTESTING",
-        "testing-secret",
-        None,
-    )));
-    let created = admin
-        .call_api(
-            "CreateKey",
-            &serde_json::json!({ "Description": "kms-plugin serve test" }),
-        )
-        .await
-        .unwrap();
-    let arn = created["KeyMetadata"]["Arn"].as_str().unwrap().to_string();
+    let admin = support::aws::backend(&moto.url, "unused", &[]).await;
+    let (_, arn) = support::aws::create_key(&admin).await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kms.sock");
     let args: Vec<String> = [
@@ -158,11 +131,11 @@ async fn serves_on_a_fresh_moto_kms_key() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDTESTING");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing-secret");
-    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let env = support::aws::child_env(dir.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let addr = kms_plugin::protocol::socket::ListenAddr::Path(socket.clone());
-    let p = Plugin::start(&args, addr.clone(), dir.path()).await;
+    let p = Plugin::spawn_aws_isolated(&args, &env, addr.clone(), dir.path());
+    p.wait_healthy(std::time::Duration::from_secs(20)).await;
     socket_conformance(&addr, &socket).await;
     assert!(
         !p.log_text().contains("testing-secret"),

@@ -1,6 +1,8 @@
-//! Cloud identities for Akeyless auth and the AWS credentials chain, against loopback fakes of STS,
-//! IMDS (AWS, Azure) and the GCP metadata server. The AWS cloud-id's SigV4 signature is verified by
-//! an implementation written here, independent of the one in src/.
+//! Cloud identities for Akeyless auth, against loopback fakes of IMDS (AWS, Azure) and the GCP
+//! metadata server. The AWS cloud-id's SigV4 signature is verified twice, independently of the
+//! signer in src/ (`aws-sigv4`): by an implementation written here and by botocore, the signer of
+//! the official AWS SDK for Python. The AWS credentials chain itself is tested end to end in
+//! tests/aws_credentials.rs.
 #![cfg(feature = "akeyless")]
 mod support;
 
@@ -12,14 +14,53 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use kms_plugin::backend::akeyless::cloud_id::{
     aws_iam_cloud_id, aws_iam_cloud_id_at, aws_iam_cloud_id_from_chain, azure_ad_cloud_id,
-    detect_cloud, gcp_cloud_id, Cloud, CloudIdError, DetectConfig,
-};
-use kms_plugin::backend::aws::credentials::{
-    ChainConfig, Credentials, CredentialsError, CredentialsProvider,
+    detect_cloud, gcp_cloud_id, AwsCredentialSource, Cloud, CloudIdError, Credentials,
+    DetectConfig,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use support::http_fake::{closed_url, form_param, start, Resp};
+
+fn creds(id: &str, secret: &str, token: Option<&str>) -> Credentials {
+    Credentials::new(id, secret, token.map(str::to_string), None, "test")
+}
+
+/// botocore's signature, signed headers and scope for the request a cloud-id describes, or None
+/// when the runner opted out of Python tests.
+fn botocore_signature(cloud_id: &str, access_key: &str, secret: &str) -> Option<Value> {
+    use std::io::Write;
+    let Some(py) = support::akeyless_fake::python() else {
+        assert!(
+            support::external::opted_out("botocore"),
+            "botocore check needs Python: set KMS_TEST_PYTHON (make deps) or KMS_TEST_OPT_OUT=botocore"
+        );
+        return None;
+    };
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/botocore_sigv4.py");
+    let mut child = std::process::Command::new(py)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input =
+        serde_json::json!({ "cloud_id": cloud_id, "access_key": access_key, "secret_key": secret });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "botocore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
 
 fn b64s(v: &Value) -> String {
     String::from_utf8(B64.decode(v.as_str().unwrap()).unwrap()).unwrap()
@@ -102,13 +143,13 @@ fn verify_cloud_id(
 
 #[test]
 fn aws_cloud_id_is_signed_correctly() {
-    let creds = Credentials::new(
+    let example = creds(
         "AKIDEXAMPLE",
         "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-        Some("SESSION-TOKEN".into()),
+        Some("SESSION-TOKEN"),
     );
     let t = UNIX_EPOCH + Duration::from_secs(1_440_938_160);
-    let id = aws_iam_cloud_id_at(&creds, "https://sts.amazonaws.com/", "us-east-1", t).unwrap();
+    let id = aws_iam_cloud_id_at(&example, "https://sts.amazonaws.com/", "us-east-1", t).unwrap();
     let (expected, claimed, headers) =
         verify_cloud_id(&id, "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
     assert_eq!(expected, claimed);
@@ -128,9 +169,9 @@ fn aws_cloud_id_is_signed_correctly() {
     // A wrong secret does not verify; static keys carry no token header; regional endpoints work.
     let (wrong, claimed, _) = verify_cloud_id(&id, "another-secret");
     assert_ne!(wrong, claimed);
-    let creds = Credentials::new("AKIDSTATIC", "s3cr3t", None);
+    let fixed = creds("AKIDSTATIC", "s3cr3t", None);
     let id = aws_iam_cloud_id_at(
-        &creds,
+        &fixed,
         "https://sts.eu-west-1.amazonaws.com/",
         "eu-west-1",
         t,
@@ -142,139 +183,107 @@ fn aws_cloud_id_is_signed_correctly() {
     assert!(headers["Authorization"][0].contains("/eu-west-1/sts/"));
 }
 
-const STS_OK: &str =
-    "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
-<AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>ASIAWEBID</AccessKeyId>\
-<SecretAccessKey>web/secret+key</SecretAccessKey><SessionToken>web-session-token</SessionToken>\
-<Expiration>2099-01-01T00:00:00Z</Expiration></Credentials></AssumeRoleWithWebIdentityResult>\
-</AssumeRoleWithWebIdentityResponse>";
-
-#[tokio::test]
-async fn web_identity_credentials_then_cloud_id() {
-    let sts = start(|req| {
-        let body = String::from_utf8_lossy(&req.body).into_owned();
-        if form_param(&body, "Action").as_deref() == Some("AssumeRoleWithWebIdentity")
-            && form_param(&body, "WebIdentityToken").as_deref() == Some("projected.sa.jwt")
-        {
-            Resp::new(200, STS_OK).header("content-type", "text/xml")
-        } else {
-            Resp::new(400, "<ErrorResponse><Error><Code>InvalidIdentityToken</Code><Message>bad</Message></Error></ErrorResponse>")
+/// botocore agrees with the signature for every partition's STS endpoint, with and without a
+/// session token, and the structure matches what the official cloud-id helpers produce.
+#[test]
+fn botocore_recomputes_the_cloud_id_signature() {
+    let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let cases = [
+        ("https://sts.amazonaws.com/", "us-east-1", Some("tok/en+==")),
+        ("https://sts.eu-west-1.amazonaws.com/", "eu-west-1", None),
+        (
+            "https://sts.cn-north-1.amazonaws.com.cn/",
+            "cn-north-1",
+            Some("cn-token"),
+        ),
+        (
+            "https://sts.us-gov-west-1.amazonaws.com/",
+            "us-gov-west-1",
+            None,
+        ),
+    ];
+    for (url, region, token) in cases {
+        assert_eq!(
+            kms_plugin::backend::akeyless::cloud_id::sts_url_for_region(
+                (region != "us-east-1").then_some(region)
+            ),
+            url
+        );
+        let c = creds("AKIDBOTO", "boto/secret+key", token);
+        let id = aws_iam_cloud_id_at(&c, url, region, t).unwrap();
+        let (mine, claimed, headers) = verify_cloud_id(&id, "boto/secret+key");
+        assert_eq!(mine, claimed, "{url}");
+        let Some(boto) = botocore_signature(&id, "AKIDBOTO", "boto/secret+key") else {
+            return;
+        };
+        assert_eq!(boto["signature"], claimed.as_str(), "{url}");
+        let signed = match token {
+            Some(_) => "content-length;content-type;host;x-amz-date;x-amz-security-token",
+            None => "content-length;content-type;host;x-amz-date",
+        };
+        assert_eq!(boto["signed_headers"], signed);
+        assert!(headers["Authorization"][0].contains(&format!("SignedHeaders={signed},")));
+        assert_eq!(
+            boto["credential_scope"],
+            format!("20231114/{region}/sts/aws4_request")
+        );
+        let keys: Vec<&str> = headers.keys().map(String::as_str).collect();
+        let mut want = vec![
+            "Authorization",
+            "Content-Length",
+            "Content-Type",
+            "X-Amz-Date",
+        ];
+        if token.is_some() {
+            want.push("X-Amz-Security-Token");
         }
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "projected.sa.jwt\n").unwrap();
-    let cfg = ChainConfig {
-        web_identity_token_file: Some(token_file.clone()),
-        role_arn: Some("arn:aws:iam::111122223333:role/kms-plugin".into()),
-        role_session_name: Some("test-session".into()),
-        sts_endpoint: Some(sts.url.clone()),
-        imds_disabled: true,
-        ..Default::default()
-    };
-    let provider = CredentialsProvider::new(cfg.clone());
-    let creds = provider.credentials().await.unwrap();
-    assert_eq!(
-        (creds.access_key_id(), creds.secret_access_key()),
-        ("ASIAWEBID", "web/secret+key")
-    );
-    assert_eq!(creds.source(), "web-identity");
-    assert!(creds.expires().is_some());
-    let reqs = sts.requests();
-    assert_eq!(reqs.len(), 1);
-    let body = String::from_utf8_lossy(&reqs[0].body).into_owned();
-    assert_eq!(
-        form_param(&body, "RoleArn").as_deref(),
-        Some("arn:aws:iam::111122223333:role/kms-plugin")
-    );
-    assert_eq!(
-        form_param(&body, "RoleSessionName").as_deref(),
-        Some("test-session")
-    );
-
-    // Cached: a second call does not ask STS again.
-    provider.credentials().await.unwrap();
-    assert_eq!(sts.requests().len(), 1);
-
-    let id = aws_iam_cloud_id_from_chain(&provider, "https://sts.amazonaws.com/", "us-east-1")
-        .await
-        .unwrap();
-    let (expected, claimed, headers) = verify_cloud_id(&id, "web/secret+key");
-    assert_eq!(expected, claimed);
-    assert_eq!(headers["X-Amz-Security-Token"], ["web-session-token"]);
-
-    // STS refusing the token is a clear error without the token in it.
-    std::fs::write(&token_file, "rejected.jwt").unwrap();
-    let err = CredentialsProvider::new(cfg)
-        .credentials()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, CredentialsError::WebIdentity(_)), "{err}");
-    assert!(
-        err.to_string().contains("InvalidIdentityToken")
-            && !err.to_string().contains("rejected.jwt"),
-        "{err}"
-    );
+        assert_eq!(keys, want);
+    }
 }
 
+/// The credential source caches until shortly before expiry, then resolves again.
 #[tokio::test]
-async fn imds_v2_credentials() {
-    let imds = start(|req| {
-        let token_ok = req.header("x-aws-ec2-metadata-token") == Some("imds-session");
-        match (req.method.as_str(), req.path.as_str()) {
-            ("PUT", "/latest/api/token") if req.header("x-aws-ec2-metadata-token-ttl-seconds").is_some() => {
-                Resp::new(200, "imds-session")
-            }
-            (_, _) if !token_ok => Resp::new(401, ""),
-            ("GET", "/latest/meta-data/iam/security-credentials/") => Resp::new(200, "node-role\n"),
-            ("GET", "/latest/meta-data/iam/security-credentials/node-role") => Resp::new(
-                200,
-                r#"{"Code":"Success","Type":"AWS-HMAC","AccessKeyId":"ASIAIMDS","SecretAccessKey":"imds-secret","Token":"imds-token","Expiration":"2099-01-01T00:00:00Z"}"#,
-            ),
-            _ => Resp::new(404, ""),
+async fn credential_source_caches_until_near_expiry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    #[derive(Debug)]
+    struct Counting(Arc<AtomicUsize>, Duration);
+    impl aws_credential_types::provider::ProvideCredentials for Counting {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            let c = Credentials::new(
+                format!("ASIA{n}"),
+                "s",
+                Some("t".into()),
+                Some(SystemTime::now() + self.1),
+                "counting",
+            );
+            aws_credential_types::provider::future::ProvideCredentials::ready(Ok(c))
         }
-    })
-    .await;
-    let cfg = ChainConfig {
-        imds_endpoint: Some(imds.url.clone()),
-        ..Default::default()
-    };
-    let creds = CredentialsProvider::new(cfg).credentials().await.unwrap();
-    assert_eq!(
-        (creds.access_key_id(), creds.session_token(), creds.source()),
-        ("ASIAIMDS", Some("imds-token"), "imds")
-    );
-    let reqs = imds.requests();
-    assert_eq!(reqs[0].method, "PUT");
-    assert!(reqs[1..]
-        .iter()
-        .all(|r| r.header("x-aws-ec2-metadata-token") == Some("imds-session")));
-
-    // No role attached: clear error. Nobody listening: fails fast.
-    let no_role = start(|req| match req.method.as_str() {
-        "PUT" => Resp::new(200, "t"),
-        _ => Resp::new(404, ""),
-    })
-    .await;
-    let err = CredentialsProvider::new(ChainConfig {
-        imds_endpoint: Some(no_role.url.clone()),
-        ..Default::default()
-    })
-    .credentials()
-    .await
-    .unwrap_err();
-    assert!(matches!(err, CredentialsError::Imds(_)), "{err}");
-    let started = Instant::now();
-    let err = CredentialsProvider::new(ChainConfig {
-        imds_endpoint: Some(closed_url()),
-        ..Default::default()
-    })
-    .credentials()
-    .await
-    .unwrap_err();
-    assert!(matches!(err, CredentialsError::Imds(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let long = AwsCredentialSource::new(Counting(calls.clone(), Duration::from_secs(3600)));
+    for _ in 0..3 {
+        let id = aws_iam_cloud_id_from_chain(&long, "https://sts.amazonaws.com/", "us-east-1")
+            .await
+            .unwrap();
+        let (expected, claimed, headers) = verify_cloud_id(&id, "s");
+        assert_eq!(expected, claimed);
+        assert!(headers["Authorization"][0].contains("Credential=ASIA0/"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Expiring within the refresh margin: resolved on every use.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let short = AwsCredentialSource::new(Counting(calls.clone(), Duration::from_secs(60)));
+    for _ in 0..2 {
+        short.credentials().await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -391,9 +400,9 @@ async fn detects_the_cloud() {
 
 #[tokio::test]
 async fn async_entry_point_signs_now() {
-    let creds = Credentials::new("AKIDNOW", "now-secret", None);
+    let now = creds("AKIDNOW", "now-secret", None);
     let before = SystemTime::now();
-    let id = aws_iam_cloud_id(&creds, "https://sts.amazonaws.com/", "us-east-1")
+    let id = aws_iam_cloud_id(&now, "https://sts.amazonaws.com/", "us-east-1")
         .await
         .unwrap();
     let (expected, claimed, headers) = verify_cloud_id(&id, "now-secret");

@@ -7,50 +7,20 @@ mod support;
 
 use std::time::Duration;
 
-use kms_plugin::backend::aws::credentials::{ChainConfig, Credentials, CredentialsProvider};
-use kms_plugin::backend::aws_kms::{AwsKmsArgs, AwsKmsBackend};
+use kms_plugin::backend::aws_kms::AwsKmsBackend;
 use kms_plugin::proto::v2;
 use kms_plugin::protocol::socket::ListenAddr;
-use serde_json::json;
+use support::aws::{child_env, point_alias, set_enabled};
 use support::external::start_moto;
 use support::fault_proxy::{self, ProxyAnswer};
 use support::plugin::{channel, try_status, v2_client, Plugin};
 
-fn admin(url: &str) -> AwsKmsBackend {
-    AwsKmsBackend::new(
-        &AwsKmsArgs {
-            aws_kms_key_id: Some("unused".into()),
-            aws_region: Some("us-east-1".into()),
-            aws_endpoint_url: Some(url.to_string()),
-            aws_kms_encryption_context: vec![],
-        },
-        ChainConfig {
-            imds_disabled: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .with_credentials(CredentialsProvider::fixed(Credentials::new(
-        "AKIDTESTING",
-        "testing-secret",
-        None,
-    )))
-}
-
-/// Creates (`CreateAlias`) or re-points (`UpdateAlias`) an alias: how operators rotate.
-async fn point_alias(admin: &AwsKmsBackend, action: &str, alias: &str, key: &str) {
-    admin
-        .call_api(action, &json!({ "AliasName": alias, "TargetKeyId": key }))
-        .await
-        .unwrap();
+async fn admin(url: &str) -> AwsKmsBackend {
+    support::aws::backend(url, "unused", &[]).await
 }
 
 async fn create_key(admin: &AwsKmsBackend) -> String {
-    let r = admin
-        .call_api("CreateKey", &json!({ "Description": "lifecycle test" }))
-        .await
-        .unwrap();
-    r["KeyMetadata"]["KeyId"].as_str().unwrap().to_string()
+    support::aws::create_key(admin).await.0
 }
 
 fn serve_args(socket: &std::path::Path, endpoint: &str, key: &str) -> Vec<String> {
@@ -78,10 +48,17 @@ fn serve_args(socket: &std::path::Path, endpoint: &str, key: &str) -> Vec<String
     .collect()
 }
 
-fn aws_env() {
-    std::env::set_var("AWS_ACCESS_KEY_ID", "AKIDTESTING");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing-secret");
-    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+/// Starts the plugin with the test credentials in its own environment only.
+async fn start(args: &[String], addr: &ListenAddr, dir: &std::path::Path) -> Plugin {
+    let p = spawn(args, addr, dir);
+    p.wait_healthy(Duration::from_secs(20)).await;
+    p
+}
+
+fn spawn(args: &[String], addr: &ListenAddr, dir: &std::path::Path) -> Plugin {
+    let env = child_env(dir);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Plugin::spawn_aws_isolated(args, &env, addr.clone(), dir)
 }
 
 async fn wait_status(addr: &ListenAddr, limit: Duration, want_ok: bool) -> String {
@@ -133,18 +110,12 @@ async fn decrypt(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_errors_in_front_of_kms_are_an_outage_not_a_revocation() {
     let Some(moto) = start_moto() else { return };
-    let key = create_key(&admin(&moto.url)).await;
+    let key = create_key(&admin(&moto.url).await).await;
     let proxy = fault_proxy::start(&moto.url).await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kms.sock");
-    aws_env();
     let addr = ListenAddr::Path(socket.clone());
-    let plugin = Plugin::start(
-        &serve_args(&socket, &proxy.url, &key),
-        addr.clone(),
-        dir.path(),
-    )
-    .await;
+    let plugin = start(&serve_args(&socket, &proxy.url, &key), &addr, dir.path()).await;
     let mut sealed = Vec::new();
     for i in 0..5 {
         sealed.push(encrypt(&addr, i).await);
@@ -191,31 +162,27 @@ async fn proxy_errors_in_front_of_kms_are_an_outage_not_a_revocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_key_drops_only_its_own_data() {
     let Some(moto) = start_moto() else { return };
-    let admin = admin(&moto.url);
+    let admin = admin(&moto.url).await;
     let k1 = create_key(&admin).await;
     let k2 = create_key(&admin).await;
-    point_alias(&admin, "CreateAlias", "alias/lc", &k1).await;
+    point_alias(&admin, true, "alias/lc", &k1).await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kms.sock");
-    aws_env();
     let addr = ListenAddr::Path(socket.clone());
-    let _plugin = Plugin::start(
+    let _plugin = start(
         &serve_args(&socket, &moto.url, "alias/lc"),
-        addr.clone(),
+        &addr,
         dir.path(),
     )
     .await;
     let (old, old_plain) = encrypt(&addr, 1).await;
-    point_alias(&admin, "UpdateAlias", "alias/lc", &k2).await;
+    point_alias(&admin, false, "alias/lc", &k2).await;
     let new_id =
         support::plugin::wait_for_key_id_change(&addr, &old.key_id, Duration::from_secs(10)).await;
     let (new, new_plain) = encrypt(&addr, 2).await;
     assert_eq!(new.key_id, new_id);
     // Disable the current key: the probe sees DisableKey's state through DescribeKey.
-    admin
-        .call_api("DisableKey", &json!({ "KeyId": k2 }))
-        .await
-        .unwrap();
+    set_enabled(&admin, &k2, false).await;
     let healthz = wait_status(&addr, Duration::from_secs(5), false).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -241,10 +208,7 @@ async fn a_disabled_key_drops_only_its_own_data() {
         old_plain,
         "data under the other key still reads"
     );
-    admin
-        .call_api("EnableKey", &json!({ "KeyId": k2 }))
-        .await
-        .unwrap();
+    set_enabled(&admin, &k2, true).await;
     wait_status(&addr, Duration::from_secs(10), true).await;
     assert_eq!(decrypt(&addr, &new).await.unwrap(), new_plain);
 }
@@ -252,18 +216,13 @@ async fn a_disabled_key_drops_only_its_own_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_away_at_start_up_is_not_fatal() {
     let Some(moto) = start_moto() else { return };
-    let key = create_key(&admin(&moto.url)).await;
+    let key = create_key(&admin(&moto.url).await).await;
     let proxy = fault_proxy::start(&moto.url).await;
     proxy.set(Some(ProxyAnswer::empty(503)));
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kms.sock");
-    aws_env();
     let addr = ListenAddr::Path(socket.clone());
-    let mut plugin = Plugin::spawn(
-        &serve_args(&socket, &proxy.url, &key),
-        addr.clone(),
-        dir.path(),
-    );
+    let mut plugin = spawn(&serve_args(&socket, &proxy.url, &key), &addr, dir.path());
     let healthz = wait_status(&addr, Duration::from_secs(20), false).await;
     assert!(!healthz.contains("revoked"), "{healthz}");
     assert!(
@@ -281,36 +240,37 @@ async fn kms_away_at_start_up_is_not_fatal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_key_disabled_while_cached_stops_decrypting_within_one_deep_probe() {
     let Some(moto) = start_moto() else { return };
-    let admin = admin(&moto.url);
+    let admin = admin(&moto.url).await;
     let k1 = create_key(&admin).await;
     let k2 = create_key(&admin).await;
-    point_alias(&admin, "CreateAlias", "alias/old", &k1).await;
+    point_alias(&admin, true, "alias/old", &k1).await;
     let proxy = fault_proxy::start(&moto.url).await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("kms.sock");
-    aws_env();
     let addr = ListenAddr::Path(socket.clone());
-    let _plugin = Plugin::start(
+    let _plugin = start(
         &serve_args(&socket, &proxy.url, "alias/old"),
-        addr.clone(),
+        &addr,
         dir.path(),
     )
     .await;
     let (old, old_plain) = encrypt(&addr, 1).await;
-    point_alias(&admin, "UpdateAlias", "alias/old", &k2).await;
+    point_alias(&admin, false, "alias/old", &k2).await;
     support::plugin::wait_for_key_id_change(&addr, &old.key_id, Duration::from_secs(10)).await;
     let (new, new_plain) = encrypt(&addr, 2).await;
     // k1 is disabled. moto keeps decrypting under a disabled key; real KMS answers Decrypt with a
     // typed DisabledException, which the proxy adds in KMS's own error shape.
-    admin
-        .call_api("DisableKey", &json!({ "KeyId": k1 }))
-        .await
-        .unwrap();
+    set_enabled(&admin, &k1, false).await;
     let arn1 = admin
-        .call_api("DescribeKey", &json!({ "KeyId": k1 }))
+        .client()
+        .describe_key()
+        .key_id(&k1)
+        .send()
         .await
-        .unwrap()["KeyMetadata"]["Arn"]
-        .as_str()
+        .unwrap()
+        .key_metadata()
+        .unwrap()
+        .arn()
         .unwrap()
         .to_string();
     proxy.answer_typed(
@@ -343,10 +303,7 @@ async fn an_old_key_disabled_while_cached_stops_decrypting_within_one_deep_probe
         "current key unaffected"
     );
     assert_eq!(try_status(&addr).await.unwrap().healthz, "ok");
-    admin
-        .call_api("EnableKey", &json!({ "KeyId": k1 }))
-        .await
-        .unwrap();
+    set_enabled(&admin, &k1, true).await;
     proxy.clear_typed();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while decrypt(&addr, &old).await.is_err() {

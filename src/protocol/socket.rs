@@ -433,7 +433,7 @@ impl tokio_stream::Stream for Incoming {
                     if open >= this.options.max_connections {
                         let refused = this.stats.refused.fetch_add(1, Ordering::Relaxed);
                         // One line per thousand refusals: a flood must not flood the log too.
-                        if refused % 1000 == 0 {
+                        if refused.is_multiple_of(1000) {
                             tracing::warn!(
                                 open,
                                 limit = this.options.max_connections,

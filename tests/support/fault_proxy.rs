@@ -35,6 +35,9 @@ impl ProxyAnswer {
 /// A typed answer for requests whose body contains a needle: (needle, status, content type, body).
 type TypedAnswer = (String, u16, &'static str, String);
 
+/// (operation, access key id that signed it) of one forwarded request.
+type Seen = (String, Option<String>);
+
 #[derive(Clone)]
 pub struct FaultProxy {
     pub url: String,
@@ -43,6 +46,8 @@ pub struct FaultProxy {
     /// Requests whose body contains the needle get this typed answer (status, content type, body):
     /// for behaviour of the real service that its stand-in lacks.
     typed: Arc<Mutex<Option<TypedAnswer>>>,
+    /// Every request forwarded: (operation, access key id it was signed with).
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl FaultProxy {
@@ -60,6 +65,27 @@ impl FaultProxy {
     pub fn clear_typed(&self) {
         *self.typed.lock().unwrap() = None;
     }
+    /// The forwarded requests as (operation, signing access key id): the operation is the JSON
+    /// API's `x-amz-target` (`TrentService.Decrypt`) or the query API's `Action` (`AssumeRole`).
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// (operation, access key id) of a signed AWS request.
+fn operation_and_signer(req: &super::http_fake::Req) -> Seen {
+    let op = req
+        .header("x-amz-target")
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            super::http_fake::form_param(&String::from_utf8_lossy(&req.body), "Action")
+                .unwrap_or_default()
+        });
+    let akid = req.header("authorization").and_then(|a| {
+        let rest = a.split("Credential=").nth(1)?;
+        Some(rest.split('/').next()?.to_string())
+    });
+    (op, akid)
 }
 
 /// Starts a proxy forwarding to `upstream` (an `http://` base URL).
@@ -70,6 +96,7 @@ pub async fn start(upstream: &str) -> FaultProxy {
         answer: Arc::new(Mutex::new(None)),
         forwarded: Arc::new(Mutex::new(0)),
         typed: Arc::new(Mutex::new(None)),
+        seen: Arc::default(),
     };
     let upstream = upstream.trim_end_matches('/').to_string();
     let client = reqwest::Client::new();
@@ -102,6 +129,7 @@ pub async fn start(upstream: &str) -> FaultProxy {
                         }
                         None => {
                             *p.forwarded.lock().unwrap() += 1;
+                            p.seen.lock().unwrap().push(operation_and_signer(&req));
                             let target = if req.query.is_empty() {
                                 format!("{upstream}{}", req.path)
                             } else {

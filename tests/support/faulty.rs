@@ -95,7 +95,7 @@ impl FaultyBackend {
             return Err(e);
         }
         if let Some(every) = faults.flap_every {
-            if n % every == 0 {
+            if n.is_multiple_of(every) {
                 return Err(BackendError::Unavailable("injected flap".into()));
             }
         }

@@ -3,6 +3,8 @@
 
 #[cfg(feature = "akeyless")]
 pub mod akeyless_fake;
+#[cfg(feature = "aws-kms")]
+pub mod aws;
 pub mod conformance;
 pub mod engines;
 pub mod etcd_values;

@@ -97,6 +97,33 @@ impl Plugin {
         Plugin { child, addr, log }
     }
 
+    /// [`Plugin::spawn_with_env`] without any `AWS_*` variable of the test process: the child sees
+    /// only the AWS set-up the test gives it.
+    pub fn spawn_aws_isolated(
+        args: &[String],
+        env: &[(&str, &str)],
+        addr: ListenAddr,
+        log_dir: &Path,
+    ) -> Plugin {
+        let log = log_dir.join(format!("plugin-{}.log", rand::random::<u32>()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(BIN);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .args(args)
+            .envs(env.iter().copied())
+            .env("KMS_PLUGIN_LOG_LEVEL", "debug")
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn kms-plugin");
+        Plugin { child, addr, log }
+    }
+
     pub async fn wait_healthy(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {

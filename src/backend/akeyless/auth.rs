@@ -80,11 +80,6 @@ impl CloudIdProvider for NoCloudId {
 /// The provider used by [`super::AkeylessBackend::connect`]: the metadata services and the AWS
 /// credentials chain, with the endpoint overrides from `args`.
 pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider> {
-    use crate::backend::aws::credentials::{ChainConfig, CredentialsProvider};
-    let mut chain = ChainConfig::from_env();
-    if let Some(url) = &args.aws_imds_url {
-        chain.imds_endpoint = Some(url.clone());
-    }
     let mut detect = cloud_id::DetectConfig::default();
     if let Some(url) = &args.aws_imds_url {
         detect.aws_imds_url = url.clone();
@@ -96,7 +91,7 @@ pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider
         detect.gcp_metadata_url = url.clone();
     }
     Arc::new(MetadataCloudId {
-        aws: CredentialsProvider::new(chain),
+        aws: cloud_id::AwsCredentialSource::default_chain(args.aws_imds_url.clone()),
         // Current official clients sign for the regional STS endpoint when AWS_REGION is set.
         sts_url: args.aws_sts_url.clone().unwrap_or_else(|| {
             cloud_id::sts_url_for_region(std::env::var("AWS_REGION").ok().as_deref())
@@ -108,7 +103,7 @@ pub fn default_cloud_id_provider(args: &AkeylessArgs) -> Arc<dyn CloudIdProvider
 
 /// [`CloudIdProvider`] over [`cloud_id`]: signed STS request, Azure IMDS, GCP metadata server.
 struct MetadataCloudId {
-    aws: crate::backend::aws::credentials::CredentialsProvider,
+    aws: cloud_id::AwsCredentialSource,
     sts_url: String,
     /// AKS workload identity, preferred over IMDS when its variables are set.
     azure_workload: Option<cloud_id::AzureWorkloadIdentity>,

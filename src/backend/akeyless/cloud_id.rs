@@ -12,10 +12,10 @@
 //! Every endpoint is a parameter so that tests and unusual clouds can point elsewhere.
 //!
 //! Typical use by the Akeyless backend:
-//! - `aws_iam`: keep one `CredentialsProvider::new(ChainConfig::from_env())` (it caches and
-//!   refreshes temporary credentials) and call [`aws_iam_cloud_id_from_chain`] before each `/auth`,
-//!   with [`DEFAULT_STS_URL`] (region `us-east-1`) or a regional `https://sts.REGION.amazonaws.com/`
-//!   ([`sts_region_from_url`] gives the signing region).
+//! - `aws_iam`: keep one [`AwsCredentialSource`] (the SDK's default chain, `aws-config`, with a
+//!   small cache) and call [`aws_iam_cloud_id_from_chain`] before each `/auth`, with
+//!   [`DEFAULT_STS_URL`] (region `us-east-1`) or a regional `https://sts.REGION.amazonaws.com/`
+//!   ([`sts_region_from_url`] gives the signing region). The request is signed with `aws-sigv4`.
 //! - `azure_ad`: [`azure_ad_cloud_id`]`(DEFAULT_AZURE_IMDS_URL, object_id)`.
 //! - `gcp`: [`gcp_cloud_id`]`(DEFAULT_GCP_METADATA_URL, audience)`.
 //! - no access type and no secret given: [`detect_cloud`] then [`Cloud::access_type`].
@@ -26,12 +26,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+pub use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::backend::aws::credentials::{Credentials, CredentialsProvider};
-use crate::backend::aws::sigv4;
+use crate::backend::http::redact_reqwest;
 
 /// STS endpoint used by older Akeyless clients; current ones sign for a regional endpoint.
 pub const DEFAULT_STS_URL: &str = "https://sts.amazonaws.com/";
@@ -81,11 +84,7 @@ pub fn sts_url_for_region(region: Option<&str>) -> String {
         );
         return DEFAULT_STS_URL.to_string();
     }
-    if r.starts_with("cn-") {
-        format!("https://sts.{r}.amazonaws.com.cn/")
-    } else {
-        format!("https://sts.{r}.amazonaws.com/")
-    }
+    format!("https://sts.{r}.{}/", crate::backend::aws::dns_suffix(r))
 }
 
 /// The region whose STS endpoint `url` names (`sts.<region>.amazonaws.com`), else `us-east-1`.
@@ -110,27 +109,47 @@ pub fn aws_iam_cloud_id_at(
 ) -> Result<Zeroizing<String>, CloudIdError> {
     let content_length = STS_BODY.len().to_string();
     let headers = [
-        ("Content-Length", content_length.as_str()),
-        ("Content-Type", STS_CONTENT_TYPE),
+        ("content-length", content_length.as_str()),
+        ("content-type", STS_CONTENT_TYPE),
     ];
-    let req = sigv4::Request {
-        method: "POST",
-        url: sts_url,
-        headers: &headers,
-        body: STS_BODY.as_bytes(),
-    };
-    let signed = sigv4::sign(&req, creds, region, "sts", time)
-        .map_err(|e| CloudIdError::Sign(e.to_string()))?;
+    let identity = creds.clone().into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("sts")
+        .time(time)
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| CloudIdError::Sign(e.to_string()))?
+        .into();
+    let signable = SignableRequest::new(
+        "POST",
+        sts_url,
+        headers.iter().copied(),
+        SignableBody::Bytes(STS_BODY.as_bytes()),
+    )
+    .map_err(|e| CloudIdError::Sign(e.to_string()))?;
+    let (instructions, _) = sign(signable, &params)
+        .map_err(|e| CloudIdError::Sign(e.to_string()))?
+        .into_parts();
 
     // Canonical Go header names, values as arrays, as Akeyless's server reads them. The Host header
     // is not listed: the replaying client derives it from the URL.
-    let mut map: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    map.insert("Authorization", vec![signed.authorization.clone()]);
-    map.insert("Content-Length", vec![content_length.clone()]);
-    map.insert("Content-Type", vec![STS_CONTENT_TYPE.to_string()]);
-    map.insert("X-Amz-Date", vec![signed.amz_date.clone()]);
-    if let Some(t) = &signed.security_token {
-        map.insert("X-Amz-Security-Token", vec![t.clone()]);
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    map.insert("Content-Length".into(), vec![content_length.clone()]);
+    map.insert("Content-Type".into(), vec![STS_CONTENT_TYPE.to_string()]);
+    for (name, value) in instructions.headers() {
+        let canonical = match name {
+            "authorization" => "Authorization",
+            "x-amz-date" => "X-Amz-Date",
+            "x-amz-security-token" => "X-Amz-Security-Token",
+            other => {
+                return Err(CloudIdError::Sign(format!(
+                    "the signer added an unexpected header {other}"
+                )))
+            }
+        };
+        map.insert(canonical.into(), vec![value.to_string()]);
     }
     let headers_json = Zeroizing::new(serde_json::to_vec(&map).expect("string map serializes"));
     let doc = serde_json::json!({
@@ -152,17 +171,130 @@ pub async fn aws_iam_cloud_id(
     aws_iam_cloud_id_at(creds, sts_url, region, SystemTime::now())
 }
 
-/// Like [`aws_iam_cloud_id`], with credentials from the standard chain (env, files, web identity,
-/// IMDSv2) held by `provider`.
+/// Credentials are re-resolved when they expire within this margin.
+const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+
+/// AWS credentials for the cloud-id: the SDK's default chain (env, profiles with role_arn /
+/// credential_process / SSO, web identity, container endpoint, IMDSv2), resolved once and kept
+/// until shortly before they expire (Akeyless logins are minutes apart, no refresh in between).
+pub struct AwsCredentialSource {
+    provider: tokio::sync::OnceCell<Result<SharedCredentialsProvider, CloudIdError>>,
+    imds_url: Option<String>,
+    given: Option<SharedCredentialsProvider>,
+    cached: tokio::sync::Mutex<Option<Credentials>>,
+}
+
+impl std::fmt::Debug for AwsCredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsCredentialSource")
+            .field("imds_url", &self.imds_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwsCredentialSource {
+    /// The default chain; `imds_url` replaces the IMDS endpoint (also settable through
+    /// `AWS_EC2_METADATA_SERVICE_ENDPOINT`). Nothing is contacted before the first use.
+    pub fn default_chain(imds_url: Option<String>) -> Self {
+        AwsCredentialSource {
+            provider: tokio::sync::OnceCell::new(),
+            imds_url,
+            given: None,
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// A given provider (tests, static credentials).
+    pub fn new(provider: impl ProvideCredentials + 'static) -> Self {
+        AwsCredentialSource {
+            given: Some(SharedCredentialsProvider::new(provider)),
+            ..Self::default_chain(None)
+        }
+    }
+
+    async fn provider(&self) -> Result<SharedCredentialsProvider, CloudIdError> {
+        if let Some(p) = &self.given {
+            return Ok(p.clone());
+        }
+        self.provider
+            .get_or_init(|| async {
+                let mut opts = crate::backend::aws::AwsOptions::default();
+                if let Some(url) = &self.imds_url {
+                    opts.credentials = Some(imds_chain(url).await?);
+                }
+                let flags = crate::backend::tls::TlsFlags {
+                    ca_file: "SSL_CERT_FILE",
+                    client_cert_file: "-",
+                    client_key_file: "-",
+                };
+                let config = crate::backend::aws::sdk_config(&opts, &flags)
+                    .await
+                    .map_err(|e| CloudIdError::Credentials(e.to_string()))?;
+                config.credentials_provider().ok_or_else(|| {
+                    CloudIdError::Credentials("the AWS SDK found no credentials provider".into())
+                })
+            })
+            .await
+            .clone()
+    }
+
+    /// Current credentials, from the cache while they are valid for [`CREDENTIALS_MARGIN`].
+    pub async fn credentials(&self) -> Result<Credentials, CloudIdError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = &*cached {
+            let fresh = c
+                .expiry()
+                .is_none_or(|e| e > SystemTime::now() + CREDENTIALS_MARGIN);
+            if fresh {
+                return Ok(c.clone());
+            }
+        }
+        let creds = self
+            .provider()
+            .await?
+            .provide_credentials()
+            .await
+            .map_err(|e| CloudIdError::Credentials(crate::backend::aws::error_chain(&e)))?;
+        *cached = Some(creds.clone());
+        Ok(creds)
+    }
+}
+
+/// The default chain with IMDS at `url`.
+async fn imds_chain(url: &str) -> Result<SharedCredentialsProvider, CloudIdError> {
+    let (tls, _) = crate::backend::tls::client_config(
+        &Default::default(),
+        &crate::backend::tls::TlsFlags {
+            ca_file: "SSL_CERT_FILE",
+            client_cert_file: "-",
+            client_key_file: "-",
+        },
+    )
+    .map_err(|e| CloudIdError::Credentials(e.to_string()))?;
+    let conf = aws_config::provider_config::ProviderConfig::without_region()
+        .with_http_client(crate::backend::aws::http_client::ReqwestHttpClient::new(tls).shared())
+        .load_default_region()
+        .await;
+    let imds = aws_config::imds::Client::builder()
+        .configure(&conf)
+        .endpoint(url)
+        .map_err(|e| CloudIdError::Credentials(format!("--akeyless-aws-imds-url {url:?}: {e}")))?
+        .build();
+    let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+        .imds_client(imds)
+        .configure(conf)
+        .build()
+        .await;
+    Ok(SharedCredentialsProvider::new(chain))
+}
+
+/// Like [`aws_iam_cloud_id`], with credentials from `source`.
 pub async fn aws_iam_cloud_id_from_chain(
-    provider: &CredentialsProvider,
+    source: &AwsCredentialSource,
     sts_url: &str,
     region: &str,
 ) -> Result<Zeroizing<String>, CloudIdError> {
-    let creds = provider
-        .credentials()
-        .await
-        .map_err(|e| CloudIdError::Credentials(e.to_string()))?;
+    let creds = source.credentials().await?;
     aws_iam_cloud_id(&creds, sts_url, region).await
 }
 
@@ -187,10 +319,7 @@ async fn fetch(
         url: url.to_string(),
         detail,
     };
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| err(crate::backend::aws::redact_reqwest(&e)))?;
+    let resp = req.send().await.map_err(|e| err(redact_reqwest(&e)))?;
     let status = resp.status();
     let body = Zeroizing::new(
         resp.text()
@@ -419,13 +548,21 @@ impl Default for DetectConfig {
 }
 
 async fn probe_aws(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
-    crate::backend::aws::credentials::imds_token(
-        http,
-        cfg.aws_imds_url.trim_end_matches('/'),
-        cfg.timeout,
-    )
-    .await
-    .is_ok()
+    // IMDSv2's session-token call: only the real service (or a stand-in for it) answers it.
+    let url = format!(
+        "{}/latest/api/token",
+        cfg.aws_imds_url.trim_end_matches('/')
+    );
+    match http
+        .put(url)
+        .header("x-aws-ec2-metadata-token-ttl-seconds", "60")
+        .timeout(cfg.timeout)
+        .send()
+        .await
+    {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
 }
 
 async fn probe_gcp(http: &reqwest::Client, cfg: &DetectConfig) -> bool {
