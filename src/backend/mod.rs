@@ -21,11 +21,18 @@ pub mod aws;
 pub mod aws_kms;
 #[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
 mod http;
+#[cfg(feature = "kmip")]
+pub mod kmip;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
-#[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
+#[cfg(any(
+    feature = "aws-kms",
+    feature = "akeyless",
+    feature = "vault",
+    feature = "kmip"
+))]
 pub mod tls;
 #[cfg(feature = "vault")]
 pub mod vault;

@@ -153,6 +153,8 @@ async fn build_backend(
         Some(BackendKind::AwsKms) => Ok(crate::backend::aws_kms::from_args(&args.aws).await?),
         #[cfg(feature = "vault")]
         Some(BackendKind::Vault) => Ok(crate::backend::vault::from_args(&args.vault).await?),
+        #[cfg(feature = "kmip")]
+        Some(BackendKind::Kmip) => Ok(crate::backend::kmip::from_args(&args.kmip).await?),
         #[allow(unreachable_patterns)]
         Some(other) => anyhow::bail!("backend {other:?} is not compiled into this build"),
     }
