@@ -18,6 +18,8 @@ pub mod tag {
     pub const CRYPTOGRAPHIC_ALGORITHM: u32 = 0x420028;
     pub const CRYPTOGRAPHIC_PARAMETERS: u32 = 0x42002B;
     pub const INITIAL_DATE: u32 = 0x420039;
+    pub const LINK_TYPE: u32 = 0x42004B;
+    pub const LINKED_OBJECT_IDENTIFIER: u32 = 0x42004C;
     pub const IV_COUNTER_NONCE: u32 = 0x42003D;
     pub const MAXIMUM_RESPONSE_SIZE: u32 = 0x420050;
     pub const NAME: u32 = 0x420053;
@@ -147,13 +149,13 @@ pub const ATTRIBUTES: &[&str] = &[
     "Name",
 ];
 
-pub fn get_attributes(uid: &str) -> Request {
+pub fn get_attributes(uid: &str, names: &[&str]) -> Request {
     let mut payload = vec![Item::new(
         tag::UNIQUE_IDENTIFIER,
         Value::TextString(uid.into()),
     )];
     payload.extend(
-        ATTRIBUTES
+        names
             .iter()
             .map(|n| Item::new(tag::ATTRIBUTE_NAME, Value::TextString((*n).into()))),
     );
@@ -430,7 +432,11 @@ pub struct KeyAttributes {
     pub activation_date: Option<i64>,
     pub initial_date: Option<i64>,
     pub names: Vec<String>,
+    /// Replacement Object Link: the key that a Re-key made from this one.
+    pub replacement: Option<String>,
 }
+
+const LINK_REPLACEMENT_OBJECT: u32 = 0x106;
 
 /// Reads a Get Attributes payload (KMIP 1.x Attribute structures).
 pub fn key_attributes(payload: &Item) -> KeyAttributes {
@@ -451,6 +457,15 @@ pub fn key_attributes(payload: &Item) -> KeyAttributes {
                 if let Some(n) = value.child(tag::NAME_VALUE).and_then(Item::as_text) {
                     a.names.push(n.to_string());
                 }
+            }
+            "Link"
+                if value.child(tag::LINK_TYPE).and_then(Item::as_enum)
+                    == Some(LINK_REPLACEMENT_OBJECT) =>
+            {
+                a.replacement = value
+                    .child(tag::LINKED_OBJECT_IDENTIFIER)
+                    .and_then(Item::as_text)
+                    .map(str::to_string);
             }
             _ => {}
         }
@@ -523,7 +538,7 @@ mod tests {
 
     #[test]
     fn request_messages_decode_as_ttlv() {
-        let wire = request_message(&[locate("k8s", true), get_attributes("1")]);
+        let wire = request_message(&[locate("k8s", true), get_attributes("1", ATTRIBUTES)]);
         let root = ttlv::decode(&wire).unwrap();
         assert_eq!(root.tag, tag::REQUEST_MESSAGE);
         assert_eq!(root.all(tag::BATCH_ITEM).count(), 2);
@@ -612,6 +627,13 @@ mod tests {
                 attr("Activation Date", Value::DateTime(100)),
                 attr("Initial Date", Value::DateTime(99)),
                 attr(
+                    "Link",
+                    Value::Structure(vec![
+                        Item::new(tag::LINK_TYPE, Value::Enumeration(LINK_REPLACEMENT_OBJECT)),
+                        Item::new(tag::LINKED_OBJECT_IDENTIFIER, Value::TextString("8".into())),
+                    ]),
+                ),
+                attr(
                     "Name",
                     Value::Structure(vec![
                         Item::new(tag::NAME_VALUE, Value::TextString("k8s".into())),
@@ -625,5 +647,6 @@ mod tests {
         assert_eq!(a.algorithm, Some(ALGORITHM_AES));
         assert_eq!((a.activation_date, a.initial_date), (Some(100), Some(99)));
         assert_eq!(a.names, vec!["k8s".to_string()]);
+        assert_eq!(a.replacement.as_deref(), Some("8"));
     }
 }

@@ -44,6 +44,7 @@ const CLIENT_IV_LEN: usize = 12;
 const MAX_CANDIDATES: usize = 64;
 const MAX_KEY_REF: usize = 255;
 const VERIFIED_CAP: usize = 4096;
+const MAX_REKEY_HOPS: usize = 16;
 
 const TLS_FLAGS: super::tls::TlsFlags = super::tls::TlsFlags {
     ca_file: "--kmip-ca-file",
@@ -213,9 +214,17 @@ impl KmipBackend {
     }
 
     async fn attributes(&self, uid: &str) -> Result<KeyAttributes, BackendError> {
+        self.attributes_named(uid, messages::ATTRIBUTES).await
+    }
+
+    async fn attributes_named(
+        &self,
+        uid: &str,
+        names: &[&str],
+    ) -> Result<KeyAttributes, BackendError> {
         let payload = self
             .one(
-                messages::get_attributes(uid),
+                messages::get_attributes(uid, names),
                 &format!("Get Attributes of key {uid:?}"),
             )
             .await?;
@@ -228,7 +237,10 @@ impl KmipBackend {
         &self,
         uids: &[String],
     ) -> Result<Vec<(String, KeyAttributes)>, BackendError> {
-        let requests: Vec<Request> = uids.iter().map(|u| messages::get_attributes(u)).collect();
+        let requests: Vec<Request> = uids
+            .iter()
+            .map(|u| messages::get_attributes(u, messages::ATTRIBUTES))
+            .collect();
         let out = self.batch(&requests).await?;
         let mut found = Vec::new();
         let mut first_err = None;
@@ -343,14 +355,23 @@ impl KmipBackend {
         {
             return Ok(());
         }
-        let a = self.attributes(uid).await?;
-        if !a.names.iter().any(|n| n == name) {
-            return Err(BackendError::InvalidCiphertext(format!(
-                "the ciphertext names KMIP key {uid:?}, which is not named {name:?}"
-            )));
+        // A Re-key moves the Name to the replacement key: follow Replacement Object Links to a
+        // key that carries the Name.
+        let mut at = uid.to_string();
+        for _ in 0..MAX_REKEY_HOPS {
+            let a = self.attributes_named(&at, &["Name", "Link"]).await?;
+            if a.names.iter().any(|n| n == name) {
+                self.remember(uid);
+                return Ok(());
+            }
+            match a.replacement {
+                Some(next) if valid_uid(&next) && next != at => at = next,
+                _ => break,
+            }
         }
-        self.remember(uid);
-        Ok(())
+        Err(BackendError::InvalidCiphertext(format!(
+            "the ciphertext names KMIP key {uid:?}, which is not named {name:?} (nor replaced by a key of that name)"
+        )))
     }
 
     async fn encrypt_once(
