@@ -365,3 +365,74 @@ async fn served_binary_passes_socket_conformance() {
     let log = p.log_text();
     assert!(!log.contains("PRIVATE KEY"), "key material in the log");
 }
+
+/// A TCP forwarder to `target` that swallows its first connection (reads, never answers).
+async fn stalling_proxy(target: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let target = target.clone();
+            tokio::spawn(async move {
+                if n == 0 {
+                    let mut sink = [0u8; 4096];
+                    while matches!(inbound.read(&mut sink).await, Ok(r) if r > 0) {}
+                    return;
+                }
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// One hung connection holds one pool slot, not the pool: other calls go through on another
+/// connection meanwhile, the hung call ends as a timeout, and its connection is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_connection_does_not_block_other_calls() {
+    let Some(k) = start_pykmip() else { return };
+    k.create_key("k8s");
+    let (proxy, accepted) = stalling_proxy(k.endpoint.clone()).await;
+    let b = Arc::new(
+        KmipBackend::new(&KmipArgs {
+            kmip_timeout: Duration::from_secs(3),
+            kmip_pool_size: 2,
+            ..args(&k, &proxy)
+        })
+        .unwrap(),
+    );
+    let hung = tokio::spawn({
+        let b = b.clone();
+        async move { b.current_key().await }
+    });
+    support::wait_until(Duration::from_secs(5), || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let w = b
+        .wrap(b"meanwhile")
+        .await
+        .expect("a call beside the hung one");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!hung.is_finished(), "the hung call ended early");
+    let err = hung.await.unwrap().unwrap_err();
+    assert!(matches!(err, BackendError::Timeout(_)), "{err:?}");
+    // The pool still works and never hands out the hung connection again.
+    for _ in 0..4 {
+        assert_eq!(
+            &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+            b"meanwhile"
+        );
+    }
+}

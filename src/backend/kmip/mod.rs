@@ -698,6 +698,49 @@ mod tests {
         assert!(matches!(usable("1", &rsa), Err(BackendError::Config(_))));
     }
 
+    /// Every single-byte change and every truncation of a real-shaped answer is handled.
+    #[test]
+    fn mutated_answers_never_panic() {
+        use messages::tag;
+        use ttlv::{Item, Value};
+        let answer = Item::structure(
+            tag::RESPONSE_MESSAGE,
+            vec![
+                Item::structure(
+                    tag::RESPONSE_HEADER,
+                    vec![Item::new(tag::BATCH_COUNT, Value::Integer(1))],
+                ),
+                Item::structure(
+                    tag::BATCH_ITEM,
+                    vec![
+                        Item::new(tag::OPERATION, Value::Enumeration(messages::op::ENCRYPT)),
+                        Item::new(tag::RESULT_STATUS, Value::Enumeration(0)),
+                        Item::structure(
+                            tag::RESPONSE_PAYLOAD,
+                            vec![
+                                Item::new(tag::UNIQUE_IDENTIFIER, Value::TextString("1".into())),
+                                Item::new(tag::DATA, Value::ByteString(vec![7; 32])),
+                                Item::new(tag::IV_COUNTER_NONCE, Value::ByteString(vec![1; 16])),
+                            ],
+                        ),
+                    ],
+                ),
+            ],
+        )
+        .encode();
+        assert!(interpret_response_for_fuzzing(&answer)
+            .iter()
+            .any(|m| m.contains("Some(32)")));
+        for i in 0..answer.len() {
+            for bit in [0x01u8, 0x80, 0xFF] {
+                let mut m = answer.clone();
+                m[i] ^= bit;
+                let _ = interpret_response_for_fuzzing(&m);
+            }
+            let _ = interpret_response_for_fuzzing(&answer[..i]);
+        }
+    }
+
     #[test]
     fn arguments_are_checked() {
         let base = KmipArgs {
