@@ -1,7 +1,9 @@
 //! The KMIP backend against a real PyKMIP server (`pykmip-server` from the test venv, mutual TLS
 //! with a test CA): the conformance suite with rotation (a new key with the same name), the newest
 //! Active key winning, Revoke and Destroy revoking through the engine, the server going down and
-//! coming back, non-KMIP answers as outages, and the served binary's socket conformance.
+//! coming back, non-KMIP answers and TLS failures as outages, another identity refused in KMIP's
+//! own words, a hung connection holding one pool slot only, and the served binary's socket
+//! conformance.
 #![cfg(feature = "kmip")]
 mod support;
 
@@ -435,4 +437,37 @@ async fn a_hung_connection_does_not_block_other_calls() {
             b"meanwhile"
         );
     }
+}
+
+/// PyKMIP's ownership model: a key belongs to the identity (certificate common name) that created
+/// it. Another identity's Locate does not see it (not found), and naming it by identifier is
+/// refused in PyKMIP's typed answer (permission denied): both revocation-class, never an outage.
+#[tokio::test]
+async fn another_identity_is_refused_in_kmips_own_words() {
+    let Some(k) = start_pykmip() else { return };
+    let uid = k.create_key("k8s");
+    let owner = backend(&k);
+    let w = owner.wrap(b"owned").await.unwrap();
+    // The same test CA's RSA client certificate has another common name.
+    let other = |name: Option<&str>, id: Option<&str>| {
+        KmipBackend::new(&KmipArgs {
+            kmip_cert_file: Some(k.certs.join("client-rsa.pem")),
+            kmip_key_file: Some(k.certs.join("client-rsa-key.pem")),
+            kmip_key_name: name.map(str::to_string),
+            kmip_key_id: id.map(str::to_string),
+            ..args(&k, &k.endpoint)
+        })
+        .unwrap()
+    };
+    let by_name = other(Some("k8s"), None);
+    let err = by_name.current_key().await.unwrap_err();
+    assert!(matches!(err, BackendError::KeyNotFound(_)), "{err:?}");
+    let err = by_name.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err();
+    assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
+    let by_id = other(None, Some(&uid));
+    let err = by_id.current_key().await.unwrap_err();
+    assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
+    let err = by_id.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err();
+    assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
+    assert!(!err.to_string().contains("owned"));
 }

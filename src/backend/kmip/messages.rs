@@ -251,7 +251,11 @@ pub fn request_message(requests: &[Request]) -> Vec<u8> {
         item.push(Item::structure(tag::REQUEST_PAYLOAD, r.payload.clone()));
         items.push(Item::structure(tag::BATCH_ITEM, item));
     }
-    Item::structure(tag::REQUEST_MESSAGE, items).encode()
+    let mut message = Item::structure(tag::REQUEST_MESSAGE, items);
+    let wire = message.encode();
+    // The copy of the payloads may hold a plaintext key.
+    message.wipe();
+    wire
 }
 
 fn batch_id(i: usize) -> Vec<u8> {

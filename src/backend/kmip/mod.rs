@@ -190,9 +190,11 @@ impl KmipBackend {
     /// Sends `requests` as one message; one outcome per request.
     async fn batch(&self, requests: &[Request]) -> Result<Vec<Outcome>, BackendError> {
         let wire = Zeroizing::new(messages::request_message(requests));
-        let answer = self.pool.call(&wire).await?;
+        let mut answer = self.pool.call(&wire).await?;
         let ops: Vec<u32> = requests.iter().map(|r| r.operation).collect();
-        let out = messages::parse_response(&answer, &ops)?;
+        let out = messages::parse_response(&answer, &ops);
+        answer.wipe();
+        let out = out?;
         if out.len() != requests.len() {
             // The server answered the whole message with one error (it could not parse it).
             return match out.into_iter().next() {
@@ -208,9 +210,11 @@ impl KmipBackend {
     }
 
     /// One request; its success payload, or its failure through the table.
-    async fn one(&self, request: Request, what: &str) -> Result<ttlv::Item, BackendError> {
-        let out = self.batch(std::slice::from_ref(&request)).await?;
-        into_payload(out.into_iter().next(), what)
+    /// The request's byte strings (a plaintext key for Encrypt) are wiped once it was sent.
+    async fn one(&self, mut request: Request, what: &str) -> Result<ttlv::Item, BackendError> {
+        let out = self.batch(std::slice::from_ref(&request)).await;
+        request.payload.iter_mut().for_each(ttlv::Item::wipe);
+        into_payload(out?.into_iter().next(), what)
     }
 
     async fn attributes(&self, uid: &str) -> Result<KeyAttributes, BackendError> {
@@ -555,15 +559,15 @@ impl Backend for KmipBackend {
             ));
         }
         self.check_owner(key_ref).await?;
-        let payload = self
+        let mut payload = self
             .one(
                 messages::decrypt(key_ref, data, iv, tag),
                 &format!("Decrypt with key {key_ref:?}"),
             )
             .await?;
-        let plain = messages::decrypted(&payload)
-            .ok_or_else(|| BackendError::Other("the KMIP Decrypt answer has no Data".into()))?;
-        Ok(Zeroizing::new(plain.to_vec()))
+        let plain = messages::decrypted(&payload).map(|p| Zeroizing::new(p.to_vec()));
+        payload.wipe();
+        plain.ok_or_else(|| BackendError::Other("the KMIP Decrypt answer has no Data".into()))
     }
 }
 

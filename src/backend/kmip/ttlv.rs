@@ -137,36 +137,65 @@ impl Item {
         }
     }
 
-    /// Appends the encoding of this item to `out`.
+    /// Appends the encoding of this item to `out`, writing values in place (no temporary copy
+    /// of a byte string that may hold key material).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let (typ, body): (u8, Vec<u8>) = match &self.value {
-            Value::Structure(items) => {
-                let mut b = Vec::new();
-                for i in items {
-                    i.encode_into(&mut b);
-                }
-                (T_STRUCTURE, b)
-            }
-            Value::Integer(v) => (T_INTEGER, v.to_be_bytes().to_vec()),
-            Value::LongInteger(v) => (T_LONG, v.to_be_bytes().to_vec()),
-            Value::BigInteger(b) => (T_BIG, b.clone()),
-            Value::Enumeration(v) => (T_ENUM, v.to_be_bytes().to_vec()),
-            Value::Boolean(v) => (T_BOOL, u64::from(*v).to_be_bytes().to_vec()),
-            Value::TextString(s) => (T_TEXT, s.as_bytes().to_vec()),
-            Value::ByteString(b) => (T_BYTES, b.clone()),
-            Value::DateTime(v) => (T_DATETIME, v.to_be_bytes().to_vec()),
-            Value::Interval(v) => (T_INTERVAL, v.to_be_bytes().to_vec()),
-            Value::DateTimeExtended(v) => (T_DATETIME_EXT, v.to_be_bytes().to_vec()),
-        };
+        let start = out.len();
         out.extend_from_slice(&self.tag.to_be_bytes()[1..]);
-        out.push(typ);
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
-        out.resize(out.len() + padding(body.len()), 0);
+        out.push(self.type_byte());
+        out.extend_from_slice(&[0; 4]);
+        let body = out.len();
+        match &self.value {
+            Value::Structure(items) => {
+                for i in items {
+                    i.encode_into(out);
+                }
+            }
+            Value::Integer(v) => out.extend_from_slice(&v.to_be_bytes()),
+            Value::LongInteger(v) | Value::DateTime(v) | Value::DateTimeExtended(v) => {
+                out.extend_from_slice(&v.to_be_bytes())
+            }
+            Value::BigInteger(b) | Value::ByteString(b) => out.extend_from_slice(b),
+            Value::Enumeration(v) | Value::Interval(v) => out.extend_from_slice(&v.to_be_bytes()),
+            Value::Boolean(v) => out.extend_from_slice(&u64::from(*v).to_be_bytes()),
+            Value::TextString(t) => out.extend_from_slice(t.as_bytes()),
+        }
+        let len = out.len() - body;
+        out[start + 4..body].copy_from_slice(&(len as u32).to_be_bytes());
+        out.resize(out.len() + padding(len), 0);
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self.value {
+            Value::Structure(_) => T_STRUCTURE,
+            Value::Integer(_) => T_INTEGER,
+            Value::LongInteger(_) => T_LONG,
+            Value::BigInteger(_) => T_BIG,
+            Value::Enumeration(_) => T_ENUM,
+            Value::Boolean(_) => T_BOOL,
+            Value::TextString(_) => T_TEXT,
+            Value::ByteString(_) => T_BYTES,
+            Value::DateTime(_) => T_DATETIME,
+            Value::Interval(_) => T_INTERVAL,
+            Value::DateTimeExtended(_) => T_DATETIME_EXT,
+        }
+    }
+
+    /// Overwrites every byte and text string in this item (and its children) with zeros and
+    /// empties it: for messages that carried a plaintext key.
+    pub fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        match &mut self.value {
+            Value::Structure(items) => items.iter_mut().for_each(Item::wipe),
+            Value::ByteString(b) | Value::BigInteger(b) => b.zeroize(),
+            Value::TextString(t) => t.zeroize(),
+            _ => {}
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        // Room for every request the plugin sends, so the buffer is not reallocated (and copied).
+        let mut out = Vec::with_capacity(1024);
         self.encode_into(&mut out);
         out
     }
@@ -387,6 +416,24 @@ mod tests {
             Err(TtlvError::TooLarge(_))
         ));
         assert_eq!(message_len(&[0x42, 0, 0x7B, 1, 0, 0, 0, 0x20]).unwrap(), 40);
+    }
+
+    #[test]
+    fn wipe_zeroes_byte_and_text_strings() {
+        let mut item = Item::structure(
+            0x420020,
+            vec![
+                Item::new(0x4200C2, Value::ByteString(vec![0xAB; 32])),
+                Item::new(0x420094, Value::TextString("secret".into())),
+                Item::new(0x420021, Value::Integer(7)),
+            ],
+        );
+        item.wipe();
+        let c = item.children();
+        // zeroize overwrites the whole allocation, then empties the string.
+        assert_eq!(c[0].as_bytes(), Some(&[][..]));
+        assert_eq!(c[1].as_text(), Some(""));
+        assert_eq!(c[2].as_int(), Some(7));
     }
 
     #[test]
