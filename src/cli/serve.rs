@@ -76,7 +76,7 @@ fn open_local(path: &Path, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>
 fn check_dev_mode(args: &ServeArgs) -> anyhow::Result<()> {
     match (effective_backend(args), args.dev) {
         (None, false) => anyhow::bail!(
-            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11 or aws-kms; \
+            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11, aws-kms, vault or kmip; \
              see docs/backends.md), or pass --dev to run with a throw-away development key under --data-dir \
              (never for real Secrets)"
         ),
