@@ -196,6 +196,20 @@ async fn server_down_is_an_outage_and_status_recovers() {
     }
     assert_eq!(engine.status().healthz, "ok");
     assert_eq!(engine.key_health(&uid), KeyHealth::Active);
+    // A restart while nobody calls leaves dead connections in the pool: the next calls find them
+    // broken, re-dial once, and succeed.
+    for _ in 0..3 {
+        b.current_key().await.unwrap();
+    }
+    assert!(k.start_again(), "PyKMIP did not restart");
+    b.current_key()
+        .await
+        .expect("a call after a quiet restart re-dials");
+    let w = b.wrap(b"after restart").await.unwrap();
+    assert_eq!(
+        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"after restart"
+    );
 }
 
 /// What a listener answers after accepting (and, for TLS, completing the handshake).
