@@ -227,7 +227,127 @@ async fn seeds(engine: &Engine) -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ] {
         s.push(("vault_response", name, answer(status, body)));
     }
+    s.extend(kmip_seeds());
     s
+}
+
+/// KMIP Response Messages as PyKMIP sends them: a Locate result, a Get Attributes result, an
+/// Encrypt result, a Permission Denied refusal; and a wrapped blob.
+fn kmip_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    use kms_plugin::backend::kmip::messages::{op, tag};
+    use kms_plugin::backend::kmip::ttlv::{Item, Value};
+    let text = |t, s: &str| Item::new(t, Value::TextString(s.into()));
+    let response = |op: u32, status: u32, rest: Vec<Item>| {
+        let mut item = vec![
+            Item::new(tag::OPERATION, Value::Enumeration(op)),
+            Item::new(tag::RESULT_STATUS, Value::Enumeration(status)),
+        ];
+        item.extend(rest);
+        Item::structure(
+            tag::RESPONSE_MESSAGE,
+            vec![
+                Item::structure(
+                    tag::RESPONSE_HEADER,
+                    vec![
+                        Item::structure(
+                            tag::PROTOCOL_VERSION,
+                            vec![
+                                Item::new(tag::PROTOCOL_VERSION_MAJOR, Value::Integer(1)),
+                                Item::new(tag::PROTOCOL_VERSION_MINOR, Value::Integer(4)),
+                            ],
+                        ),
+                        Item::new(0x420092, Value::DateTime(1_780_000_000)),
+                        Item::new(tag::BATCH_COUNT, Value::Integer(1)),
+                    ],
+                ),
+                Item::structure(tag::BATCH_ITEM, item),
+            ],
+        )
+        .encode()
+    };
+    let payload = |items| vec![Item::structure(tag::RESPONSE_PAYLOAD, items)];
+    let attr = |name: &str, value| {
+        Item::structure(
+            tag::ATTRIBUTE,
+            vec![
+                text(tag::ATTRIBUTE_NAME, name),
+                Item::new(tag::ATTRIBUTE_VALUE, value),
+            ],
+        )
+    };
+    let mut blob = vec![1u8, 16];
+    blob.extend([0xA5; 16]);
+    blob.push(16);
+    blob.extend([0x5A; 16]);
+    blob.extend([0x33; 32]);
+    vec![
+        (
+            "kmip_response",
+            "locate",
+            response(
+                op::LOCATE,
+                0,
+                payload(vec![
+                    text(tag::UNIQUE_IDENTIFIER, "2"),
+                    text(tag::UNIQUE_IDENTIFIER, "1"),
+                ]),
+            ),
+        ),
+        (
+            "kmip_response",
+            "get_attributes",
+            response(
+                op::GET_ATTRIBUTES,
+                0,
+                payload(vec![
+                    text(tag::UNIQUE_IDENTIFIER, "2"),
+                    attr("State", Value::Enumeration(2)),
+                    attr("Cryptographic Algorithm", Value::Enumeration(3)),
+                    attr("Initial Date", Value::DateTime(1_780_000_000)),
+                    attr(
+                        "Name",
+                        Value::Structure(vec![
+                            text(tag::NAME_VALUE, "k8s"),
+                            Item::new(tag::NAME_TYPE, Value::Enumeration(1)),
+                        ]),
+                    ),
+                ]),
+            ),
+        ),
+        (
+            "kmip_response",
+            "encrypt",
+            response(
+                op::ENCRYPT,
+                0,
+                payload(vec![
+                    text(tag::UNIQUE_IDENTIFIER, "2"),
+                    Item::new(tag::DATA, Value::ByteString(vec![0x33; 32])),
+                    Item::new(tag::IV_COUNTER_NONCE, Value::ByteString(vec![0xA5; 16])),
+                    Item::new(
+                        tag::AUTHENTICATED_ENCRYPTION_TAG,
+                        Value::ByteString(vec![0x5A; 16]),
+                    ),
+                ]),
+            ),
+        ),
+        (
+            "kmip_response",
+            "permission_denied",
+            response(
+                op::DECRYPT,
+                1,
+                vec![
+                    Item::new(tag::RESULT_REASON, Value::Enumeration(0x0C)),
+                    text(
+                        tag::RESULT_MESSAGE,
+                        "The decryption key must be in the Active state",
+                    ),
+                ],
+            ),
+        ),
+        ("kmip_response", "blob", blob),
+    ]
 }
 
 #[tokio::test]
@@ -278,9 +398,20 @@ async fn committed_seed_corpus_is_meaningful() {
         "authority",
         "vault_response",
         "etcd_value",
+        "kmip_response",
     ] {
         let n = std::fs::read_dir(root.join(target)).unwrap().count();
         assert!(n >= 3, "fuzz/corpus/{target} has {n} seeds");
+    }
+    // The KMIP seeds parse as the Response Messages they are.
+    for (name, expect) in [
+        ("locate", "2 "),
+        ("encrypt", "Some(32)"),
+        ("permission_denied", "permission denied"),
+    ] {
+        let out =
+            kms_plugin::backend::kmip::interpret_response_for_fuzzing(&read("kmip_response", name));
+        assert!(out.iter().any(|m| m.contains(expect)), "{name}: {out:?}");
     }
     // The authority seeds are accepted by the shim (so fuzzing starts past the preface).
     for name in ["path_authority", "localhost", "continuation"] {

@@ -21,6 +21,8 @@ pub mod aws;
 pub mod aws_kms;
 #[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
 mod http;
+#[cfg(feature = "kmip")]
+pub mod kmip;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "pkcs11")]
@@ -29,7 +31,8 @@ pub mod pkcs11;
     feature = "aws-kms",
     feature = "akeyless",
     feature = "vault",
-    feature = "inventory"
+    feature = "inventory",
+    feature = "kmip"
 ))]
 pub mod tls;
 #[cfg(feature = "vault")]

@@ -126,6 +126,8 @@ pub enum BackendKind {
     AwsKms,
     /// HashiCorp Vault or OpenBao Transit (`--vault-*`).
     Vault,
+    /// A KMIP key manager over mutual TLS (`--kmip-*`).
+    Kmip,
 }
 
 #[derive(Args, Debug)]
@@ -254,6 +256,9 @@ pub struct ServeArgs {
     #[cfg(feature = "vault")]
     #[command(flatten)]
     pub vault: crate::backend::vault::VaultArgs,
+    #[cfg(feature = "kmip")]
+    #[command(flatten)]
+    pub kmip: crate::backend::kmip::KmipArgs,
 }
 
 #[derive(Args, Debug)]

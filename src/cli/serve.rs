@@ -76,7 +76,7 @@ fn open_local(path: &Path, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>
 fn check_dev_mode(args: &ServeArgs) -> anyhow::Result<()> {
     match (effective_backend(args), args.dev) {
         (None, false) => anyhow::bail!(
-            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11 or aws-kms; \
+            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11, aws-kms, vault or kmip; \
              see docs/backends.md), or pass --dev to run with a throw-away development key under --data-dir \
              (never for real Secrets)"
         ),
@@ -187,6 +187,8 @@ async fn build_kind(
         Some(BackendKind::AwsKms) => Ok(crate::backend::aws_kms::from_args(&args.aws).await?),
         #[cfg(feature = "vault")]
         Some(BackendKind::Vault) => Ok(crate::backend::vault::from_args(&args.vault).await?),
+        #[cfg(feature = "kmip")]
+        Some(BackendKind::Kmip) => Ok(crate::backend::kmip::from_args(&args.kmip).await?),
         #[allow(unreachable_patterns)]
         Some(other) => anyhow::bail!("backend {other:?} is not compiled into this build"),
     }

@@ -273,3 +273,159 @@ pub fn start_etcd() -> Option<Etcd> {
     }
     panic!("etcd (e2ehelper serve) did not start");
 }
+
+/// A real PyKMIP server (`pykmip-server` from the test venv) on loopback, over mutual TLS with a
+/// test CA: server and client certificates from `tests/fakes/akeyless_fake.py --make-certs`
+/// (`ca.pem`, `server.pem`, `client.pem` and their keys in [`PyKmip::certs`]), its SQLite
+/// database in a temporary directory. [`PyKmip::stop`] and [`PyKmip::start_again`] take it down
+/// and bring it back on the same port with the same keys.
+pub struct PyKmip {
+    pub endpoint: String,
+    pub port: u16,
+    pub certs: PathBuf,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<ChildGuard>,
+}
+
+/// Starts a PyKMIP server, or returns None when opted out (KMS_TEST_OPT_OUT contains `pykmip`).
+/// Panics (fails the test) when PyKMIP is missing otherwise.
+pub fn start_pykmip() -> Option<PyKmip> {
+    if opted_out("pykmip") {
+        return None;
+    }
+    let bin = venv_program("pykmip-server").unwrap_or_else(|| {
+        panic!("pykmip-server not found (install tests/python/requirements.txt with `make deps`, or set KMS_TEST_OPT_OUT=pykmip)")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    run_python(
+        "tests/fakes/akeyless_fake.py",
+        &["--make-certs", certs.to_str().unwrap()],
+    );
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    let port = free_port();
+    let mut k = PyKmip {
+        endpoint: format!("127.0.0.1:{port}"),
+        port,
+        certs,
+        bin,
+        dir,
+        child: None,
+    };
+    for _ in 0..3 {
+        if k.start_again() {
+            return Some(k);
+        }
+        // Lost the port race or the server died: try another port.
+        k.port = free_port();
+        k.endpoint = format!("127.0.0.1:{}", k.port);
+    }
+    panic!(
+        "pykmip-server did not start; its log:\n{}",
+        std::fs::read_to_string(k.dir.path().join("stdout.log")).unwrap_or_default()
+    );
+}
+
+impl PyKmip {
+    /// (Re)starts the server on [`PyKmip::port`] with the same database; true once it accepts
+    /// connections.
+    pub fn start_again(&mut self) -> bool {
+        self.stop();
+        let d = self.dir.path();
+        let c = &self.certs;
+        let conf = d.join("server.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[server]\nhostname=127.0.0.1\nport={}\ncertificate_path={}\nkey_path={}\nca_path={}\n\
+                 auth_suite=TLS1.2\nenable_tls_client_auth=True\nlogging_level=INFO\n\
+                 database_path={}\npolicy_path={}\n",
+                self.port,
+                c.join("server.pem").display(),
+                c.join("server-key.pem").display(),
+                c.join("ca.pem").display(),
+                d.join("pykmip.sqlite").display(),
+                d.join("policies").display(),
+            ),
+        )
+        .unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("stdout.log"))
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("-f")
+            .arg(&conf)
+            .arg("-l")
+            .arg(d.join("server.log"))
+            .env("PYTHONWARNINGS", "ignore")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        let mut guard = ChildGuard(child);
+        let port = self.port;
+        let up = wait_until(Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || guard.0.try_wait().ok().flatten().is_some()
+        });
+        let alive = guard.0.try_wait().ok().flatten().is_none();
+        if up && alive {
+            self.child = Some(guard);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Kills the server (connections are reset).
+    pub fn stop(&mut self) {
+        self.child = None;
+    }
+
+    /// Runs `tests/python/kmip_admin.py` (PyKMIP's own client, with the test client
+    /// certificate, so keys it creates belong to the plugin's identity); returns its output.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let port = self.port.to_string();
+        let mut all = vec!["127.0.0.1", port.as_str(), self.certs.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run_python("tests/python/kmip_admin.py", &all)
+            .trim()
+            .to_string()
+    }
+
+    /// A new AES-256 key named `name`, activated; its unique identifier.
+    pub fn create_key(&self, name: &str) -> String {
+        self.admin(&["create", name])
+    }
+}
+
+/// Runs a script of the repository with the test Python; returns its standard output.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let py = std::env::var_os("KMS_TEST_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+        });
+    let out = Command::new(&py)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "run {script} with {} (make deps, or set KMS_TEST_PYTHON): {e}",
+                py.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{script} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
