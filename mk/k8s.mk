@@ -61,6 +61,6 @@ e2e: deps-k8s
 
 
 # Cold start with 10,000 Secrets (issue 17 §3; BENCHMARKS.md): a benchmark, never part of `make test`.
-# Heavy (about an hour for every configuration on 2 cores): KMS_BENCH_CONFIGS / KMS_BENCH_COUNT pick less.
+# Heavy (about an hour for all eight configurations on 2 cores): KMS_BENCH_CONFIGS / KMS_BENCH_COUNT pick less.
 bench-coldstart: deps-k8s k8s-plugin-bin
 	KMS_PLUGIN_BIN=$(K8S_PLUGIN_BIN) nice -n 10 bash $(K8S_DIR)/bench/coldstart.sh
