@@ -850,6 +850,13 @@ run_ha_flow() {
   wn="$(cat "$WORK/ha-write.n")" rn="$(cat "$WORK/ha-read.n")"
   wait_for 60 "the loops to use node 3 again" ha_loops_past $((wn + 3)) $((rn + 3))
 
+  # kms-plugin inventory (docs/inventory.md) reads etcd: objects under the old key_id are left, so the
+  # requirement fails (exit 3) before the migration and holds after it.
+  local inv=0
+  "$PLUGIN_BIN" inventory --etcd-endpoints "$ETCD_URL" --require-key-id "$kid2" >"$WORK/inventory.out" 2>&1 || inv=$?
+  ((inv == 3)) || fail "kms-plugin inventory --require-key-id (new) before the migration: exit $inv, want 3: $(cat "$WORK/inventory.out")"
+  ok "kms-plugin inventory before the migration: exit 3, objects left under the old key_id"
+
   log "storage migration through node 1"
   NODE=-1 k get secrets -A -o json | NODE=-1 k replace -f - >"$WORK/replace.out" 2>&1 || fail "replace: $(tail -3 "$WORK/replace.out")"
   touch "$WORK/ha-stop"
@@ -870,6 +877,11 @@ run_ha_flow() {
   done
   ((bad == 0)) || fail "$bad of $total secrets in etcd not under the new key_id after the migration"
   ok "etcd: all $total secrets under the new key_id after the migration through node 1"
+  "$PLUGIN_BIN" inventory --etcd-endpoints "$ETCD_URL" --require-key-id "$kid2" >"$WORK/inventory.out" 2>&1 ||
+    fail "kms-plugin inventory --require-key-id (new) after the migration: $(cat "$WORK/inventory.out")"
+  local counted; counted="$(awk '$1 == "secrets" { n += $2 } END { print n + 0 }' "$WORK/inventory.out")"
+  ((counted == total)) || fail "kms-plugin inventory counted $counted secrets, etcd has $total: $(cat "$WORK/inventory.out")"
+  ok "kms-plugin inventory after the migration: exit 0, $counted secrets, all under the new key_id"
   for i in 1 2 3; do
     for name in 0 1 2 3 4; do ha_reads_back "s-ha$name" "$i" "ha-marker-$name" || fail "s-ha$name does not read back through node $i"; done
   done
