@@ -101,12 +101,28 @@ pub struct KeyFileReport {
     pub missing: Vec<String>,
     /// The last reload was refused because it changed a loaded key's bytes.
     pub reload_refused: bool,
+    /// Key names that Decrypts asked for and the file still lacks (at most [`MAX_UNKNOWN`] tracked):
+    /// typically another node already writes with a key not yet copied here.
+    pub unknown_keys: usize,
+    /// Unwraps refused because the file lacked the key they name, since start-up.
+    pub unknown_key_unwraps: u64,
+}
+
+/// Bound on the unknown key names remembered: the name comes from a ciphertext, before any check.
+const MAX_UNKNOWN: usize = 64;
+
+/// Keys that Decrypts asked for and the file lacks (the lagging-node signal).
+#[derive(Default)]
+struct UnknownKeys {
+    names: BTreeSet<String>,
+    unwraps: u64,
 }
 
 /// See the module documentation.
 pub struct LocalBackend {
     path: PathBuf,
     state: Mutex<LoadedKeys>,
+    unknown: Mutex<UnknownKeys>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -209,16 +225,44 @@ impl LocalBackend {
                 missing: BTreeSet::new(),
                 refused: false,
             }),
+            unknown: Mutex::new(UnknownKeys::default()),
         })
     }
 
     /// Names of keys that left the file and whether the file on disk was refused.
     pub fn key_file_report(&self) -> KeyFileReport {
         let state = self.lock();
+        let mut unknown = self.lock_unknown();
+        // A key that arrived since is no longer unknown, even before the next Decrypt asks for it.
+        unknown.names.retain(|name| !state.keys.contains_key(name));
         KeyFileReport {
             missing: state.missing.iter().cloned().collect(),
             reload_refused: state.refused,
+            unknown_keys: unknown.names.len(),
+            unknown_key_unwraps: unknown.unwraps,
         }
+    }
+
+    fn lock_unknown(&self) -> std::sync::MutexGuard<'_, UnknownKeys> {
+        self.unknown.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an unwrap refused for a key the file lacks; warns once per key name.
+    fn note_unknown(&self, key_ref: &str) {
+        let mut unknown = self.lock_unknown();
+        unknown.unwraps += 1;
+        if unknown.names.contains(key_ref) || unknown.names.len() >= MAX_UNKNOWN {
+            return;
+        }
+        unknown.names.insert(key_ref.to_string());
+        tracing::warn!(
+            path = %self.path.display(),
+            key = ?key_ref,
+            "a Decrypt needs a local key that this node's key file does not hold: most likely another \
+             control-plane node already encrypts with a key added there (keygen --add) and this file is \
+             behind. Copy the newest key file to every node before any node writes with a new key \
+             (docs/rotation.md); this node decrypts that data as soon as the file has the key."
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LoadedKeys> {
@@ -321,12 +365,15 @@ impl Backend for LocalBackend {
             self.refresh()?;
         }
         let state = self.lock();
-        let key = state.keys.get(key_ref).ok_or_else(|| {
-            BackendError::KeyNotFound(format!(
-                "local key {key_ref:?} is not in {}; restore it from backup",
+        let Some(key) = state.keys.get(key_ref) else {
+            drop(state);
+            self.note_unknown(key_ref);
+            return Err(BackendError::KeyNotFound(format!(
+                "local key {key_ref:?} is not in {}; if another node added it, copy that node's key file \
+                 here (docs/rotation.md), else restore the key from backup",
                 self.path.display()
-            ))
-        })?;
+            )));
+        };
         aead::open(key, key_ref.as_bytes(), ciphertext)
     }
 }
@@ -476,6 +523,59 @@ mod tests {
         fs::rename(&tmp, path).unwrap();
     }
 
+    /// A node whose file is behind: data under a key added on another node is refused and counted
+    /// until the file arrives, then decrypts without a restart and the signal clears.
+    #[tokio::test]
+    async fn a_key_added_on_another_node_is_reported_until_the_file_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = dir.path().join("ahead.json");
+        let behind = dir.path().join("behind.json");
+        create_key_file(&ahead).unwrap();
+        fs::copy(&ahead, &behind).unwrap();
+        let lagging = LocalBackend::open(&behind).unwrap();
+        let new = add_key(&ahead).unwrap();
+        let w = LocalBackend::open(&ahead)
+            .unwrap()
+            .wrap(b"new")
+            .await
+            .unwrap();
+        assert_eq!(w.key_ref, new);
+        for _ in 0..2 {
+            let err = lagging.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err();
+            assert!(matches!(err, BackendError::KeyNotFound(_)));
+            assert!(
+                err.to_string().contains("copy that node's key file"),
+                "{err}"
+            );
+        }
+        let report = lagging.key_file_report();
+        assert_eq!((report.unknown_keys, report.unknown_key_unwraps), (1, 2));
+
+        // The file arrives: the probe's reload (or the next unwrap) loads it and the gauge clears.
+        fs::copy(&ahead, &behind).unwrap();
+        assert_eq!(lagging.current_key().await.unwrap().key_id, new);
+        let report = lagging.key_file_report();
+        assert_eq!((report.unknown_keys, report.unknown_key_unwraps), (0, 2));
+        assert_eq!(
+            &*lagging.unwrap(&w.key_ref, &w.ciphertext).await.unwrap(),
+            b"new"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_key_names_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek.json");
+        create_key_file(&path).unwrap();
+        let b = LocalBackend::open(&path).unwrap();
+        for i in 0..(MAX_UNKNOWN + 10) {
+            b.unwrap(&format!("junk-{i}"), b"x").await.unwrap_err();
+        }
+        let report = b.key_file_report();
+        assert_eq!(report.unknown_keys, MAX_UNKNOWN);
+        assert_eq!(report.unknown_key_unwraps, (MAX_UNKNOWN + 10) as u64);
+    }
+
     #[tokio::test]
     async fn a_removed_key_stays_usable_and_is_reported() {
         let dir = tempfile::tempdir().unwrap();
@@ -496,7 +596,7 @@ mod tests {
             b.key_file_report(),
             KeyFileReport {
                 missing: vec![first.clone()],
-                reload_refused: false
+                ..KeyFileReport::default()
             }
         );
         assert_eq!(
@@ -549,7 +649,14 @@ mod tests {
             v["keys"][0]["key"] = orig["keys"][0]["key"].clone();
         });
         assert_eq!(b.current_key().await.unwrap().key_id, "k-new");
-        assert_eq!(b.key_file_report(), KeyFileReport::default());
+        // The refused unwrap of k-new above stays counted; k-new itself is no longer unknown.
+        assert_eq!(
+            b.key_file_report(),
+            KeyFileReport {
+                unknown_key_unwraps: 1,
+                ..KeyFileReport::default()
+            }
+        );
         assert_eq!(
             &*b.unwrap(&w2.key_ref, &w2.ciphertext).await.unwrap(),
             b"two"

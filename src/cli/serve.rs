@@ -66,6 +66,7 @@ fn open_local(path: &Path, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>
         if let Some(b) = weak.upgrade() {
             let report = b.key_file_report();
             m.set_local_key_file(report.missing.len(), report.reload_refused);
+            m.set_local_unknown_keys(report.unknown_keys, report.unknown_key_unwraps);
         }
     });
     Ok(backend)

@@ -268,6 +268,8 @@ struct Inner {
     auth_calls: Counter,
     local_keys_missing: Gauge,
     local_key_file_refused: Gauge,
+    local_keys_unknown: Gauge,
+    local_unknown_key_unwraps: Counter,
     scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
     connections: ConnectionMetrics,
 }
@@ -526,6 +528,18 @@ impl Metrics {
             "Local backend: 1 while the key file on disk gives a loaded key name different bytes and was therefore not loaded (the log names the keys)",
             local_key_file_refused.clone(),
         );
+        let local_keys_unknown = Gauge::default();
+        registry.register(
+            "local_keys_unknown",
+            "Local backend: key names that Decrypts asked for and the key file lacks, typically because another node already writes with a key not yet copied here (copy the key file; 0 again once it has them)",
+            local_keys_unknown.clone(),
+        );
+        let local_unknown_key_unwraps = Counter::default();
+        registry.register(
+            "local_unknown_key_unwraps",
+            "Local backend: Decrypts refused because the key file lacked the key they name",
+            local_unknown_key_unwraps.clone(),
+        );
 
         // Resolve the children that should exist from the start (value 0, so rate() works before the
         // first request); the others are resolved on first use.
@@ -592,6 +606,8 @@ impl Metrics {
             auth_calls,
             local_keys_missing,
             local_key_file_refused,
+            local_keys_unknown,
+            local_unknown_key_unwraps,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
             connections,
         }))
@@ -751,6 +767,15 @@ impl Metrics {
             .local_keys_missing
             .set(i64::try_from(missing_keys).unwrap_or(i64::MAX));
         inner.local_key_file_refused.set(i64::from(reload_refused));
+    }
+
+    /// Mirrors the local backend's unknown-key signal (read at scrape time).
+    pub fn set_local_unknown_keys(&self, unknown_keys: usize, unwraps: u64) {
+        let inner = &*self.0;
+        inner
+            .local_keys_unknown
+            .set(i64::try_from(unknown_keys).unwrap_or(i64::MAX));
+        mirror(&inner.local_unknown_key_unwraps, unwraps);
     }
 
     pub fn audit_write_error(&self) {
@@ -940,6 +965,40 @@ mod tests {
         for e in &all {
             assert_eq!(OUTCOMES[outcome_index(Err(e))], e.label());
         }
+    }
+
+    #[test]
+    fn local_unknown_key_signal_follows_the_backend_report() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_unknown "),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_unknown_key_unwraps_total "),
+            Some(0.0)
+        );
+        m.set_local_unknown_keys(1, 3);
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_unknown "),
+            Some(1.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_unknown_key_unwraps_total "),
+            Some(3.0)
+        );
+        m.set_local_unknown_keys(0, 3);
+        let text = m.encode();
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_keys_unknown "),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, "kms_plugin_local_unknown_key_unwraps_total "),
+            Some(3.0)
+        );
     }
 
     #[test]
