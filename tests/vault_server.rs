@@ -327,32 +327,6 @@ async fn served_binary_passes_socket_conformance_with_vaults_environment() {
     assert!(!log.contains("hvs."), "a Vault token in the log");
 }
 
-/// Runs `tests/python/<script>` with the test Python; returns its standard output.
-fn python_script(script: &str, args: &[&str]) -> String {
-    let py = std::env::var_os("KMS_TEST_PYTHON")
-        .filter(|p| !p.is_empty())
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
-        });
-    let out = std::process::Command::new(&py)
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "run {script} with {} (make deps, or set KMS_TEST_PYTHON): {e}",
-                py.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Wraps and unwraps for `for_how_long`, one call every 100 ms; every call must succeed.
 async fn calls_keep_succeeding(b: &VaultBackend, for_how_long: Duration) -> usize {
     let until = std::time::Instant::now() + for_how_long;
@@ -380,7 +354,7 @@ async fn jwt_login_renews_under_load_and_a_wrong_audience_is_not_a_revocation() 
     admin.policy("kms", KMS_POLICY).await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    python_script("tests/python/vault_fixtures.py", &["signer", d]);
+    support::external::run_python("tests/python/vault_fixtures.py", &["signer", d]);
     let public = std::fs::read_to_string(dir.path().join("jwt-pub.pem")).unwrap();
     admin.post("sys/auth/jwt", json!({ "type": "jwt" })).await;
     admin
@@ -404,7 +378,7 @@ async fn jwt_login_renews_under_load_and_a_wrong_audience_is_not_a_revocation() 
         .await;
     let jwt_file = dir.path().join("token");
     let mint = |aud: &str| {
-        python_script(
+        support::external::run_python(
             "tests/python/vault_fixtures.py",
             &[
                 "jwt",
@@ -462,7 +436,7 @@ async fn cert_login_over_https_with_a_private_ca() {
     let trusted = tempfile::tempdir().unwrap();
     let untrusted = tempfile::tempdir().unwrap();
     for d in [&trusted, &untrusted] {
-        python_script(
+        support::external::run_python(
             "tests/fakes/akeyless_fake.py",
             &["--make-certs", d.path().to_str().unwrap()],
         );

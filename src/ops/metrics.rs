@@ -970,35 +970,22 @@ mod tests {
     #[test]
     fn local_unknown_key_signal_follows_the_backend_report() {
         let m = Metrics::new();
-        let text = m.encode();
-        assert_eq!(
-            line_value(&text, "kms_plugin_local_keys_unknown "),
-            Some(0.0)
-        );
-        assert_eq!(
-            line_value(&text, "kms_plugin_local_unknown_key_unwraps_total "),
-            Some(0.0)
-        );
+        let check = |keys: f64, unwraps: f64| {
+            let text = m.encode();
+            assert_eq!(
+                line_value(&text, "kms_plugin_local_keys_unknown "),
+                Some(keys)
+            );
+            assert_eq!(
+                line_value(&text, "kms_plugin_local_unknown_key_unwraps_total "),
+                Some(unwraps)
+            );
+        };
+        check(0.0, 0.0);
         m.set_local_unknown_keys(1, 3);
-        let text = m.encode();
-        assert_eq!(
-            line_value(&text, "kms_plugin_local_keys_unknown "),
-            Some(1.0)
-        );
-        assert_eq!(
-            line_value(&text, "kms_plugin_local_unknown_key_unwraps_total "),
-            Some(3.0)
-        );
+        check(1.0, 3.0);
         m.set_local_unknown_keys(0, 3);
-        let text = m.encode();
-        assert_eq!(
-            line_value(&text, "kms_plugin_local_keys_unknown "),
-            Some(0.0)
-        );
-        assert_eq!(
-            line_value(&text, "kms_plugin_local_unknown_key_unwraps_total "),
-            Some(3.0)
-        );
+        check(0.0, 3.0);
     }
 
     #[test]
