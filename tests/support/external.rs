@@ -60,6 +60,31 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Spawns `cmd` (named `bin` in errors) and waits up to `limit` until `ready` holds; returns the
+/// child if it is ready and still running, `None` if it exited or never got ready (the caller
+/// retries on another port or fails).
+pub fn spawn_until_ready(
+    cmd: &mut Command,
+    bin: &std::path::Path,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Option<ChildGuard> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let mut guard = ChildGuard(child);
+    let up = wait_until(limit, || {
+        ready() || guard.0.try_wait().ok().flatten().is_some()
+    });
+    (up && guard.0.try_wait().ok().flatten().is_none()).then_some(guard)
+}
+
+/// Whether something accepts TCP connections on the loopback `port`.
+pub fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
 /// A child process killed when dropped.
 pub struct ChildGuard(pub Child);
 
@@ -87,19 +112,13 @@ pub fn start_moto() -> Option<Moto> {
     });
     for _ in 0..3 {
         let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut guard = ChildGuard(child);
-        let up = wait_until(Duration::from_secs(60), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                || guard.0.try_wait().ok().flatten().is_some()
-        });
-        if up && guard.0.try_wait().ok().flatten().is_none() {
+            .stderr(Stdio::null());
+        if let Some(guard) =
+            spawn_until_ready(&mut cmd, &bin, Duration::from_secs(60), || port_open(port))
+        {
             return Some(Moto {
                 url: format!("http://127.0.0.1:{port}"),
                 _child: guard,
@@ -167,31 +186,24 @@ fn start_vault_with(tls: bool) -> Option<Vault> {
         } else {
             vec![]
         };
-        let child = Command::new(&bin)
-            .args([
-                "server",
-                "-dev",
-                "-dev-root-token-id=root",
-                "-dev-no-store-token",
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-            ])
-            .args(&tls_args)
-            .env("VAULT_DISABLE_MLOCK", "true")
-            .env_remove("VAULT_ADDR")
-            .env_remove("VAULT_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut guard = ChildGuard(child);
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            "-dev-no-store-token",
+            &format!("-dev-listen-address=127.0.0.1:{port}"),
+        ])
+        .args(&tls_args)
+        .env("VAULT_DISABLE_MLOCK", "true")
+        .env_remove("VAULT_ADDR")
+        .env_remove("VAULT_TOKEN")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out));
         let text = || std::fs::read_to_string(log.path().join("vault.log")).unwrap_or_default();
-        let up = wait_until(Duration::from_secs(60), || {
-            text().contains("Unseal Key:")
-                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                || guard.0.try_wait().ok().flatten().is_some()
-        });
-        if up && guard.0.try_wait().ok().flatten().is_none() {
+        if let Some(guard) = spawn_until_ready(&mut cmd, &bin, Duration::from_secs(60), || {
+            text().contains("Unseal Key:") && port_open(port)
+        }) {
             let unseal_key = text()
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("Unseal Key:"))
@@ -247,23 +259,17 @@ pub fn start_etcd() -> Option<Etcd> {
         let dir = tempfile::tempdir().unwrap();
         let out = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
         let url = format!("http://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .arg("serve")
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve")
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--client-url", &url])
             .args(["--peer-url", &format!("http://127.0.0.1:{peer}")])
-            .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut guard = ChildGuard(child);
-        let up = wait_until(Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                || guard.0.try_wait().ok().flatten().is_some()
-        });
-        if up && guard.0.try_wait().ok().flatten().is_none() {
+            .stderr(Stdio::from(out));
+        if let Some(guard) =
+            spawn_until_ready(&mut cmd, &bin, Duration::from_secs(30), || port_open(port))
+        {
             return Some(Etcd {
                 url,
                 _child: guard,
@@ -356,30 +362,19 @@ impl PyKmip {
             .append(true)
             .open(d.join("stdout.log"))
             .unwrap();
-        let child = Command::new(&self.bin)
-            .arg("-f")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-f")
             .arg(&conf)
             .arg("-l")
             .arg(d.join("server.log"))
             .env("PYTHONWARNINGS", "ignore")
-            .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
-        let mut guard = ChildGuard(child);
+            .stderr(Stdio::from(out));
         let port = self.port;
-        let up = wait_until(Duration::from_secs(60), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                || guard.0.try_wait().ok().flatten().is_some()
+        self.child = spawn_until_ready(&mut cmd, &self.bin, Duration::from_secs(60), || {
+            port_open(port)
         });
-        let alive = guard.0.try_wait().ok().flatten().is_none();
-        if up && alive {
-            self.child = Some(guard);
-            true
-        } else {
-            false
-        }
+        self.child.is_some()
     }
 
     /// Kills the server (connections are reset).
