@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,13 +32,6 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Served {
     setup: Setup,
@@ -55,7 +48,7 @@ impl Served {
     /// As [`Served::start`], with the file descriptor limit set to `nofile` if given.
     async fn start_with(extra: &[&str], nofile: Option<u32>) -> Served {
         let setup = Setup::new();
-        let http = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", support::external::free_port());
         let mut args = setup.args();
         args.extend(["--http".to_string(), http.clone()]);
         args.extend(extra.iter().map(|s| s.to_string()));

@@ -39,13 +39,22 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, picked below the kernel's ephemeral range: a port from
+/// bind(0) lies in that range, where any outgoing connection may take it before the server it is
+/// handed to binds.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > 10_001)
+        .unwrap_or(32_768);
+    for _ in 0..500 {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), 10_000..low);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.

@@ -115,8 +115,28 @@ wait_for() {
   done
 }
 
+# free_port: a loopback port that binds now, picked below the kernel's ephemeral range. A port from bind(0)
+# comes from that range, where any outgoing connection (kubectl, etcd clients) may take it before the
+# server that was handed it binds; CI once lost kube-apiserver's port that way.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 - <<'PY'
+import random, socket
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+for _ in range(500):
+    port = random.randint(10000, max(10001, low - 1))
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    raise SystemExit("no free loopback port below the ephemeral range")
+PY
 }
 
 # ---------------------------------------------------------------------------------------------- certificates
@@ -303,7 +323,24 @@ start_apiserver() {
   APISERVER_PID=$!
   [[ "${1:-}" == --no-wait ]] && return 0
   local start=$SECONDS
-  wait_for 240 "kube-apiserver /readyz" k get --raw /readyz
+  until k get --raw /readyz >/dev/null 2>&1; do
+    if ! kill -0 "$APISERVER_PID" 2>/dev/null; then
+      wait "$APISERVER_PID" 2>/dev/null || true
+      APISERVER_PID=""
+      # Another process took the port between free_port and the bind: one more try on a new port.
+      if [[ -z "${_APISERVER_RETRY:-}" ]] && tail -n 3 "$WORK/apiserver$NODE.log" | grep -q "address already in use"; then
+        echo "  (port $API_PORT was taken before kube-apiserver bound it: retrying on another port)"
+        API_PORT="$(free_port)"
+        write_kubeconfig
+        [[ -n "$NODE" ]] && HA_PORTS[${NODE#-}]=$API_PORT
+        _APISERVER_RETRY=1 start_apiserver "$@"
+        return
+      fi
+      fail "kube-apiserver exited during start-up (its log below)"
+    fi
+    ((SECONDS - start < 240)) || fail "timed out after 240s waiting for: kube-apiserver /readyz"
+    sleep 0.5
+  done
   ok "kube-apiserver ready in $((SECONDS - start))s"
 }
 stop_apiserver() { stop_pid "$APISERVER_PID"; APISERVER_PID=""; }
