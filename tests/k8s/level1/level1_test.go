@@ -11,14 +11,17 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"math/rand"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -111,7 +114,8 @@ func pluginBin() (string, error) {
 }
 
 // plugin is one kms-plugin serve process with a local key file, or, with KMS_L1_BACKEND=vault, on
-// a real Vault dev server's Transit key (KMS_TEST_VAULT_BIN, built by `make deps-vault`).
+// a real Vault dev server's Transit key (KMS_TEST_VAULT_BIN, built by `make deps-vault`), or, with
+// KMS_L1_BACKEND=kmip, on a key of a real PyKMIP server (pykmip-server from the test venv).
 type plugin struct {
 	t       *testing.T
 	bin     string
@@ -119,6 +123,7 @@ type plugin struct {
 	sock    string
 	keyFile string
 	vault   *vaultServer
+	kmip    *kmipServer
 	cmd     *exec.Cmd
 	done    chan struct{}
 	out     *syncBuffer
@@ -137,12 +142,7 @@ func startVault(t *testing.T, dir string) *vaultServer {
 	if st, err := os.Stat(bin); bin == "" || err != nil || st.Mode()&0o111 == 0 {
 		t.Fatalf("KMS_L1_BACKEND=vault needs a Vault server binary in KMS_TEST_VAULT_BIN (make deps-vault), got %q", bin)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := freeLoopbackAddr(t)
 	v := &vaultServer{url: "http://" + addr, out: &syncBuffer{}}
 	v.cmd = exec.Command(bin, "server", "-dev", "-dev-root-token-id=root", "-dev-no-store-token",
 		"-dev-listen-address="+addr)
@@ -166,6 +166,91 @@ func startVault(t *testing.T, dir string) *vaultServer {
 	return v
 }
 
+// kmipServer is a real PyKMIP server (pykmip-server next to KMS_TEST_PYTHON) over mutual TLS with a
+// test CA, holding the key l1-kek; the plugin authenticates with the test client certificate.
+type kmipServer struct {
+	py, certs, endpoint, outPath string
+	cmd                          *exec.Cmd
+}
+
+// output is what pykmip-server printed so far, for failure messages.
+func (k *kmipServer) output() string {
+	b, _ := os.ReadFile(k.outPath)
+	return string(b)
+}
+
+func startKMIP(t *testing.T, dir string) *kmipServer {
+	t.Helper()
+	py := os.Getenv("KMS_TEST_PYTHON")
+	server := filepath.Join(filepath.Dir(py), "pykmip-server")
+	if st, err := os.Stat(server); py == "" || err != nil || st.Mode()&0o111 == 0 {
+		t.Fatalf("KMS_L1_BACKEND=kmip needs pykmip-server next to KMS_TEST_PYTHON (make deps), got %q", py)
+	}
+	k := &kmipServer{py: py, certs: filepath.Join(dir, "certs"), endpoint: freeLoopbackAddr(t)}
+	k.python(t, filepath.Join(repoRoot(), "tests/fakes/akeyless_fake.py"), "--make-certs", k.certs)
+	if err := os.MkdirAll(filepath.Join(dir, "policies"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(k.endpoint)
+	conf := fmt.Sprintf("[server]\nhostname=127.0.0.1\nport=%s\ncertificate_path=%s\nkey_path=%s\nca_path=%s\n"+
+		"auth_suite=TLS1.2\nenable_tls_client_auth=True\nlogging_level=INFO\ndatabase_path=%s\npolicy_path=%s\n",
+		port, filepath.Join(k.certs, "server.pem"), filepath.Join(k.certs, "server-key.pem"),
+		filepath.Join(k.certs, "ca.pem"), filepath.Join(dir, "pykmip.sqlite"), filepath.Join(dir, "policies"))
+	confPath := filepath.Join(dir, "pykmip.conf")
+	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// PyKMIP serves each connection in a child process: the server gets its own process group, and
+	// its output goes to a file (a pipe would stay open in the children and block Wait).
+	outPath := filepath.Join(dir, "pykmip.out")
+	outFile, err := os.Create(outPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer outFile.Close()
+	k.outPath = outPath
+	k.cmd = exec.Command(server, "-f", confPath, "-l", filepath.Join(dir, "pykmip.log"))
+	k.cmd.Env = append(os.Environ(), "PYTHONWARNINGS=ignore")
+	k.cmd.Stdout, k.cmd.Stderr = outFile, outFile
+	k.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := k.cmd.Start(); err != nil {
+		t.Fatalf("start pykmip-server: %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(-k.cmd.Process.Pid, syscall.SIGKILL); _ = k.cmd.Wait() })
+	pollUntil(t, 60*time.Second, "pykmip-server to accept connections on "+k.endpoint, func() (bool, error) {
+		c, err := net.DialTimeout("tcp", k.endpoint, time.Second)
+		if err != nil {
+			return false, err
+		}
+		c.Close()
+		return true, nil
+	})
+	k.createKey(t)
+	return k
+}
+
+// createKey makes a new Active key named l1-kek: the first one, or its rotation (PyKMIP has no
+// Re-key; the plugin follows the newest Active key of the name).
+func (k *kmipServer) createKey(t *testing.T) {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(k.endpoint)
+	k.python(t, filepath.Join(repoRoot(), "tests/python/kmip_admin.py"), "127.0.0.1", port, k.certs, "create", "l1-kek")
+}
+
+func (k *kmipServer) python(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command(k.py, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s\npykmip-server output:\n%s", k.py, strings.Join(args, " "), err, out, k.output())
+	}
+}
+
+// repoRoot is the repository root: this package lives in tests/k8s/level1.
+func repoRoot() string {
+	wd, _ := os.Getwd()
+	return filepath.Clean(filepath.Join(wd, "../../.."))
+}
+
 func (v *vaultServer) call(method, path, body string) error {
 	req, err := http.NewRequest(method, v.url+"/v1/"+path, strings.NewReader(body))
 	if err != nil {
@@ -187,12 +272,15 @@ func (v *vaultServer) call(method, path, body string) error {
 // rotate on Vault.
 func (p *plugin) rotate() {
 	p.t.Helper()
-	if p.vault == nil {
+	switch {
+	case p.vault != nil:
+		if err := p.vault.call("POST", "transit/keys/l1-kek/rotate", ""); err != nil {
+			p.t.Fatalf("rotate the transit key: %v", err)
+		}
+	case p.kmip != nil:
+		p.kmip.createKey(p.t)
+	default:
 		p.run("keygen", "--add", p.keyFile)
-		return
-	}
-	if err := p.vault.call("POST", "transit/keys/l1-kek/rotate", ""); err != nil {
-		p.t.Fatalf("rotate the transit key: %v", err)
 	}
 }
 
@@ -231,8 +319,10 @@ func newPlugin(t *testing.T) *plugin {
 		p.run("keygen", p.keyFile)
 	case "vault":
 		p.vault = startVault(t, dir)
+	case "kmip":
+		p.kmip = startKMIP(t, dir)
 	default:
-		t.Fatalf("KMS_L1_BACKEND=%q: expected local or vault", backend)
+		t.Fatalf("KMS_L1_BACKEND=%q: expected local, vault or kmip", backend)
 	}
 	p.start()
 	t.Cleanup(p.stop)
@@ -253,11 +343,17 @@ func (p *plugin) start() {
 	p.t.Helper()
 	p.out = &syncBuffer{}
 	args := []string{"serve", "--listen", p.endpoint(), "--probe-interval", "1s"}
-	if p.vault == nil {
-		args = append(args, "--backend", "local", "--local-key-file", p.keyFile)
-	} else {
+	switch {
+	case p.vault != nil:
 		args = append(args, "--backend", "vault", "--vault-addr", p.vault.url, "--vault-transit-key", "l1-kek",
 			"--vault-token-file", filepath.Join(p.dir, "vault.token"))
+	case p.kmip != nil:
+		c := p.kmip.certs
+		args = append(args, "--backend", "kmip", "--kmip-endpoint", p.kmip.endpoint, "--kmip-key-name", "l1-kek",
+			"--kmip-ca-file", filepath.Join(c, "ca.pem"), "--kmip-cert-file", filepath.Join(c, "client.pem"),
+			"--kmip-key-file", filepath.Join(c, "client-key.pem"))
+	default:
+		args = append(args, "--backend", "local", "--local-key-file", p.keyFile)
 	}
 	p.cmd = exec.Command(p.bin, args...)
 	p.cmd.Stdout = p.out
@@ -653,4 +749,28 @@ func TestKMSv1(t *testing.T) {
 		read(t, ec2.Transformers[secrets], o)
 	}
 	t.Logf("rotation + plugin restart + fresh library: all %d objects read back", len(old)+1)
+}
+
+// freeLoopbackAddr returns a loopback address that binds now, on a port below the kernel's ephemeral
+// range: a port from Listen(":0") lies in that range, where an outgoing connection may take it before
+// the server it is handed to binds.
+func freeLoopbackAddr(t *testing.T) string {
+	t.Helper()
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 10001 {
+				low = n
+			}
+		}
+	}
+	for i := 0; i < 500; i++ {
+		addr := fmt.Sprintf("127.0.0.1:%d", 10000+rand.Intn(low-10000))
+		if l, err := net.Listen("tcp", addr); err == nil {
+			l.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free loopback port below the ephemeral range")
+	return ""
 }
