@@ -254,6 +254,53 @@ backend_vault_rotate() {
 }
 backend_vault_stop() { stop_pid "$VAULT_PID"; VAULT_PID=""; }
 
+# backend_<name>_extra (optional): run at the end of run_flow, apiserver and plugin up, data under kid2.
+# Vault: switch the plugin to Kubernetes auth against this flow's kube-apiserver (TokenReview through a
+# service account bound to system:auth-delegator), with the Transit token from the login as its only
+# credential: it must keep serving, and Vault must hold a token issued by auth/kubernetes/login to the
+# plugin's service account.
+backend_vault_extra() {
+  log "vault: Kubernetes auth against this kube-apiserver"
+  k create serviceaccount kms-plugin -n kube-system >/dev/null || fail "create service account kms-plugin"
+  k create clusterrolebinding kms-plugin-tokenreview --clusterrole=system:auth-delegator \
+    --serviceaccount=kube-system:kms-plugin >/dev/null || fail "bind kms-plugin to system:auth-delegator"
+  k create token kms-plugin -n kube-system --duration=1h >"$WORK/sa.token" || fail "kubectl create token kms-plugin"
+  local policy='path "transit/encrypt/e2e-kek" { capabilities = ["update"] }
+path "transit/decrypt/e2e-kek" { capabilities = ["update"] }
+path "transit/keys/e2e-kek" { capabilities = ["read"] }'
+  vault_api -X PUT -d "$(jq -n --arg p "$policy" '{policy: $p}')" "$VAULT_URL/v1/sys/policies/acl/kms-plugin" >/dev/null ||
+    fail "write the kms-plugin policy"
+  vault_api -X POST -d '{"type":"kubernetes"}' "$VAULT_URL/v1/sys/auth/kubernetes" >/dev/null || fail "enable kubernetes auth"
+  vault_api -X POST -d "$(jq -n --arg host "https://127.0.0.1:$API_PORT" --rawfile ca "$WORK/pki/ca.crt" \
+    '{kubernetes_host: $host, kubernetes_ca_cert: $ca}')" "$VAULT_URL/v1/auth/kubernetes/config" >/dev/null ||
+    fail "configure kubernetes auth"
+  vault_api -X POST -d '{"bound_service_account_names":["kms-plugin"],"bound_service_account_namespaces":["kube-system"],"token_policies":["kms-plugin"],"token_ttl":"1h"}' \
+    "$VAULT_URL/v1/auth/kubernetes/role/kms-plugin" >/dev/null || fail "create the kubernetes auth role"
+  local kid; kid="$(plugin_key_id)"
+  stop_plugin
+  PLUGIN_BACKEND_ARGS=(--backend vault --vault-addr "$VAULT_URL" --vault-transit-key e2e-kek
+    --vault-auth kubernetes --vault-role kms-plugin --vault-jwt-file "$WORK/sa.token")
+  start_plugin
+  [[ "$(plugin_key_id)" == "$kid" ]] || fail "key_id changed after the switch to Kubernetes auth: $(plugin_key_id) != $kid"
+  ok "plugin on Kubernetes auth (service-account token, no Vault token) reports the same key_id $kid"
+  local accessor found=""
+  for accessor in $(vault_api -X LIST "$VAULT_URL/v1/auth/token/accessors" | jq -r '.data.keys[]'); do
+    if vault_api -X POST -d "{\"accessor\":\"$accessor\"}" "$VAULT_URL/v1/auth/token/lookup-accessor" |
+      jq -e '.data.path == "auth/kubernetes/login" and .data.meta.service_account_name == "kms-plugin"
+             and .data.meta.service_account_namespace == "kube-system"' >/dev/null; then
+      found=1
+    fi
+  done
+  [[ -n "$found" ]] || fail "Vault holds no token issued by auth/kubernetes/login to kube-system/kms-plugin"
+  ok "Vault issued the plugin's token through auth/kubernetes/login to kube-system/kms-plugin (TokenReview by this apiserver)"
+  stop_apiserver
+  start_apiserver
+  check_all_read "on Kubernetes auth after an apiserver restart (cold DEK cache: Decrypt through the plugin)"
+  create_secret k8sauth1
+  if [[ "$API" == v2 ]]; then check_stored k8sauth1 "$kid"; else check_stored k8sauth1; fi
+  ok "write on Kubernetes auth"
+}
+
 # Default flows: local always; akeyless once its fake is in the tree and the plugin has the --akeyless-* flags
 # (KMS v2 flow only, to bound CI time). ha:v2 takes ~60 s; ha-akeyless:v2 (as long) runs in `make e2e-matrix`.
 default_flows() {
@@ -590,6 +637,7 @@ run_flow() {
     log "deploy manifests"
     validate_deploy_manifests
   fi
+  if declare -F "backend_${BACKEND}_extra" >/dev/null; then "backend_${BACKEND}_extra"; fi
 
   stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
   "backend_${BACKEND}_stop"
