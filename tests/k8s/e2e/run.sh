@@ -11,8 +11,9 @@
 #                       "default" names the pinned release; other releases need apiserver/<version>/go.mod
 #                       (gen-apiserver-mod.sh). `make e2e-matrix` adds v1.28.15 (v2 with --status-version v2beta1).
 #   KMS_E2E_FLOWS       flows for a release listed without "=flows", as backend:api pairs (default "local:v2
-#                       local:v1 ha:v2", plus "akeyless:v2 akeyless-swap:v1" when tests/fakes/akeyless_fake.py
-#                       exists); each backend needs backend_<name>_* below; akeyless-swap:v1 (run_swap_flow)
+#                       local:v1 ha:v2", plus "akeyless:v2 akeyless-swap:v1 migrate:v2" when tests/fakes/akeyless_fake.py
+#                       exists (migrate:v2 = local key file -> Akeyless on the running plugin, run_migrate_flow),
+#                       then "vault:v2"; each backend needs backend_<name>_* below; akeyless-swap:v1 (run_swap_flow)
 #                       and ha:v2 / ha-akeyless:v2 (run_ha_flow; the latter in `make e2e-matrix`) are their own flows
 #   KMS_E2E_KEEP=1      keep the work directory (logs, certs, etcd data) after the run
 #   KMS_TEST_OPT_OUT    contains "k8s" -> skip
@@ -308,7 +309,7 @@ default_flows() {
   if [[ ",${KMS_TEST_OPT_OUT:-}," == *",akeyless-fake,"* ]]; then
     echo "SKIP: akeyless:v2 flow opted out via KMS_TEST_OPT_OUT" >&2
   elif [[ -f "$AKEYLESS_FAKE" ]] && "$PLUGIN_BIN" serve --help 2>/dev/null | grep -q -- --akeyless-url; then
-    echo "akeyless:v2 akeyless-swap:v1"
+    echo "akeyless:v2 akeyless-swap:v1 migrate:v2"
   fi
   if [[ ",${KMS_TEST_OPT_OUT:-}," == *",vault,"* ]]; then
     echo "SKIP: vault:v2 flow opted out via KMS_TEST_OPT_OUT" >&2
@@ -642,6 +643,153 @@ run_flow() {
   stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
   "backend_${BACKEND}_stop"
   log "=== flow kms $API / $BACKEND passed in $((SECONDS - flow_start))s"
+}
+
+# ---------------------------------------------------------------------------------------------- live migration
+# migrate:v2 (issue 16): the running plugin moves from the local key file to Akeyless (the fake) with the key
+# file as --previous-backend, one provider entry, the apiserver never restarted for it, while a reader and a
+# writer loop run; `kms-plugin inventory` shows where the Secrets stand before, during and after the storage
+# migration, and --require-key-id current exits 0 only once everything is under Akeyless.
+
+# mig_loop KIND: until $WORK/mig-stop exists (at most 600 s), KIND=read reads m<n%8> and compares it with its
+# marker, KIND=write creates mig-w<phase>-<n> (listed in $WORK/mig-written). Failures go to
+# $WORK/mig-<KIND>.fail, the count to $WORK/mig-<KIND>.n.
+mig_loop() {
+  local kind="$1" until=$((SECONDS + 600)) n=0 name got
+  : >"$WORK/mig-$kind.fail"
+  while [[ ! -e "$WORK/mig-stop" ]] && ((SECONDS < until)); do
+    n=$((n + 1))
+    if [[ "$kind" == write ]]; then
+      name="mig-w$MIG_PHASE-$n"
+      if k -n "$NS" create secret generic "$name" --from-literal=password="$name" >/dev/null 2>>"$WORK/mig-$kind.fail"; then
+        echo "$name" >>"$WORK/mig-written"
+      else
+        echo "write $name failed" >>"$WORK/mig-$kind.fail"
+      fi
+    else
+      name="m$((n % 8 + 1))"
+      got="$(k -n "$NS" get secret "$name" -o jsonpath='{.data.password}' 2>>"$WORK/mig-$kind.fail" | base64 -d)"
+      [[ "$got" == "${MARKER[$name]}" ]] || echo "read $name: got '$got'" >>"$WORK/mig-$kind.fail"
+    fi
+    echo "$n" >"$WORK/mig-$kind.n.tmp" && mv "$WORK/mig-$kind.n.tmp" "$WORK/mig-$kind.n"
+    sleep 0.2
+  done
+}
+mig_loops_past() { (($(cat "$WORK/mig-write.n" 2>/dev/null || echo 0) > $1 && $(cat "$WORK/mig-read.n" 2>/dev/null || echo 0) > $2)); }
+# mig_loops_run WHILE CMD...: runs CMD with both loops going, then stops them; fails on any failed call.
+MIG_READS=0 MIG_WRITES=0 MIG_PHASE=0
+mig_loops_run() {
+  local what="$1"; shift
+  MIG_PHASE=$((MIG_PHASE + 1))
+  rm -f "$WORK/mig-stop" "$WORK"/mig-*.n
+  mig_loop read & local rpid=$!
+  mig_loop write & local wpid=$!
+  wait_for 60 "the reader and writer loops to start" mig_loops_past 2 2
+  "$@"
+  local rn wn
+  rn="$(cat "$WORK/mig-read.n")" wn="$(cat "$WORK/mig-write.n")"
+  wait_for 60 "the loops to run past $what" mig_loops_past $((wn + 2)) $((rn + 2))
+  touch "$WORK/mig-stop"
+  wait "$rpid" "$wpid"
+  local f
+  for f in read write; do
+    [[ ! -s "$WORK/mig-$f.fail" ]] || fail "the $f loop failed $what: $(head -5 "$WORK/mig-$f.fail")"
+  done
+  rn="$(cat "$WORK/mig-read.n")" wn="$(cat "$WORK/mig-write.n")"
+  MIG_READS=$((MIG_READS + rn)) MIG_WRITES=$((MIG_WRITES + wn))
+  ok "reader and writer loops $what: $rn reads, $wn writes, 0 failed"
+}
+inventory() { "$PLUGIN_BIN" inventory --etcd-endpoints "$ETCD_URL" --listen "$SOCK_ENDPOINT" "$@"; }
+# inventory_count KEY_ID: how many secrets the inventory reports under KEY_ID; inventory_total: all secrets.
+inventory_count() {
+  inventory --output json | jq --arg k "$1" '[.resources.secrets.groups[] | select(.key_id == $k) | .objects] | add // 0'
+}
+inventory_total() { inventory --output json | jq '.resources.secrets.total'; }
+require_current_rc() {
+  local rc=0
+  inventory --require-key-id current >"$WORK/inventory.out" 2>&1 || rc=$?
+  echo "$rc"
+}
+mig_switch_plugin() {
+  stop_plugin
+  PLUGIN_BACKEND_ARGS=("${MIG_AKEYLESS_ARGS[@]}" --previous-backend local --local-key-file "$WORK/local-keys")
+  start_plugin
+  KID_AFTER="$(plugin_key_id)"
+  [[ "$KID_AFTER" != "$KID_BEFORE" ]] || fail "key_id did not change after the switch to Akeyless: $KID_AFTER"
+  wait_for 120 "apiserver to see the Akeyless key_id (status key_id hash metric)" apiserver_has_new_key_id
+}
+mig_rewrite() {
+  k get secrets -A -o json | k replace -f - >"$WORK/replace.out" || fail "kubectl replace: $(cat "$WORK/replace.out")"
+}
+
+run_migrate_flow() {
+  API=v2 BACKEND=migrate KMS_NAME="e2e-migrate-v2"
+  local flow_start=$SECONDS i n
+  log "=== flow: live migration, local key file -> Akeyless (fake) on the running plugin (kms v2)"
+  rm -rf "$WORK/etcd" "$WORK/local-keys" "$WORK"/*.sock "$WORK"/mig-*
+  MARKER=()
+  SOCK_ENDPOINT="unix://$WORK/kms-migrate.sock"
+  API_PORT="$(free_port)"
+  write_kubeconfig
+  backend_akeyless_init
+  MIG_AKEYLESS_ARGS=("${PLUGIN_BACKEND_ARGS[@]}")
+  backend_local_init
+  write_encryption_config
+  start_etcd
+  start_plugin
+  start_apiserver
+  k create namespace "$NS" >/dev/null
+  for i in 1 2 3 4 5 6 7 8; do create_secret "m$i"; done
+  KID_BEFORE="$(plugin_key_id)"
+  [[ "$KID_BEFORE" == local:* ]] || fail "the plugin should start on the local key file, key_id $KID_BEFORE"
+  wait_for 30 "status key_id hash metric of the local key" metric_has \
+    apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds "$(sha256_of "$KID_BEFORE")"
+  n="$(inventory_count "$KID_BEFORE")"
+  [[ "$n" == 8 && "$(inventory_total)" == 8 ]] || fail "inventory before: $n of $(inventory_total) secrets under $KID_BEFORE, want 8 of 8"
+  [[ "$(require_current_rc)" == 0 ]] || fail "inventory --require-key-id current before the switch: $(cat "$WORK/inventory.out")"
+  ok "inventory before: all 8 secrets under $KID_BEFORE, --require-key-id current exits 0"
+
+  log "switch the running plugin to Akeyless, the key file as --previous-backend (loops running)"
+  mig_loops_run "across the switch" mig_switch_plugin
+  ok "the plugin reports Akeyless's key_id $KID_AFTER and the apiserver sees it (same provider, apiserver not restarted)"
+  local rc; rc="$(require_current_rc)"
+  [[ "$rc" == 3 ]] || fail "inventory --require-key-id current before the storage migration exited $rc, want 3: $(cat "$WORK/inventory.out")"
+  n="$(inventory_count "$KID_BEFORE")"
+  ((n >= 8)) || fail "inventory after the switch: only $n secrets under $KID_BEFORE"
+  ok "before the storage migration: $n secrets still under $KID_BEFORE, --require-key-id current exits 3: $(tail -n 1 "$WORK/inventory.out")"
+  stop_apiserver
+  start_apiserver
+  check_all_read "old data after an apiserver restart (cold DEK cache: unwrapped through --previous-backend)"
+
+  log "storage migration (loops running)"
+  mig_loops_run "across the storage migration" mig_rewrite
+  # Writes that raced with the first replace may predate it; the loops are stopped, rewrite once more.
+  mig_rewrite
+  n="$(inventory_count "$KID_AFTER")"
+  local total; total="$(inventory_total)"
+  [[ "$n" == "$total" ]] || fail "inventory after the storage migration: $n of $total secrets under $KID_AFTER"
+  [[ "$(require_current_rc)" == 0 ]] || fail "inventory --require-key-id current after the migration: $(cat "$WORK/inventory.out")"
+  ok "inventory after: all $total secrets (loops' writes included) under $KID_AFTER, --require-key-id current exits 0"
+
+  log "drop --previous-backend"
+  stop_plugin
+  PLUGIN_BACKEND_ARGS=("${MIG_AKEYLESS_ARGS[@]}")
+  start_plugin
+  stop_apiserver
+  start_apiserver
+  check_all_read "on Akeyless alone after an apiserver restart"
+  local name written=0
+  while read -r name; do
+    [[ "$(k -n "$NS" get secret "$name" -o jsonpath='{.data.password}' 2>/dev/null | base64 -d)" == "$name" ]] ||
+      fail "secret $name written by the loop does not read back on Akeyless alone"
+    written=$((written + 1))
+  done <"$WORK/mig-written"
+  [[ "$written" == "$MIG_WRITES" ]] || fail "$written secrets listed as written by the loops, $MIG_WRITES writes counted"
+  ok "the loops' $written writes read back on Akeyless alone; $MIG_READS reads and $MIG_WRITES writes in all, 0 failed"
+
+  stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
+  backend_akeyless_stop
+  log "=== flow live migration passed in $((SECONDS - flow_start))s"
 }
 
 # ---------------------------------------------------------------------------------------------- the image swap
@@ -1033,6 +1181,7 @@ for entry in $versions; do
         if [[ ",${KMS_TEST_OPT_OUT:-}," == *",akeyless-fake,"* ]]; then echo "SKIP: ha-akeyless:v2 opted out via KMS_TEST_OPT_OUT"
         else run_ha_flow akeyless; fi ;;
       status-mismatch:v2) run_status_mismatch_flow ;;
+      migrate:v2) run_migrate_flow ;;
       *) run_flow "${flow#*:}" "${flow%%:*}" ;;
     esac
     SUMMARY+=("$version $flow $((SECONDS - flow_start))s")
