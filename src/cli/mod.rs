@@ -155,6 +155,20 @@ pub struct ServeArgs {
     /// --backend.
     #[arg(long, env = "KMS_PLUGIN_PREVIOUS_BACKEND", value_enum)]
     pub previous_backend: Option<BackendKind>,
+    /// Escrow backends (comma-separated kinds, each configured with its own flags, all different from
+    /// --backend and --previous-backend): every new local KEK is also wrapped by each, so Secrets stay
+    /// readable if the primary loses its key or is gone (docs/escrow.md). Encrypt never waits on a
+    /// failed escrow: that KEK is used for at most --escrow-retry, then a new one is made.
+    #[arg(
+        long,
+        env = "KMS_PLUGIN_ESCROW_BACKEND",
+        value_enum,
+        value_delimiter = ','
+    )]
+    pub escrow_backend: Vec<BackendKind>,
+    /// How long a local KEK that an escrow backend could not wrap keeps serving Encrypt.
+    #[arg(long, env = "KMS_PLUGIN_ESCROW_RETRY", default_value = "60s", value_parser = parse_duration)]
+    pub escrow_retry: Duration,
     /// Development only: with no backend configured, serve a throw-away local key created under
     /// --data-dir. Deliberately without an environment variable; refused together with a backend.
     #[arg(long)]

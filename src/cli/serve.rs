@@ -127,6 +127,45 @@ async fn build_backend(
     )))
 }
 
+/// The escrow backends of `--escrow-backend`, each built from its own flags.
+async fn build_escrow(
+    args: &ServeArgs,
+    metrics: &Metrics,
+    events: Arc<dyn BackendEvents>,
+) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
+    let name = |k: BackendKind| {
+        clap::ValueEnum::to_possible_value(&k)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    };
+    let mut seen: Vec<BackendKind> = effective_backend(args).into_iter().collect();
+    seen.extend(args.previous_backend);
+    let mut out = Vec::new();
+    for &kind in &args.escrow_backend {
+        if effective_backend(args).is_none() {
+            anyhow::bail!(
+                "--escrow-backend needs --backend: escrow wrappings are made next to the primary's"
+            );
+        }
+        if seen.contains(&kind) {
+            anyhow::bail!(
+                "--escrow-backend {} is the same kind as --backend, --previous-backend or another escrow: \
+                 each backend kind is configured by its own flags, so each may appear once",
+                name(kind)
+            );
+        }
+        seen.push(kind);
+        out.push(build_kind(args, Some(kind), metrics, events.clone()).await?);
+    }
+    if !out.is_empty() {
+        tracing::info!(
+            escrow = %args.escrow_backend.iter().map(|k| name(*k)).collect::<Vec<_>>().join(","),
+            "escrow: every new local KEK is also wrapped by these backends (docs/escrow.md)"
+        );
+    }
+    Ok(out)
+}
+
 #[cfg_attr(not(feature = "akeyless"), allow(unused_variables))]
 async fn build_kind(
     args: &ServeArgs,
@@ -212,6 +251,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
         backend_concurrency: args.backend_concurrency.max(1),
         revoke_on_auth_failure: args.revoke_on_auth_failure,
         legacy_v1_writes: args.legacy_v1_writes,
+        escrow_retry: args.escrow_retry,
         ..EngineConfig::default()
     }
 }
@@ -271,11 +311,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
             return Err(e);
         }
     };
-    let engine = Engine::with_observer(backend, engine_config(&args), observer.clone());
+    let escrow = match build_escrow(&args, &metrics, observer.clone()).await {
+        Ok(e) => e,
+        Err(e) => {
+            flush_audit(audit).await;
+            return Err(e);
+        }
+    };
+    let engine = Engine::with_escrow(backend, escrow, engine_config(&args), observer.clone());
     let weak = Arc::downgrade(&engine);
     metrics.add_scrape_hook(move |m| {
         if let Some(engine) = weak.upgrade() {
             m.set_local_kek_cache_size(engine.cached_keks());
+            m.set_escrow_up(&engine.escrow_health());
         }
     });
 

@@ -49,12 +49,16 @@ pub struct LocalKek {
     /// Header shared by every ciphertext under this KEK (see [`format`]).
     header: Vec<u8>,
     digest: KekDigest,
+    wrapped_len: usize,
     /// key_id of the remote KEK that wrapped it (what Encrypt reports; empty for a KEK loaded by
     /// Decrypt, which never encrypts).
     pub key_id: String,
     /// Reference of the remote key that wrapped it (stored in every ciphertext under it).
     pub key_ref: String,
     pub created: Instant,
+    /// True when an escrow backend is configured but could not wrap this KEK: the engine replaces
+    /// it early (see `EngineConfig::escrow_retry`).
+    pub escrow_incomplete: bool,
     uses: AtomicU64,
 }
 
@@ -73,6 +77,57 @@ impl LocalKek {
     }
 
     pub fn new(secret: &[u8], wrapped: &WrappedKey, key_id: String) -> Result<Self, EngineError> {
+        Self::with_header(
+            secret,
+            wrapped,
+            key_id,
+            format::encode_header(&wrapped.key_ref, &wrapped.ciphertext)?,
+        )
+    }
+
+    /// A KEK whose ciphertexts also carry its escrow wrappings (format version 2).
+    pub fn with_escrow(
+        secret: &[u8],
+        wrapped: &WrappedKey,
+        escrows: &[WrappedKey],
+        escrow_kinds: &[&str],
+        key_id: String,
+    ) -> Result<Self, EngineError> {
+        let list: Vec<format::EscrowWrapping<'_>> = escrows
+            .iter()
+            .zip(escrow_kinds)
+            .map(|(w, kind)| format::EscrowWrapping {
+                kind,
+                key_ref: &w.key_ref,
+                wrapped: &w.ciphertext,
+            })
+            .collect();
+        let header =
+            format::encode_header_with_escrow(&wrapped.key_ref, &wrapped.ciphertext, &list)?;
+        Self::with_header(secret, wrapped, key_id, header)
+    }
+
+    /// A KEK loaded by Decrypt from a ciphertext header (unwrapped by the primary or an escrow).
+    pub fn loaded(
+        secret: &[u8],
+        key_ref: &str,
+        wrapped: &[u8],
+        header: Vec<u8>,
+    ) -> Result<Self, EngineError> {
+        let wrapped = WrappedKey {
+            key_ref: key_ref.to_string(),
+            key_id: String::new(),
+            ciphertext: wrapped.to_vec(),
+        };
+        Self::with_header(secret, &wrapped, String::new(), header)
+    }
+
+    fn with_header(
+        secret: &[u8],
+        wrapped: &WrappedKey,
+        key_id: String,
+        header: Vec<u8>,
+    ) -> Result<Self, EngineError> {
         if secret.len() != 32 {
             return Err(EngineError::Internal(format!(
                 "the backend returned a {}-byte local KEK, expected 32 (wrong key or corrupted ciphertext)",
@@ -82,11 +137,13 @@ impl LocalKek {
         let cipher = Aes256Gcm::new_from_slice(secret).expect("32-byte key");
         Ok(LocalKek {
             cipher,
-            header: format::encode_header(&wrapped.key_ref, &wrapped.ciphertext)?,
+            header,
             digest: digest_of(&wrapped.key_ref, &wrapped.ciphertext),
+            wrapped_len: wrapped.ciphertext.len(),
             key_id,
             key_ref: wrapped.key_ref.clone(),
             created: Instant::now(),
+            escrow_incomplete: false,
             uses: AtomicU64::new(0),
         })
     }
@@ -100,9 +157,10 @@ impl LocalKek {
         &self.header
     }
 
-    /// The wrapped form of this KEK, as stored in its ciphertexts' header.
+    /// The primary's wrapped form of this KEK, as stored in its ciphertexts' header.
     pub fn wrapped(&self) -> &[u8] {
-        &self.header[5 + self.key_ref.len()..]
+        let start = 5 + self.key_ref.len();
+        &self.header[start..start + self.wrapped_len]
     }
 
     /// Short public reference for logs, metrics and audit lines: 12 hex digits of the digest.

@@ -57,6 +57,9 @@ pub struct EngineConfig {
     /// Write KMS v1 ciphertexts in the format of the plugin the backend replaces (drop-in
     /// rollback preparation); one backend call per write.
     pub legacy_v1_writes: bool,
+    /// How long a local KEK that an escrow backend could not wrap serves Encrypt before the engine
+    /// makes a new one (and so tries the escrow again).
+    pub escrow_retry: Duration,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
             max_plaintext: 4096,
             revoke_on_auth_failure: false,
             legacy_v1_writes: false,
+            escrow_retry: Duration::from_secs(60),
         }
     }
 }
@@ -104,6 +108,8 @@ pub enum RetireReason {
     Revoked,
     /// An operator asked for it (`kms-plugin rotate-local`).
     Operator,
+    /// An escrow backend could not wrap it; replaced after `escrow_retry`.
+    EscrowIncomplete,
 }
 
 impl RetireReason {
@@ -114,6 +120,7 @@ impl RetireReason {
             RetireReason::KeyIdChanged => "key_id_changed",
             RetireReason::Revoked => "revoked",
             RetireReason::Operator => "operator",
+            RetireReason::EscrowIncomplete => "escrow_incomplete",
         }
     }
 }
@@ -136,6 +143,18 @@ pub trait Observer: Send + Sync + 'static {
     fn key_health_changed(&self, _key_ref: &str, _health: &KeyHealth) {}
     /// A v1 ciphertext in the format of the plugin this one replaced was decrypted (or failed to).
     fn legacy_decrypt(&self, _ok: bool) {}
+    /// An escrow backend wrapped (or failed to wrap) a new local KEK.
+    fn escrow_wrap(&self, _escrow: &str, _outcome: Result<(), &BackendError>) {}
+    /// A local KEK the primary could not unwrap was unwrapped (or not) by an escrow backend.
+    /// `primary_error` is why the primary did not (never secret).
+    fn escrow_unwrap(
+        &self,
+        _escrow: &str,
+        _kek_ref: &str,
+        _primary_error: &str,
+        _outcome: Result<(), &BackendError>,
+    ) {
+    }
 }
 
 struct NoObserver;
@@ -174,6 +193,11 @@ impl std::fmt::Debug for Opened {
 /// See the module documentation.
 pub struct Engine {
     backend: Arc<dyn Backend>,
+    /// Escrow backends: each new local KEK is also wrapped by every one of them (format version 2),
+    /// and a Decrypt the primary cannot serve is tried with them (docs/escrow.md).
+    escrow: Vec<Arc<dyn Backend>>,
+    /// Last outcome per escrow backend (wrap or probe), for health reporting.
+    escrow_health: std::sync::Mutex<Vec<(&'static str, Result<(), String>)>>,
     config: EngineConfig,
     observer: Arc<dyn Observer>,
     cache: cache::KekCache,
@@ -219,7 +243,24 @@ impl Engine {
         config: EngineConfig,
         observer: Arc<dyn Observer>,
     ) -> Arc<Self> {
+        Self::with_escrow(backend, Vec::new(), config, observer)
+    }
+
+    /// An engine whose local KEKs are also wrapped by each of `escrow` (backends of kinds other than
+    /// the primary's).
+    pub fn with_escrow(
+        backend: Arc<dyn Backend>,
+        escrow: Vec<Arc<dyn Backend>>,
+        config: EngineConfig,
+        observer: Arc<dyn Observer>,
+    ) -> Arc<Self> {
+        let escrow_health = escrow
+            .iter()
+            .map(|b| (b.kind(), Err("not used yet".to_string())))
+            .collect();
         Arc::new_cyclic(|me| Engine {
+            escrow,
+            escrow_health: std::sync::Mutex::new(escrow_health),
             cache: cache::KekCache::new(config.kek_cache_size),
             backend_slots: Arc::new(Semaphore::new(config.backend_concurrency.max(1))),
             health: HealthState::new(config.status_staleness),
@@ -239,6 +280,18 @@ impl Engine {
 
     pub fn backend_kind(&self) -> &'static str {
         self.backend.kind()
+    }
+
+    /// Each escrow backend's kind and its last outcome (`Err` holds the error, never secret).
+    pub fn escrow_health(&self) -> Vec<(&'static str, Result<(), String>)> {
+        self.escrow_health.lock().unwrap().clone()
+    }
+
+    pub(super) fn note_escrow(&self, kind: &'static str, outcome: Result<(), String>) {
+        let mut health = self.escrow_health.lock().unwrap();
+        if let Some(entry) = health.iter_mut().find(|(k, _)| *k == kind) {
+            entry.1 = outcome;
+        }
     }
 
     pub fn cached_keks(&self) -> usize {
@@ -327,22 +380,22 @@ impl Engine {
         let (kek, lookup) = match self.cache.get(parsed.header) {
             Some(kek) => (kek, Lookup::Hit),
             None => {
-                // A confirmed revocation is re-checked by the probe; until then, no backend call.
+                // A confirmed revocation is re-checked by the probe; until then, no backend call
+                // to the primary (an escrow backend may still serve it: see `load`).
+                let escrowed = !self.escrow.is_empty() && !parsed.escrows().is_empty();
                 if let Some(reason) = self.lifecycle.revoked_with_sample(parsed.key_ref) {
-                    return Err(EngineError::Revoked(reason));
+                    if !escrowed {
+                        return Err(EngineError::Revoked(reason));
+                    }
                 }
                 let digest = kek::digest_of(parsed.key_ref, parsed.wrapped);
                 let me = self
                     .me
                     .upgrade()
                     .ok_or_else(|| EngineError::Internal("the engine is shutting down".into()))?;
-                let wrapped = crate::backend::WrappedKey {
-                    key_ref: parsed.key_ref.to_string(),
-                    key_id: String::new(),
-                    ciphertext: parsed.wrapped.to_vec(),
-                };
+                let request = LoadRequest::from(&parsed);
                 self.cache
-                    .get_or_load(parsed.header, digest, async move { me.load(wrapped).await })
+                    .get_or_load(parsed.header, digest, async move { me.load(request).await })
                     .await?
             }
         };
@@ -437,33 +490,121 @@ impl Engine {
     }
 
     /// Unwraps a local KEK met by Decrypt and installs it, unless its key was purged meanwhile.
+    /// When the primary cannot (down, revoked, lost the key) and the ciphertext carries escrow
+    /// wrappings, the escrow backends are tried in order; that is loud (warning, audit, metric).
     /// Runs detached (see [`cache`]), so it finishes even when the request gave up.
-    async fn load(
-        &self,
-        wrapped: crate::backend::WrappedKey,
-    ) -> Result<Arc<LocalKek>, EngineError> {
-        let generation = self.lifecycle.generation(&wrapped.key_ref);
-        let result = self
-            .call_backend(
-                BackendOp::Unwrap,
-                self.backend.unwrap(&wrapped.key_ref, &wrapped.ciphertext),
-            )
-            .await;
-        let secret = match result {
-            Ok(secret) => secret,
-            Err(e) => {
-                self.answer(&wrapped.key_ref, &e).await;
-                return Err(e);
+    async fn load(&self, request: LoadRequest) -> Result<Arc<LocalKek>, EngineError> {
+        let key_ref = request.key_ref.as_str();
+        let escrowed = !self.escrow.is_empty() && !request.escrows.is_empty();
+        let primary_error = match self.lifecycle.revoked(key_ref).filter(|_| escrowed) {
+            Some(reason) => EngineError::Revoked(reason),
+            None => {
+                let generation = self.lifecycle.generation(key_ref);
+                let result = self
+                    .call_backend(
+                        BackendOp::Unwrap,
+                        self.backend.unwrap(key_ref, &request.wrapped),
+                    )
+                    .await;
+                match result {
+                    Ok(secret) => {
+                        let kek = Arc::new(request.kek(&secret)?);
+                        if !self.install(key_ref, generation, &kek, true) {
+                            return Err(EngineError::Revoked(format!(
+                                "remote key {key_ref} was revoked while this local KEK was being unwrapped"
+                            )));
+                        }
+                        return Ok(kek);
+                    }
+                    Err(e) => {
+                        self.answer(key_ref, &e).await;
+                        e
+                    }
+                }
             }
         };
-        let kek = Arc::new(LocalKek::new(&secret, &wrapped, String::new())?);
-        if !self.install(&wrapped.key_ref, generation, &kek, true) {
-            return Err(EngineError::Revoked(format!(
-                "remote key {} was revoked while this local KEK was being unwrapped",
-                wrapped.key_ref
-            )));
+        if !escrowed {
+            return Err(primary_error);
         }
-        Ok(kek)
+        let kek_ref = hex::encode(&kek::digest_of(key_ref, &request.wrapped)[..6]);
+        let why = primary_error.to_string();
+        for (kind, escrow_ref, wrapped) in &request.escrows {
+            let Some(backend) = self.escrow.iter().find(|b| b.kind() == kind) else {
+                continue;
+            };
+            let result = self
+                .call_backend(BackendOp::Unwrap, backend.unwrap(escrow_ref, wrapped))
+                .await;
+            match result {
+                Ok(secret) => {
+                    self.observer.escrow_unwrap(kind, &kek_ref, &why, Ok(()));
+                    self.note_escrow(backend.kind(), Ok(()));
+                    tracing::warn!(
+                        kek = %kek_ref,
+                        escrow = %kind,
+                        primary_error = %why,
+                        "decrypted through an ESCROW backend: the primary backend could not unwrap this local KEK; \
+                         fix the primary (docs/escrow.md) and rewrite the data"
+                    );
+                    // Cached without the lifecycle: the primary's state is not changed by this.
+                    let kek = Arc::new(request.kek(&secret)?);
+                    self.cache.insert(kek.clone());
+                    return Ok(kek);
+                }
+                Err(EngineError::Backend(e)) => {
+                    self.observer.escrow_unwrap(kind, &kek_ref, &why, Err(&e));
+                    self.note_escrow(backend.kind(), Err(e.to_string()));
+                    tracing::warn!(kek = %kek_ref, escrow = %kind, error = %e, primary_error = %why, "escrow backend could not unwrap either");
+                }
+                Err(e) => {
+                    tracing::warn!(kek = %kek_ref, escrow = %kind, error = %e, primary_error = %why, "escrow backend could not unwrap either");
+                }
+            }
+        }
+        Err(primary_error)
+    }
+
+    /// Wraps a new local KEK's secret with every escrow backend, concurrently. Returns the
+    /// wrappings that succeeded (with their kinds) and whether any failed. Never fails Encrypt.
+    async fn wrap_escrow(
+        &self,
+        secret: &[u8],
+        primary: &crate::backend::WrappedKey,
+    ) -> (Vec<crate::backend::WrappedKey>, Vec<&'static str>, bool) {
+        let calls = self.escrow.iter().map(|b| async move {
+            let r = self.call_backend(BackendOp::Wrap, b.wrap(secret)).await;
+            (b.kind(), r)
+        });
+        let mut wrapped = Vec::new();
+        let mut kinds = Vec::new();
+        let mut incomplete = false;
+        for (kind, result) in futures_util::future::join_all(calls).await {
+            match result {
+                Ok(w) => {
+                    self.observer.escrow_wrap(kind, Ok(()));
+                    self.note_escrow(kind, Ok(()));
+                    wrapped.push(w);
+                    kinds.push(kind);
+                }
+                Err(e) => {
+                    if let EngineError::Backend(b) = &e {
+                        self.observer.escrow_wrap(kind, Err(b));
+                    }
+                    self.note_escrow(kind, Err(e.to_string()));
+                    tracing::error!(escrow = kind, error = %e, retry_in = ?self.config.escrow_retry,
+                        "escrow backend could not wrap the new local KEK; Encrypt goes on without it and a new KEK is made later");
+                    incomplete = true;
+                }
+            }
+        }
+        // Keep a v2 ciphertext of a 32-byte seed within the apiserver's 1024 bytes.
+        while !wrapped.is_empty() && header_len(primary, &wrapped, &kinds) > MAX_HEADER {
+            let dropped = kinds.pop().unwrap_or_default();
+            wrapped.pop();
+            incomplete = true;
+            tracing::error!(escrow = dropped, "escrow wrapping left out: the ciphertext would exceed the KMS v2 limit of 1024 bytes (docs/escrow.md, size)");
+        }
+        (wrapped, kinds, incomplete)
     }
 
     /// Installs a KEK in the cache through the lifecycle (see [`Lifecycle::install`]).
@@ -592,6 +733,9 @@ impl Engine {
         if kek.created.elapsed() >= self.config.kek_max_age {
             return Err(RetireReason::MaxAge);
         }
+        if kek.escrow_incomplete && kek.created.elapsed() >= self.config.escrow_retry {
+            return Err(RetireReason::EscrowIncomplete);
+        }
         match want_key_id {
             Some(want) if want != kek.key_id => Err(RetireReason::KeyIdChanged),
             _ => Ok(()),
@@ -630,7 +774,22 @@ impl Engine {
             };
             match self.health.label_for(&wrapped.key_id) {
                 Some(label) if label == want && wrapped.key_ref == key_ref => {
-                    let kek = Arc::new(LocalKek::new(&secret[..], &wrapped, label.to_string())?);
+                    let kek = if self.escrow.is_empty() {
+                        LocalKek::new(&secret[..], &wrapped, label.to_string())?
+                    } else {
+                        let (escrows, kinds, incomplete) =
+                            self.wrap_escrow(&secret[..], &wrapped).await;
+                        let mut kek = LocalKek::with_escrow(
+                            &secret[..],
+                            &wrapped,
+                            &escrows,
+                            &kinds,
+                            label.to_string(),
+                        )?;
+                        kek.escrow_incomplete = incomplete;
+                        kek
+                    };
+                    let kek = Arc::new(kek);
                     if !self.install(&key_ref, generation, &kek, false) {
                         return Err(EngineError::Revoked(format!(
                             "remote key {key_ref} was revoked while a local KEK was being wrapped"
@@ -693,6 +852,60 @@ impl Api {
             Api::V1 => "v1",
             Api::V2 => "v2",
         }
+    }
+}
+
+/// Largest header that keeps the KMS v2 ciphertext of a 32-byte seed within the apiserver's 1024
+/// bytes; escrow wrappings that do not fit are left out (docs/escrow.md, size).
+pub const MAX_HEADER: usize = 1024 - format::NONCE_LEN - format::TAG_LEN - 32;
+
+/// Length of the format-2 header of a local KEK with these wrappings.
+fn header_len(
+    primary: &crate::backend::WrappedKey,
+    escrows: &[crate::backend::WrappedKey],
+    kinds: &[&str],
+) -> usize {
+    let escrow: usize = escrows
+        .iter()
+        .zip(kinds)
+        .map(|(w, k)| 1 + k.len() + 1 + w.key_ref.len() + 2 + w.ciphertext.len())
+        .sum();
+    5 + primary.key_ref.len()
+        + primary.ciphertext.len()
+        + if escrows.is_empty() { 0 } else { 1 + escrow }
+}
+
+/// What a detached unwrap needs from a ciphertext header (owned: the request may go away).
+struct LoadRequest {
+    key_ref: String,
+    wrapped: Vec<u8>,
+    header: Vec<u8>,
+    /// (escrow backend kind, its key reference, its wrapping), in header order.
+    escrows: Vec<(String, String, Vec<u8>)>,
+}
+
+impl LoadRequest {
+    fn from(parsed: &format::Parsed<'_>) -> Self {
+        LoadRequest {
+            key_ref: parsed.key_ref.to_string(),
+            wrapped: parsed.wrapped.to_vec(),
+            header: parsed.header.to_vec(),
+            escrows: parsed
+                .escrows()
+                .iter()
+                .map(|e| {
+                    (
+                        e.kind.to_string(),
+                        e.key_ref.to_string(),
+                        e.wrapped.to_vec(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn kek(&self, secret: &[u8]) -> Result<LocalKek, EngineError> {
+        LocalKek::loaded(secret, &self.key_ref, &self.wrapped, self.header.clone())
     }
 }
 

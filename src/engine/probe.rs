@@ -33,6 +33,9 @@ impl Engine {
             }
         }
         self.publish_health();
+        if deep {
+            self.check_escrow().await;
+        }
         if current.is_ok() {
             // Have the next Encrypt find a ready local KEK for the current key_id.
             if let Err(e) = self.ensure_current_kek().await {
@@ -40,6 +43,23 @@ impl Engine {
             }
         }
         current
+    }
+
+    /// Looks up each escrow backend's key (cheap probe), so its health is known between the rare
+    /// wraps of new local KEKs. An escrow outage is reported, never acted upon.
+    async fn check_escrow(&self) {
+        for backend in &self.escrow {
+            let result = self
+                .call_backend(BackendOp::Probe, backend.current_key())
+                .await;
+            if let Err(e) = &result {
+                tracing::warn!(escrow = backend.kind(), error = %e, "escrow backend check failed; new local KEKs may lack its wrapping");
+            }
+            self.note_escrow(
+                backend.kind(),
+                result.map(|_| ()).map_err(|e| e.to_string()),
+            );
+        }
     }
 
     /// Looks the current key up and records it; returns its key_id and key reference.

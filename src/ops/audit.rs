@@ -107,6 +107,9 @@ pub enum AuditOp {
     IdentityRotation,
     /// A remote key changed lifecycle state (suspect, revoked, active again).
     KeyState,
+    /// A local KEK the primary backend could not unwrap was unwrapped by an escrow backend (or the
+    /// escrow failed too).
+    EscrowUnwrap,
 }
 
 /// One audit event. Every field is an identifier or a bounded label: never pass secret material.

@@ -102,12 +102,13 @@ impl From<crate::engine::BackendOp> for BackendOp {
     }
 }
 
-const RETIRE_REASONS: [RetireReason; 5] = [
+const RETIRE_REASONS: [RetireReason; 6] = [
     RetireReason::MaxUses,
     RetireReason::MaxAge,
     RetireReason::KeyIdChanged,
     RetireReason::Revoked,
     RetireReason::Operator,
+    RetireReason::EscrowIncomplete,
 ];
 
 /// Which credential a backend renewed.
@@ -228,6 +229,17 @@ struct IdentityLabels {
     backend: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EscrowLabels {
+    escrow: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EscrowUpLabels {
+    escrow: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Latency buckets from 0.25 ms to ~16 s: local operations take microseconds to a millisecond, remote
@@ -270,6 +282,9 @@ struct Inner {
     local_key_file_refused: Gauge,
     local_keys_unknown: Gauge,
     local_unknown_key_unwraps: Counter,
+    escrow_wraps: Family<EscrowLabels, Counter>,
+    escrow_unwraps: Family<EscrowLabels, Counter>,
+    escrow_up: Family<EscrowUpLabels, Gauge>,
     scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
     connections: ConnectionMetrics,
 }
@@ -541,6 +556,25 @@ impl Metrics {
             local_unknown_key_unwraps.clone(),
         );
 
+        let escrow_wraps = Family::<EscrowLabels, Counter>::default();
+        registry.register(
+            "escrow_wraps",
+            "New local KEKs wrapped (outcome ok) or not (the error label) by each escrow backend",
+            escrow_wraps.clone(),
+        );
+        let escrow_unwraps = Family::<EscrowLabels, Counter>::default();
+        registry.register(
+            "escrow_unwraps",
+            "Local KEKs the primary backend could not unwrap, unwrapped (ok) or not by an escrow backend: any ok here means the primary has lost keys or is down (docs/escrow.md)",
+            escrow_unwraps.clone(),
+        );
+        let escrow_up = Family::<EscrowUpLabels, Gauge>::default();
+        registry.register(
+            "escrow_up",
+            "1 when the escrow backend's last wrap or check succeeded, 0 otherwise",
+            escrow_up.clone(),
+        );
+
         // Resolve the children that should exist from the start (value 0, so rate() works before the
         // first request); the others are resolved on first use.
         let request_latency: [[OnceLock<Histogram>; 4]; 2] =
@@ -608,6 +642,9 @@ impl Metrics {
             local_key_file_refused,
             local_keys_unknown,
             local_unknown_key_unwraps,
+            escrow_wraps,
+            escrow_unwraps,
+            escrow_up,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
             connections,
         }))
@@ -776,6 +813,38 @@ impl Metrics {
             .local_keys_unknown
             .set(i64::try_from(unknown_keys).unwrap_or(i64::MAX));
         mirror(&inner.local_unknown_key_unwraps, unwraps);
+    }
+
+    /// One escrow wrap of a new local KEK.
+    pub fn escrow_wrap(&self, escrow: &str, outcome: Result<(), &crate::backend::BackendError>) {
+        self.0
+            .escrow_wraps
+            .get_or_create(&EscrowLabels {
+                escrow: escrow.to_string(),
+                outcome: outcome.err().map_or("ok", |e| e.label()),
+            })
+            .inc();
+    }
+
+    /// One escrow unwrap attempt (the primary could not unwrap).
+    pub fn escrow_unwrap(&self, escrow: &str, outcome: Result<(), &crate::backend::BackendError>) {
+        self.0
+            .escrow_unwraps
+            .get_or_create(&EscrowLabels {
+                escrow: escrow.to_string(),
+                outcome: outcome.err().map_or("ok", |e| e.label()),
+            })
+            .inc();
+    }
+
+    /// Whether each escrow backend's last operation succeeded (read at scrape time).
+    pub fn set_escrow_up(&self, health: &[(&'static str, Result<(), String>)]) {
+        for (escrow, outcome) in health {
+            self.0
+                .escrow_up
+                .get_or_create(&EscrowUpLabels { escrow })
+                .set(i64::from(outcome.is_ok()));
+        }
     }
 
     pub fn audit_write_error(&self) {

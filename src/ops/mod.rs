@@ -92,6 +92,33 @@ impl engine::Observer for OpsObserver {
         self.metrics.legacy_decrypt(ok);
     }
 
+    fn escrow_wrap(&self, escrow: &str, outcome: Result<(), &BackendError>) {
+        self.metrics.escrow_wrap(escrow, outcome);
+    }
+
+    fn escrow_unwrap(
+        &self,
+        escrow: &str,
+        kek_ref: &str,
+        primary_error: &str,
+        outcome: Result<(), &BackendError>,
+    ) {
+        self.metrics.escrow_unwrap(escrow, outcome);
+        let detail = match outcome {
+            Ok(()) => format!("primary could not unwrap: {primary_error}"),
+            Err(e) => format!("primary could not unwrap: {primary_error}; escrow: {e}"),
+        };
+        self.audit(AuditEvent {
+            operation: Some(AuditOp::EscrowUnwrap),
+            backend: Some(escrow),
+            local_kek: Some(kek_ref),
+            backend_call: true,
+            outcome: outcome.err().map_or("ok", BackendError::label),
+            detail: Some(&detail),
+            ..Default::default()
+        });
+    }
+
     fn key_health_changed(&self, key_ref: &str, health: &engine::KeyHealth) {
         self.metrics.key_state_changed(health.as_str());
         let detail = match health {
