@@ -32,7 +32,6 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
 
-
 struct Served {
     setup: Setup,
     plugin: Plugin,

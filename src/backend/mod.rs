@@ -35,6 +35,7 @@ pub mod pkcs11;
     feature = "kmip"
 ))]
 pub mod tls;
+pub mod unreachable;
 #[cfg(feature = "vault")]
 pub mod vault;
 pub mod with_previous;

@@ -100,7 +100,19 @@ async fn build_backend(
     metrics: &Metrics,
     events: Arc<dyn BackendEvents>,
 ) -> anyhow::Result<Arc<dyn Backend>> {
-    let primary = build_kind(args, effective_backend(args), metrics, events.clone()).await?;
+    let primary = match build_kind(args, effective_backend(args), metrics, events.clone()).await {
+        Ok(primary) => primary,
+        // With escrow the data stays readable without the primary (docs/escrow.md).
+        Err(e) if !args.escrow_backend.is_empty() && effective_backend(args).is_some() => {
+            tracing::error!(error = %format!("{e:#}"), "the primary backend could not be set up; serving as unhealthy, Decrypt goes through the escrow backends");
+            let kind = effective_backend(args).map_or("unknown", kind_name);
+            Arc::new(crate::backend::unreachable::Unreachable::new(
+                kind,
+                format!("{e:#}"),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
     let Some(previous) = args.previous_backend else {
         return Ok(primary);
     };
@@ -125,6 +137,46 @@ async fn build_backend(
     Ok(Arc::new(crate::backend::with_previous::WithPrevious::new(
         primary, previous,
     )))
+}
+
+/// Escrow takeover (docs/escrow.md): when the primary could not be set up, or its key answers with a
+/// revocation or an authentication failure at start, the first escrow backend serves as primary, so
+/// Status has a key_id and Encrypt works. A KMS v2 apiserver reads nothing until both do, so without
+/// this a restarted apiserver could not read the Secrets the escrow protects. Transient failures do
+/// not take over: the primary is only unreachable for now.
+async fn escrow_takeover(
+    primary: Arc<dyn Backend>,
+    escrow: &[Arc<dyn Backend>],
+    timeout: Duration,
+) -> Arc<dyn Backend> {
+    let Some(first) = escrow.first() else {
+        return primary;
+    };
+    let failure = match tokio::time::timeout(timeout, primary.current_key()).await {
+        Ok(Ok(_)) | Err(_) => return primary,
+        Ok(Err(e)) if e.is_transient() => return primary,
+        Ok(Err(e)) => e,
+    };
+    tracing::error!(
+        primary = primary.kind(),
+        escrow = first.kind(),
+        error = %failure,
+        "ESCROW TAKEOVER: the primary backend's key is not usable; the escrow backend wraps new local KEKs \
+         and gives the key_id until the plugin is restarted with a working primary (docs/escrow.md)"
+    );
+    first.clone()
+}
+
+/// [`Backend::kind`] of the backend a [`BackendKind`] builds.
+fn kind_name(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Local => "local",
+        BackendKind::Akeyless => "akeyless",
+        BackendKind::Pkcs11 => "pkcs11",
+        BackendKind::AwsKms => "aws-kms",
+        BackendKind::Vault => "vault",
+        BackendKind::Kmip => "kmip",
+    }
 }
 
 /// The escrow backends of `--escrow-backend`, each built from its own flags.
@@ -167,7 +219,7 @@ async fn build_escrow(
 }
 
 #[cfg_attr(not(feature = "akeyless"), allow(unused_variables))]
-async fn build_kind(
+pub(crate) async fn build_kind(
     args: &ServeArgs,
     kind: Option<BackendKind>,
     metrics: &Metrics,
@@ -318,6 +370,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
             return Err(e);
         }
     };
+    let backend = escrow_takeover(backend, &escrow, args.backend_timeout).await;
     let engine = Engine::with_escrow(backend, escrow, engine_config(&args), observer.clone());
     let weak = Arc::downgrade(&engine);
     metrics.add_scrape_hook(move |m| {
@@ -369,6 +422,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
                 || matches!(&e, EngineError::Backend(b) if b.is_transient()) =>
         {
             tracing::warn!(error = %e, "backend not reachable at start; serving as unhealthy until it is");
+        }
+        // With escrow the data stays readable without the primary: serve Decrypts through the escrow
+        // (Status unhealthy, so the apiserver writes nothing) instead of taking every Secret down.
+        Err(e) if !args.escrow_backend.is_empty() => {
+            tracing::error!(error = %e, "primary backend check failed; serving as unhealthy, Decrypt goes through the escrow backends (docs/escrow.md)");
         }
         Err(e) => {
             flush_audit(audit).await;

@@ -18,6 +18,7 @@ pub mod health;
 pub mod kek;
 pub mod lifecycle;
 mod probe;
+pub mod recover;
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -571,10 +572,15 @@ impl Engine {
         secret: &[u8],
         primary: &crate::backend::WrappedKey,
     ) -> (Vec<crate::backend::WrappedKey>, Vec<&'static str>, bool) {
-        let calls = self.escrow.iter().map(|b| async move {
-            let r = self.call_backend(BackendOp::Wrap, b.wrap(secret)).await;
-            (b.kind(), r)
-        });
+        // After an escrow takeover the primary is one of the escrow backends: no second wrapping.
+        let calls = self
+            .escrow
+            .iter()
+            .filter(|b| Arc::as_ptr(b).cast::<()>() != Arc::as_ptr(&self.backend).cast::<()>())
+            .map(|b| async move {
+                let r = self.call_backend(BackendOp::Wrap, b.wrap(secret)).await;
+                (b.kind(), r)
+            });
         let mut wrapped = Vec::new();
         let mut kinds = Vec::new();
         let mut incomplete = false;
