@@ -90,6 +90,8 @@ fn main() -> ExitCode {
             Command::RotateLocal(args) => cli::client::rotate_local(&args.client).await,
             #[cfg(feature = "inventory")]
             Command::Inventory(args) => cli::inventory::run(*args).await,
+            #[cfg(feature = "inventory")]
+            Command::Recover(args) => cli::recover::run(*args).await,
             #[cfg(feature = "akeyless")]
             Command::Akeyless(args) => cli::akeyless_uid::run(args).await,
             Command::Version => {

@@ -1,4 +1,5 @@
-//! Ciphertext parsing and opening: `format::parse` and `Engine::decrypt` on arbitrary bytes.
+//! Ciphertext parsing and opening: `format::parse` (formats 1 and 2, escrow wrappings included) and
+//! `Engine::decrypt` on arbitrary bytes.
 //! First byte: 0 = v1 binding, otherwise v2 with the fixed key_id. Must never panic; whatever parses
 //! must describe a sub-slice of the input.
 #![no_main]
@@ -17,6 +18,10 @@ fuzz_target!(|data: &[u8]| {
             ciphertext.len()
         );
         assert!(p.sealed.len() >= format::TAG_LEN);
+        // Escrow wrappings (format 2) lie inside the header.
+        for e in p.escrows() {
+            assert!(e.wrapped.len() + e.key_ref.len() + e.kind.len() < p.header.len());
+        }
     }
     let binding = if selector == 0 {
         Binding::V1

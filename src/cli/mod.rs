@@ -5,6 +5,8 @@ pub mod akeyless_uid;
 pub mod client;
 #[cfg(feature = "inventory")]
 pub mod inventory;
+#[cfg(feature = "inventory")]
+pub mod recover;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -68,6 +70,10 @@ pub enum Command {
     /// Retire the running plugin's current local KEK now (e.g. after a suspected node compromise): the
     /// next Encrypt creates a new one; data under the old one still decrypts until it is rewritten.
     RotateLocal(ClientArgsOnly),
+    /// Disaster recovery, offline: decrypt one value exported from etcd with one backend (usually an
+    /// escrow backend, configured with its usual flags), no running plugin or apiserver needed.
+    #[cfg(feature = "inventory")]
+    Recover(Box<recover::RecoverArgs>),
     /// Print the version and the compiled-in backends.
     Version,
     /// Akeyless tools: `akeyless uid …` manages Universal Identity child tokens for the nodes.

@@ -98,17 +98,20 @@ impl Storage {
 
 /// The KMS v2 storage envelope (fields as in k8s.io/apiserver's kmsv2 API).
 #[derive(Clone, PartialEq, prost::Message)]
-struct EncryptedObject {
+pub(crate) struct EncryptedObject {
     #[prost(bytes = "vec", tag = "1")]
-    encrypted_data: Vec<u8>,
+    pub encrypted_data: Vec<u8>,
     #[prost(string, tag = "2")]
-    key_id: String,
+    pub key_id: String,
     #[prost(bytes = "vec", tag = "3")]
-    encrypted_dek_source: Vec<u8>,
+    pub encrypted_dek_source: Vec<u8>,
+    /// 0 = the DEK source is an AES-GCM key, 1 = a seed for HKDF-SHA256 with an extended nonce.
+    #[prost(int32, tag = "5")]
+    pub encrypted_dek_source_type: i32,
 }
 
 /// `k8s:enc:` then `<provider…>:` fields; returns the fields and the rest.
-fn split_fields(rest: &[u8], n: usize) -> Option<(Vec<String>, &[u8])> {
+pub(crate) fn split_fields(rest: &[u8], n: usize) -> Option<(Vec<String>, &[u8])> {
     let mut fields = Vec::with_capacity(n);
     let mut rest = rest;
     for _ in 0..n {

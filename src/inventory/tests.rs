@@ -15,6 +15,7 @@ fn v2_value(provider: &str, key_id: &str, dek_source: &[u8]) -> Vec<u8> {
         encrypted_data: b"sealed object".to_vec(),
         key_id: key_id.into(),
         encrypted_dek_source: dek_source.to_vec(),
+        encrypted_dek_source_type: 1,
     };
     let mut v = format!("k8s:enc:kms:v2:{provider}:").into_bytes();
     v.extend(prost::Message::encode_to_vec(&o));
