@@ -309,7 +309,7 @@ default_flows() {
   if [[ ",${KMS_TEST_OPT_OUT:-}," == *",akeyless-fake,"* ]]; then
     echo "SKIP: akeyless:v2 flow opted out via KMS_TEST_OPT_OUT" >&2
   elif [[ -f "$AKEYLESS_FAKE" ]] && "$PLUGIN_BIN" serve --help 2>/dev/null | grep -q -- --akeyless-url; then
-    echo "akeyless:v2 akeyless-swap:v1 migrate:v2"
+    echo "akeyless:v2 akeyless-swap:v1 migrate:v2 escrow:v2"
   fi
   if [[ ",${KMS_TEST_OPT_OUT:-}," == *",vault,"* ]]; then
     echo "SKIP: vault:v2 flow opted out via KMS_TEST_OPT_OUT" >&2
@@ -371,7 +371,7 @@ start_apiserver() {
   APISERVER_PID=$!
   [[ "${1:-}" == --no-wait ]] && return 0
   local start=$SECONDS
-  until k get --raw /readyz >/dev/null 2>&1; do
+  until k get --raw "${READYZ:-/readyz}" >/dev/null 2>&1; do
     if ! kill -0 "$APISERVER_PID" 2>/dev/null; then
       wait "$APISERVER_PID" 2>/dev/null || true
       APISERVER_PID=""
@@ -634,6 +634,15 @@ run_flow() {
   start_apiserver
   check_all_read "after rotation and an apiserver restart"
 
+  if [[ "$API" == v1 && "$BACKEND" == local ]]; then
+    log "kms-plugin recover (kms v1 value, the key file, no plugin involved)"
+    rm -f "$WORK/recovered-v1-s1"
+    etcd_raw "/registry/secrets/$NS/s1" >"$WORK/v1-s1.value" || fail "export s1 from etcd"
+    "$PLUGIN_BIN" recover --backend local --local-key-file "$WORK/local-keys" --etcd-value-file "$WORK/v1-s1.value" \
+      --etcd-key "/registry/secrets/$NS/s1" --out "$WORK/recovered-v1-s1" 2>"$WORK/recover.err" || fail "recover: $(cat "$WORK/recover.err")"
+    grep -aqF "${MARKER[s1]}" "$WORK/recovered-v1-s1" || fail "the recovered kms v1 object does not contain s1's value"
+    ok "recover: a kms v1 value from etcd decrypted offline ($(tail -n 1 "$WORK/recover.err"))"
+  fi
   if [[ "$API" == v2 && "$BACKEND" == local ]]; then
     log "deploy manifests"
     validate_deploy_manifests
@@ -790,6 +799,86 @@ run_migrate_flow() {
   stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
   backend_akeyless_stop
   log "=== flow live migration passed in $((SECONDS - flow_start))s"
+}
+
+# ---------------------------------------------------------------------------------------------- escrow
+# escrow:v2 (issue 16 §1, test (a)): Akeyless (the fake) primary with a local key file as escrow backend.
+# The key is deleted in the fake, plugin and apiserver restart (cold caches): every Secret reads back
+# through the escrow, which the plugin reports (metric, audit line); `kms-plugin recover` decrypts a value
+# exported from etcd with the escrow key file alone.
+run_escrow_flow() {
+  API=v2 BACKEND=escrow KMS_NAME="e2e-escrow-v2"
+  local flow_start=$SECONDS i http
+  log "=== flow: escrow, Akeyless (fake) primary + local key file escrow (kms v2)"
+  rm -rf "$WORK/etcd" "$WORK"/escrow-* "$WORK"/*.sock "$WORK"/recovered-*
+  MARKER=()
+  SOCK_ENDPOINT="unix://$WORK/kms-escrow.sock"
+  API_PORT="$(free_port)"
+  write_kubeconfig
+  backend_akeyless_init
+  "$PLUGIN_BIN" keygen "$WORK/escrow-keys" >>"$WORK/plugin.log" 2>&1 || fail "kms-plugin keygen (escrow key)"
+  http="$(free_port)"
+  PLUGIN_BACKEND_ARGS+=(--escrow-backend local --local-key-file "$WORK/escrow-keys"
+    --http "127.0.0.1:$http" --audit-log "$WORK/escrow-audit.log")
+  write_encryption_config
+  start_etcd
+  start_plugin
+  start_apiserver
+  k create namespace "$NS" >/dev/null
+  for i in 1 2 3 4 5 6; do create_secret "e$i"; done
+  local kid; kid="$(plugin_key_id)"
+  [[ "$kid" == akeyless:* ]] || fail "key_id should be the primary's (Akeyless), got $kid"
+  for i in 1 2 3 4 5 6; do check_stored "e$i" "$kid"; done
+  ok "6 secrets under the primary's key_id $kid (each local KEK also wrapped by the escrow key file)"
+  [[ "$(curl -sf "http://127.0.0.1:$http/metrics" | awk '$1 ~ /^kms_plugin_escrow_wraps_total\{.*outcome="ok"/ {s += $2} END {print s + 0}')" -ge 1 ]] ||
+    fail "kms_plugin_escrow_wraps_total{outcome=ok} is 0"
+  ok "kms_plugin_escrow_wraps_total{outcome=\"ok\"} >= 1"
+
+  log "disaster: the key is deleted in the primary; plugin and apiserver restart"
+  curl -sf -X POST -H 'Content-Type: application/json' -d '{"name": "e2e-kek", "action": "delete"}' \
+    "$FAKE_URL/__control/key" >>"$WORK/akeyless-fake.log" || fail "delete the key in the Akeyless fake"
+  stop_plugin
+  start_plugin
+  grep -q 'ESCROW TAKEOVER' "$WORK/plugin.log" || fail "the plugin did not report the escrow takeover"
+  local kid_dr; kid_dr="$(plugin_key_id)"
+  [[ "$kid_dr" == local:* ]] || fail "after the takeover the key_id should be the escrow's (local), got $kid_dr"
+  ok "the plugin starts although the primary's key is gone: ESCROW TAKEOVER logged, Status key_id $kid_dr (the escrow's)"
+  stop_apiserver
+  start_apiserver
+  kms_ready >/dev/null || fail "/readyz/kms-providers not ok under the escrow takeover"
+  check_all_read "after the primary lost the key (cold caches: every local KEK unwrapped through the escrow)"
+  local unwraps
+  unwraps="$(curl -sf "http://127.0.0.1:$http/metrics" | awk '$1 ~ /^kms_plugin_escrow_unwraps_total\{.*outcome="ok"/ {s += $2} END {print s + 0}')"
+  ((unwraps >= 1)) || fail "kms_plugin_escrow_unwraps_total{outcome=ok} is $unwraps"
+  grep -q '"operation":"escrow_unwrap"' "$WORK/escrow-audit.log" || fail "no escrow_unwrap line in the audit log"
+  grep -q 'decrypted through an ESCROW backend' "$WORK/plugin.log" || fail "no escrow warning in the plugin log"
+  ok "the escrow unwrap is loud: kms_plugin_escrow_unwraps_total{outcome=\"ok\"} = $unwraps, an escrow_unwrap audit line, a warning"
+  create_secret e7
+  check_stored e7 "$kid_dr"
+  check_all_read "with a new write under the escrow's key_id"
+
+  log "kms-plugin recover: a value exported from etcd, the escrow key file alone"
+  etcd_raw "/registry/secrets/$NS/e1" >"$WORK/escrow-e1.value" || fail "export e1 from etcd"
+  "$PLUGIN_BIN" recover --backend local --local-key-file "$WORK/escrow-keys" --etcd-value-file "$WORK/escrow-e1.value" \
+    --etcd-key "/registry/secrets/$NS/e1" --out "$WORK/recovered-e1" 2>"$WORK/recover.err" || fail "recover: $(cat "$WORK/recover.err")"
+  grep -aqF "${MARKER[e1]}" "$WORK/recovered-e1" || fail "the recovered object does not contain e1's value"
+  [[ "$(stat -c %a "$WORK/recovered-e1")" == 600 ]] || fail "recovered file mode is $(stat -c %a "$WORK/recovered-e1"), want 600"
+  ok "recover: e1 decrypted offline with the escrow key file ($(cat "$WORK/recover.err"))"
+  "$PLUGIN_BIN" keygen "$WORK/escrow-wrong-keys" >/dev/null 2>&1
+  if "$PLUGIN_BIN" recover --backend local --local-key-file "$WORK/escrow-wrong-keys" --etcd-value-file "$WORK/escrow-e1.value" \
+    --etcd-key "/registry/secrets/$NS/e1" --out "$WORK/recovered-wrong" 2>"$WORK/recover-wrong.err"; then
+    fail "recover succeeded with a key file that never wrapped this data"
+  fi
+  [[ ! -e "$WORK/recovered-wrong" ]] || fail "recover with the wrong key wrote an output file"
+  if "$PLUGIN_BIN" recover --backend local --local-key-file "$WORK/escrow-keys" --etcd-value-file "$WORK/escrow-e1.value" \
+    --etcd-key "/registry/secrets/$NS/e2" --out "$WORK/recovered-e1-as-e2" 2>/dev/null; then
+    fail "recover accepted the value under another etcd key"
+  fi
+  ok "recover refuses another key file ($(tail -n 1 "$WORK/recover-wrong.err" | cut -c1-200)) and another etcd key"
+
+  stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
+  backend_akeyless_stop
+  log "=== flow escrow passed in $((SECONDS - flow_start))s"
 }
 
 # ---------------------------------------------------------------------------------------------- the image swap
@@ -1182,6 +1271,7 @@ for entry in $versions; do
         else run_ha_flow akeyless; fi ;;
       status-mismatch:v2) run_status_mismatch_flow ;;
       migrate:v2) run_migrate_flow ;;
+      escrow:v2) run_escrow_flow ;;
       *) run_flow "${flow#*:}" "${flow%%:*}" ;;
     esac
     SUMMARY+=("$version $flow $((SECONDS - flow_start))s")
