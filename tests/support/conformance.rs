@@ -51,6 +51,13 @@ pub async fn run(backend: Arc<dyn Backend>, rotate: Option<RotateHook>) {
         "wrapped key is {} bytes",
         w1.ciphertext.len()
     );
+    // Measured sizes, for docs/escrow.md (what an escrow wrapping adds to each ciphertext).
+    eprintln!(
+        "wrapping size: backend {} key_ref {} bytes, wrapped local KEK {} bytes",
+        backend.kind(),
+        w1.key_ref.len(),
+        w1.ciphertext.len()
+    );
     assert!(
         !w1.ciphertext.windows(secret.len()).any(|w| w == secret),
         "plaintext visible in wrapped key"
