@@ -275,7 +275,9 @@ async fn bad_credentials_are_clear_errors() {
     ));
 }
 
-#[tokio::test]
+// Multi-threaded: the test's gRPC connections must close while terminate() blocks this thread,
+// or the plugin waits for them until its shutdown timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_with_metadata_server_credentials() {
     use support::plugin::{socket_conformance, wait_for_key_id_change};
     let Some(fake) = Fake::start() else { return };
@@ -317,4 +319,70 @@ async fn serves_with_metadata_server_credentials() {
             >= 1
     );
     p.terminate();
+    let log = p.log_text();
+    assert!(!log.contains("ya29."), "access token in the log");
+    assert!(!log.contains(" ERROR "), "errors on a healthy run: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_ca_through_ssl_cert_file() {
+    use support::plugin::socket_conformance;
+    let Some(fake) = Fake::start_tls() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kms.sock");
+    let sa = fake.sa_file().display().to_string();
+    let ca = fake.dir.path().join("ca.pem").display().to_string();
+    let args: Vec<String> = [
+        "serve",
+        "--listen",
+        &format!("unix://{}", socket.display()),
+        "--backend",
+        "gcp-kms",
+        "--gcp-kms-key",
+        KEY,
+        "--gcp-kms-endpoint",
+        &fake.url,
+        "--gcp-credentials-file",
+        &sa,
+        "--probe-interval",
+        "200ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let home = dir.path().display().to_string();
+    let addr = kms_plugin::protocol::socket::ListenAddr::Path(socket.clone());
+
+    // Without the CA the server is not trusted: the plugin serves, unhealthy, and says why.
+    let mut p = support::gcp_fake::spawn_plugin_adc(
+        &args,
+        &[("HOME", home.as_str()), ("SSL_CERT_FILE", "/nonexistent")],
+        addr.clone(),
+        dir.path(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !p.log_text().contains("certificate is not trusted") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no hint: {}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.terminate();
+    let _ = std::fs::remove_file(&socket);
+
+    let mut p = support::gcp_fake::spawn_plugin_adc(
+        &args,
+        &[("HOME", home.as_str()), ("SSL_CERT_FILE", ca.as_str())],
+        addr.clone(),
+        dir.path(),
+    );
+    p.wait_healthy(Duration::from_secs(20)).await;
+    socket_conformance(&addr, &socket).await;
+    p.terminate();
+    let log = p.log_text();
+    assert!(!log.contains("PRIVATE KEY"), "key material in the log");
 }

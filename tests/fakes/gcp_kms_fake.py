@@ -21,8 +21,8 @@ INVALID_ARGUMENT, missing ones NOT_FOUND, and every KMS call needs `authorizatio
   A missing token is UNAUTHENTICATED/CREDENTIALS_MISSING, an expired or unknown one
   UNAUTHENTICATED/ACCESS_TOKEN_EXPIRED, as Google answers.
 
-On start it writes DIR/sa.json, DIR/external.json, DIR/subject-token and the TLS files, then
-prints `PORT n` (and `GRPC_PORT m`).
+On start it writes DIR/sa.json, DIR/external.json, DIR/subject-token and, for gRPC or --tls
+(HTTPS), DIR/ca.pem, then prints `PORT n` (and `GRPC_PORT m`).
 
 Cryptography is real: AES-256-GCM per CryptoKeyVersion, the version travels inside the ciphertext,
 the additional authenticated data is bound. A DISABLED / DESTROYED version refuses with
@@ -610,9 +610,9 @@ def make_handler(state, verbose):
     return H
 
 
-def write_files(state, d, port):
+def write_files(state, d, port, scheme):
     os.makedirs(d, exist_ok=True)
-    state.token_uri = f"http://127.0.0.1:{port}/token"
+    state.token_uri = f"{scheme}://127.0.0.1:{port}/token"
     pem = state.sa_private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption()).decode()
     sa = {"type": "service_account", "project_id": "kms-plugin-test", "private_key_id": state.sa_key_id,
@@ -622,7 +622,7 @@ def write_files(state, d, port):
     subject = os.path.join(d, "subject-token")
     ext = {"type": "external_account", "audience": state.wif_audience,
            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-           "token_url": f"http://127.0.0.1:{port}/v1/token",
+           "token_url": f"{scheme}://127.0.0.1:{port}/v1/token",
            "credential_source": {"file": subject}, "universe_domain": "googleapis.com"}
     for name, content in (("sa.json", json.dumps(sa)), ("external.json", json.dumps(ext)),
                           ("subject-token", state.subject_token)):
@@ -658,7 +658,7 @@ def make_tls(d):
     return pem(cert), kpem
 
 
-def serve_grpc(state, d, port):
+def serve_grpc(state, tls, port):
     """The gRPC transport: same state, same checks, proto messages from google-cloud-kms."""
     import grpc
     from concurrent import futures
@@ -726,7 +726,7 @@ def serve_grpc(state, d, port):
     handlers = {n: handler(f, rq, rs, n) for n, (f, rq, rs) in methods.items()}
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("google.cloud.kms.v1.KeyManagementService", handlers),))
-    cert, key = make_tls(d)
+    cert, key = tls
     bound = server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([(key, cert)]))
     server.start()
     return server, bound
@@ -736,6 +736,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC (TLS) on this port (0 = any)")
+    p.add_argument("--tls", action="store_true", help="serve HTTPS instead of HTTP (CA in DIR/ca.pem)")
     p.add_argument("--dir", required=True, help="where to write sa.json, external.json, subject-token, ca.pem")
     p.add_argument("--key", action="append", help="CryptoKey to create at start (repeatable)")
     p.add_argument("--exit-on-stdin-eof", action="store_true")
@@ -745,10 +746,20 @@ def main():
     httpd = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(state, args.verbose))
     httpd.daemon_threads = True
     port = httpd.server_address[1]
-    write_files(state, args.dir, port)
+    write_files(state, args.dir, port, "https" if args.tls else "http")
+    tls = make_tls(args.dir) if args.tls or args.grpc_port is not None else None
+    if args.tls:
+        import ssl
+        cert_file, key_file = os.path.join(args.dir, "server.pem"), os.path.join(args.dir, "server-key.pem")
+        for path, data in ((cert_file, tls[0]), (key_file, tls[1])):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(data)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert_file, key_file)
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     grpc_server = None
     if args.grpc_port is not None:
-        grpc_server, gport = serve_grpc(state, args.dir, args.grpc_port)
+        grpc_server, gport = serve_grpc(state, tls, args.grpc_port)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     print(f"PORT {port}", flush=True)
     if grpc_server is not None:

@@ -38,6 +38,22 @@ fn python() -> Option<PathBuf> {
 impl Fake {
     /// Starts the stand-in with [`KEY`] created, or returns None when opted out.
     pub fn start() -> Option<Fake> {
+        Self::start_with(&[])
+    }
+
+    /// [`Fake::start`] over HTTPS (`--tls`); its CA is `dir/ca.pem`.
+    pub fn start_tls() -> Option<Fake> {
+        let mut f = Self::start_with(&["--tls"])?;
+        f.url = f.url.replacen("http://", "https://", 1);
+        let ca = std::fs::read(f.dir.path().join("ca.pem")).unwrap();
+        f.http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap();
+        Some(f)
+    }
+
+    fn start_with(extra: &[&str]) -> Option<Fake> {
         if super::external::opted_out("gcp-fake") {
             return None;
         }
@@ -51,6 +67,7 @@ impl Fake {
             .arg(script)
             .args(["--port", "0", "--key", KEY, "--exit-on-stdin-eof", "--dir"])
             .arg(dir.path())
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
