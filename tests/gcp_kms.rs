@@ -386,3 +386,77 @@ async fn private_ca_through_ssl_cert_file() {
     let log = p.log_text();
     assert!(!log.contains("PRIVATE KEY"), "key material in the log");
 }
+
+#[tokio::test]
+async fn disabled_version_through_the_engine_revokes_only_its_data() {
+    use kms_plugin::engine::{Api, Binding, Engine, EngineConfig, KeyHealth};
+    let Some(fake) = Fake::start() else { return };
+    let b: Arc<dyn Backend> = Arc::new(fake.backend(Some("cluster-a")).await);
+    let engine = Engine::new(b.clone(), EngineConfig::default());
+    engine.probe(true).await.unwrap();
+    let old = engine.encrypt(&[1; 32], Api::V2).await.unwrap();
+    fake.key("rotate", None).await;
+    engine.probe(false).await.unwrap();
+    let new = engine.encrypt(&[2; 32], Api::V2).await.unwrap();
+    assert_ne!(old.key_id, new.key_id);
+    assert!(new.key_id.contains("cryptoKeyVersions/2"), "{}", new.key_id);
+
+    fake.key("disable", Some(1)).await;
+    engine.probe(true).await.unwrap();
+    assert!(matches!(
+        engine.key_health(&version(1)),
+        KeyHealth::Revoked(_)
+    ));
+    assert_eq!(engine.key_health(&version(2)), KeyHealth::Active);
+    assert!(engine
+        .decrypt(
+            &old.ciphertext,
+            Binding::V2 {
+                key_id: &old.key_id
+            }
+        )
+        .await
+        .is_err());
+    let back = engine
+        .decrypt(
+            &new.ciphertext,
+            Binding::V2 {
+                key_id: &new.key_id,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(&back.plaintext[..], &[2; 32]);
+    assert_eq!(engine.status().healthz, "ok");
+}
+
+#[tokio::test]
+async fn proxy_403_through_the_engine_keeps_cached_keys() {
+    use kms_plugin::engine::{Api, Binding, Engine, EngineConfig, KeyHealth};
+    let Some(fake) = Fake::start() else { return };
+    let b: Arc<dyn Backend> = Arc::new(fake.backend(None).await);
+    let engine = Engine::new(b.clone(), EngineConfig::default());
+    engine.probe(true).await.unwrap();
+    let sealed = engine.encrypt(&[7; 32], Api::V2).await.unwrap();
+    fake.control(
+        "fail",
+        json!({"method": "*", "status": 403, "count": -1,
+               "body": "<html>Access denied by egress proxy</html>", "content_type": "text/html"}),
+    )
+    .await;
+    let _ = engine.probe(true).await;
+    assert_eq!(engine.key_health(&version(1)), KeyHealth::Active);
+    let back = engine
+        .decrypt(
+            &sealed.ciphertext,
+            Binding::V2 {
+                key_id: &sealed.key_id,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(&back.plaintext[..], &[7; 32]);
+    fake.control("clear-faults", json!({})).await;
+    engine.probe(true).await.unwrap();
+    assert_eq!(engine.status().healthz, "ok");
+}
