@@ -460,3 +460,31 @@ async fn proxy_403_through_the_engine_keeps_cached_keys() {
     engine.probe(true).await.unwrap();
     assert_eq!(engine.status().healthz, "ok");
 }
+
+#[tokio::test]
+async fn a_hanging_service_is_a_bounded_failure() {
+    let Some(fake) = Fake::start() else { return };
+    let b = fake.backend(None).await;
+    let w = b.wrap(b"s").await.unwrap();
+    fake.control(
+        "latency",
+        json!({"method": "*", "seconds": 30, "count": -1}),
+    )
+    .await;
+    for op in ["probe", "wrap", "unwrap"] {
+        let t = std::time::Instant::now();
+        let e = match op {
+            "probe" => b.current_key().await.map(|_| ()),
+            "wrap" => b.wrap(b"s").await.map(|_| ()),
+            _ => b.unwrap(&w.key_ref, &w.ciphertext).await.map(|_| ()),
+        }
+        .unwrap_err();
+        assert!(e.is_transient() && !e.is_revocation(), "{op}: {e:?}");
+        assert!(
+            t.elapsed() < Duration::from_millis(3500),
+            "{op} took {:?}",
+            t.elapsed()
+        );
+    }
+    fake.control("clear-faults", json!({})).await;
+}

@@ -35,6 +35,8 @@ Control API for tests (JSON):
   POST /__control/fail  {"method": "encrypt"|"decrypt"|"get"|"*", "status": 403, "count": 1,
                          "body": "<html>..", "content_type": "text/html"}  (a proxy's answer;
                          count -1 = until cleared; without body: empty)
+  POST /__control/latency {"method": "decrypt"|"*", "seconds": 10, "count": 1}  hold answers
+                         (count -1 = until cleared)
   POST /__control/clear-faults
   POST /__control/token-ttl {"seconds": 3}   lifetime of tokens issued from now on
 """
@@ -174,7 +176,7 @@ class State:
         self.key_rings, self.keys = {}, {}
         self.tokens = {}  # access token -> expiry (unix)
         self.token_ttl = 3600
-        self.faults = []
+        self.faults, self.latency = [], []
         self.stats = {"calls": {}, "issued": {}, "refused": {}, "jwt_logins": 0}
         self.sa_private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.sa_email = "kms-plugin@kms-plugin-test.iam.gserviceaccount.com"
@@ -268,6 +270,15 @@ class State:
                        "Request had invalid authentication credentials. Expected OAuth 2 access "
                        "token, login cookie or other valid authentication credential.",
                        reason="ACCESS_TOKEN_EXPIRED")
+
+    def delay(self, method):
+        with self.lock:
+            for f in self.latency:
+                if f["method"] in ("*", method) and f["count"] != 0:
+                    if f["count"] > 0:
+                        f["count"] -= 1
+                    return f["seconds"]
+        return 0
 
     def take_fault(self, method):
         with self.lock:
@@ -446,6 +457,12 @@ class State:
         if action == "clear-faults":
             with self.lock:
                 self.faults.clear()
+                self.latency.clear()
+            return {}
+        if action == "latency":
+            with self.lock:
+                self.latency.append({"method": body.get("method", "*"), "seconds": float(body["seconds"]),
+                                     "count": int(body.get("count", 1))})
             return {}
         if action == "fail":
             with self.lock:
@@ -576,6 +593,9 @@ def make_handler(state, verbose):
             ints = "enum-encoding=int" in ";".join(query.get("$alt", []))
             op = {"encrypt": "encrypt", "decrypt": "decrypt"}.get(verb, "get" if method == "GET" else "admin")
             state.count("calls", verb or f"{method} {resource.split('/')[-2] if '/' in resource else resource}")
+            hold = state.delay(op)
+            if hold:
+                time.sleep(hold)
             fault = state.take_fault(op)
             if fault:
                 raise fault
