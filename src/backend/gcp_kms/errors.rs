@@ -211,6 +211,18 @@ mod tests {
             map_status("Decrypt", Some(400), &inv),
             BackendError::InvalidCiphertext(_)
         ));
+        let busy = status(
+            r#"{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}"#,
+        );
+        assert!(matches!(
+            map_status("Decrypt", Some(429), &busy),
+            BackendError::Throttled(_)
+        ));
+        let down = status(r#"{"error":{"code":503,"message":"try again","status":"UNAVAILABLE"}}"#);
+        assert!(matches!(
+            map_status("Decrypt", Some(503), &down),
+            BackendError::Unavailable(_)
+        ));
         let unauth =
             status(r#"{"error":{"code":401,"message":"expired","status":"UNAUTHENTICATED"}}"#);
         assert!(matches!(
