@@ -525,6 +525,9 @@ def token_endpoints(state, path, form, headers):
             return 200, state.issue("metadata")
         if path == "/computeMetadata/v1/universe/universe-domain":
             return 200, "googleapis.com"
+        if path == "/computeMetadata/v1/instance/service-accounts/default/":
+            return 200, {"aliases": ["default"], "email": state.sa_email,
+                         "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}
         if path == "/computeMetadata/v1/instance/service-accounts/default/email":
             return 200, state.sa_email
         if path == "/computeMetadata/v1/project/project-id":

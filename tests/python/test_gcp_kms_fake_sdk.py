@@ -1,6 +1,7 @@
 """Proves the Cloud KMS stand-in (tests/fakes/gcp_kms_fake.py) speaks the real wire protocols: the
 official Python client `google-cloud-kms`, on both its REST and its gRPC transports, with
-google-auth credentials (service-account key, workload identity federation through STS), completes
+google-auth credentials (service-account key, workload identity federation through STS, the
+metadata server for the REST transport), completes
 key ring and key creation, encrypt/decrypt, get key, rotation (new primary version), disable and
 destroy against it, and gets Google's errors where the service gives them. Also pins the stand-in's
 strictness: no token / a wrong token / a wrong field name / a wrong resource name are refused in
@@ -244,3 +245,36 @@ def test_token_endpoints(fake):
     info["credential_source"] = {"file": str(bad)}
     with pytest.raises(Exception):
         identity_pool.Credentials.from_info(info, scopes=SCOPES).refresh(gtr.Request())
+
+
+METADATA_CHECK = """
+import sys
+import google.auth.transport.requests as gtr
+from google.auth import compute_engine
+from google.cloud import kms_v1
+
+creds = compute_engine.Credentials()
+creds.refresh(gtr.Request())
+assert creds.token.startswith("ya29.fake-"), creds.token
+c = kms_v1.KeyManagementServiceClient(credentials=creds, transport="rest", client_options={"api_endpoint": sys.argv[1]})
+print(c.get_crypto_key(request={"name": sys.argv[2]}).primary.name)
+"""
+
+
+def test_metadata_server(fake):
+    # google-auth reads GCE_METADATA_HOST when it is imported: run it in a fresh interpreter.
+    key = PARENT + "/keyRings/mds/cryptoKeys/k"
+    control(fake, "key", {"name": key, "action": "create"})
+    host = "127.0.0.1:%d" % fake["port"]
+    env = dict(os.environ, GCE_METADATA_HOST=host, GCE_METADATA_IP=host)
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", METADATA_CHECK, url(fake), key], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == key + "/cryptoKeyVersions/1"
+    # Without the Metadata-Flavor header the metadata server refuses, as Google's does.
+    req = urllib.request.Request(url(fake) + "/computeMetadata/v1/instance/service-accounts/default/token")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 403
