@@ -488,3 +488,41 @@ async fn a_hanging_service_is_a_bounded_failure() {
     }
     fake.control("clear-faults", json!({})).await;
 }
+
+#[tokio::test]
+async fn sdk_request_logging_is_refused() {
+    let Some(fake) = Fake::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kms.sock");
+    let sa = fake.sa_file().display().to_string();
+    let args: Vec<String> = [
+        "serve",
+        "--listen",
+        &format!("unix://{}", socket.display()),
+        "--backend",
+        "gcp-kms",
+        "--gcp-kms-key",
+        KEY,
+        "--gcp-kms-endpoint",
+        &fake.url,
+        "--gcp-credentials-file",
+        &sa,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let addr = kms_plugin::protocol::socket::ListenAddr::Path(socket.clone());
+    let mut p = support::gcp_fake::spawn_plugin_adc(
+        &args,
+        &[("GOOGLE_CLOUD_RUST_LOGGING", "true")],
+        addr,
+        dir.path(),
+    );
+    let status = p.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        p.log_text().contains("GOOGLE_CLOUD_RUST_LOGGING"),
+        "{}",
+        p.log_text()
+    );
+}

@@ -174,6 +174,15 @@ impl GcpKmsBackend {
         key: String,
         credentials: google_cloud_auth::credentials::Credentials,
     ) -> Result<Self, BackendError> {
+        // With this set, the SDK logs every request and response at DEBUG, plaintext included.
+        if std::env::var("GOOGLE_CLOUD_RUST_LOGGING").is_ok_and(|v| v == "true") {
+            return Err(BackendError::Config(
+                "GOOGLE_CLOUD_RUST_LOGGING=true makes the Google Cloud SDK log Encrypt and Decrypt \
+                 requests and responses, which hold key material; unset it (the plugin logs the \
+                 calls itself)"
+                    .into(),
+            ));
+        }
         let backoff = ExponentialBackoffBuilder::new()
             .with_initial_delay(Duration::from_millis(50))
             .with_maximum_delay(Duration::from_millis(800))
