@@ -36,6 +36,7 @@ use super::{Backend, BackendError, KeyIdentity, SecretBytes, WrappedKey};
 /// Total time one operation may spend, retries included.
 pub const RETRY_BUDGET: Duration = Duration::from_millis(2500);
 const MAX_ATTEMPTS: u32 = 4;
+const BUILD_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Command-line options of the Google Cloud KMS backend (`--backend gcp-kms`).
 #[derive(clap::Args, Debug, Clone, Default, serde::Deserialize)]
@@ -214,9 +215,17 @@ impl GcpKmsBackend {
             }
             b = b.with_endpoint(url.trim_end_matches('/'));
         }
-        let client = b
-            .build()
+        // Building asks metadata-server credentials for their universe domain; a metadata
+        // address that swallows packets must not hold start-up forever.
+        let client = tokio::time::timeout(BUILD_TIMEOUT, b.build())
             .await
+            .map_err(|_| {
+                BackendError::Unavailable(format!(
+                    "the Google credentials did not answer within {BUILD_TIMEOUT:?} while building \
+                     the Cloud KMS client (the metadata server?); outside Google Cloud give \
+                     GOOGLE_APPLICATION_CREDENTIALS or --gcp-credentials-file"
+                ))
+            })?
             .map_err(|e| BackendError::Config(format!("cannot build the Cloud KMS client: {e}")))?;
         Ok(GcpKmsBackend {
             key,
