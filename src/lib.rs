@@ -31,5 +31,8 @@ pub fn compiled_backends() -> Vec<&'static str> {
     if cfg!(feature = "aws-kms") {
         v.push("aws-kms");
     }
+    if cfg!(feature = "gcp-kms") {
+        v.push("gcp-kms");
+    }
     v
 }

@@ -19,6 +19,8 @@ pub mod akeyless;
 pub mod aws;
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
+#[cfg(feature = "gcp-kms")]
+pub mod gcp_kms;
 #[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
 mod http;
 #[cfg(feature = "kmip")]

@@ -134,6 +134,8 @@ pub enum BackendKind {
     Vault,
     /// A KMIP key manager over mutual TLS (`--kmip-*`).
     Kmip,
+    /// Google Cloud KMS (`--gcp-kms-*`).
+    GcpKms,
 }
 
 #[derive(Args, Debug)]
@@ -279,6 +281,9 @@ pub struct ServeArgs {
     #[cfg(feature = "kmip")]
     #[command(flatten)]
     pub kmip: crate::backend::kmip::KmipArgs,
+    #[cfg(feature = "gcp-kms")]
+    #[command(flatten)]
+    pub gcp: crate::backend::gcp_kms::GcpKmsArgs,
 }
 
 #[derive(Args, Debug)]

@@ -77,7 +77,7 @@ fn open_local(path: &Path, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>
 fn check_dev_mode(args: &ServeArgs) -> anyhow::Result<()> {
     match (effective_backend(args), args.dev) {
         (None, false) => anyhow::bail!(
-            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11, aws-kms, vault or kmip; \
+            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11, aws-kms, vault, kmip or gcp-kms; \
              see docs/backends.md), or pass --dev to run with a throw-away development key under --data-dir \
              (never for real Secrets)"
         ),
@@ -176,6 +176,7 @@ fn kind_name(kind: BackendKind) -> &'static str {
         BackendKind::AwsKms => "aws-kms",
         BackendKind::Vault => "vault",
         BackendKind::Kmip => "kmip",
+        BackendKind::GcpKms => "gcp-kms",
     }
 }
 
@@ -281,6 +282,8 @@ pub(crate) async fn build_kind(
         Some(BackendKind::Vault) => Ok(crate::backend::vault::from_args(&args.vault).await?),
         #[cfg(feature = "kmip")]
         Some(BackendKind::Kmip) => Ok(crate::backend::kmip::from_args(&args.kmip).await?),
+        #[cfg(feature = "gcp-kms")]
+        Some(BackendKind::GcpKms) => Ok(crate::backend::gcp_kms::from_args(&args.gcp).await?),
         #[allow(unreachable_patterns)]
         Some(other) => anyhow::bail!("backend {other:?} is not compiled into this build"),
     }

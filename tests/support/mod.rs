@@ -12,6 +12,8 @@ pub mod events;
 pub mod external;
 pub mod fault_proxy;
 pub mod faulty;
+#[cfg(feature = "gcp-kms")]
+pub mod gcp_fake;
 pub mod http_fake;
 pub mod plugin;
 pub mod raw_h2;

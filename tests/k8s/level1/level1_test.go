@@ -7,6 +7,7 @@
 package level1
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -115,7 +116,8 @@ func pluginBin() (string, error) {
 
 // plugin is one kms-plugin serve process with a local key file, or, with KMS_L1_BACKEND=vault, on
 // a real Vault dev server's Transit key (KMS_TEST_VAULT_BIN, built by `make deps-vault`), or, with
-// KMS_L1_BACKEND=kmip, on a key of a real PyKMIP server (pykmip-server from the test venv).
+// KMS_L1_BACKEND=kmip, on a key of a real PyKMIP server (pykmip-server from the test venv), or, with
+// KMS_L1_BACKEND=gcp, on a CryptoKey of the Cloud KMS stand-in.
 type plugin struct {
 	t       *testing.T
 	bin     string
@@ -124,6 +126,7 @@ type plugin struct {
 	keyFile string
 	vault   *vaultServer
 	kmip    *kmipServer
+	gcp     *gcpFake
 	cmd     *exec.Cmd
 	done    chan struct{}
 	out     *syncBuffer
@@ -245,6 +248,61 @@ func (k *kmipServer) python(t *testing.T, args ...string) {
 	}
 }
 
+// gcpFake is the Cloud KMS stand-in (tests/fakes/gcp_kms_fake.py, proven against the official
+// google-cloud-kms client) holding the CryptoKey gcpKey; the plugin signs in with the
+// service-account key the stand-in wrote.
+type gcpFake struct {
+	url, dir string
+	cmd      *exec.Cmd
+}
+
+const gcpKey = "projects/kms-plugin-l1/locations/global/keyRings/k8s/cryptoKeys/l1-kek"
+
+func startGCP(t *testing.T, dir string) *gcpFake {
+	t.Helper()
+	py := os.Getenv("KMS_TEST_PYTHON")
+	if py == "" {
+		t.Fatalf("KMS_L1_BACKEND=gcp needs KMS_TEST_PYTHON (make deps)")
+	}
+	g := &gcpFake{dir: filepath.Join(dir, "gcp")}
+	g.cmd = exec.Command(py, filepath.Join(repoRoot(), "tests/fakes/gcp_kms_fake.py"), "--port", "0",
+		"--dir", g.dir, "--key", gcpKey, "--exit-on-stdin-eof")
+	stdin, err := g.cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := g.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.cmd.Stderr = os.Stderr
+	if err := g.cmd.Start(); err != nil {
+		t.Fatalf("start the Cloud KMS stand-in: %v", err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = g.cmd.Process.Kill(); _ = g.cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	port := strings.TrimSpace(strings.TrimPrefix(line, "PORT "))
+	if err != nil || !strings.HasPrefix(line, "PORT ") {
+		t.Fatalf("the Cloud KMS stand-in did not start: %q %v", line, err)
+	}
+	g.url = "http://127.0.0.1:" + port
+	return g
+}
+
+// rotate makes a new primary version of gcpKey.
+func (g *gcpFake) rotate(t *testing.T) {
+	t.Helper()
+	body := fmt.Sprintf(`{"name": %q, "action": "rotate"}`, gcpKey)
+	resp, err := http.Post(g.url+"/__control/key", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("rotate the Cloud KMS key: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("rotate the Cloud KMS key: HTTP %d", resp.StatusCode)
+	}
+}
+
 // repoRoot is the repository root: this package lives in tests/k8s/level1.
 func repoRoot() string {
 	wd, _ := os.Getwd()
@@ -279,6 +337,8 @@ func (p *plugin) rotate() {
 		}
 	case p.kmip != nil:
 		p.kmip.createKey(p.t)
+	case p.gcp != nil:
+		p.gcp.rotate(p.t)
 	default:
 		p.run("keygen", "--add", p.keyFile)
 	}
@@ -321,8 +381,10 @@ func newPlugin(t *testing.T) *plugin {
 		p.vault = startVault(t, dir)
 	case "kmip":
 		p.kmip = startKMIP(t, dir)
+	case "gcp":
+		p.gcp = startGCP(t, dir)
 	default:
-		t.Fatalf("KMS_L1_BACKEND=%q: expected local, vault or kmip", backend)
+		t.Fatalf("KMS_L1_BACKEND=%q: expected local, vault, kmip or gcp", backend)
 	}
 	p.start()
 	t.Cleanup(p.stop)
@@ -352,6 +414,9 @@ func (p *plugin) start() {
 		args = append(args, "--backend", "kmip", "--kmip-endpoint", p.kmip.endpoint, "--kmip-key-name", "l1-kek",
 			"--kmip-ca-file", filepath.Join(c, "ca.pem"), "--kmip-cert-file", filepath.Join(c, "client.pem"),
 			"--kmip-key-file", filepath.Join(c, "client-key.pem"))
+	case p.gcp != nil:
+		args = append(args, "--backend", "gcp-kms", "--gcp-kms-key", gcpKey, "--gcp-kms-endpoint", p.gcp.url,
+			"--gcp-credentials-file", filepath.Join(p.gcp.dir, "sa.json"))
 	default:
 		args = append(args, "--backend", "local", "--local-key-file", p.keyFile)
 	}
