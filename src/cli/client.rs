@@ -88,6 +88,19 @@ pub async fn rotate_local(c: &ClientArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+async fn escrow_health(
+    c: &ClientArgs,
+) -> Result<Vec<crate::proto::admin::EscrowBackendHealth>, tonic::Status> {
+    let channel = connect(&c.listen)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+    let mut client = crate::proto::admin::admin_client::AdminClient::new(channel);
+    let reply = client
+        .escrow_health(request(crate::proto::admin::EscrowHealthRequest {}, c))
+        .await?;
+    Ok(reply.into_inner().escrow)
+}
+
 pub async fn health(args: HealthArgs) -> anyhow::Result<i32> {
     let status = status(&args.client).await?;
     if args.verbose {
@@ -95,6 +108,21 @@ pub async fn health(args: HealthArgs) -> anyhow::Result<i32> {
             "version: {}\nhealthz: {}\nkey_id: {}",
             status.version, status.healthz, status.key_id
         );
+        // Escrow health is reported apart from Status: an escrow outage never makes the plugin unhealthy.
+        match escrow_health(&args.client).await {
+            Ok(list) => {
+                for e in list {
+                    if e.ok {
+                        println!("escrow {}: ok", e.backend);
+                    } else {
+                        println!("escrow {}: {}", e.backend, e.error);
+                    }
+                }
+            }
+            // A plugin from before escrow existed.
+            Err(e) if e.code() == tonic::Code::Unimplemented => {}
+            Err(e) => println!("escrow: could not ask: {}", e.message()),
+        }
     } else if status.healthz != "ok" {
         eprintln!("unhealthy: {}", status.healthz);
     }

@@ -398,11 +398,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
         Some(addr) => {
             let listener = ops::http::bind(addr).await?;
             tracing::info!(http = %addr, "serving /livez, /readyz, /healthz and /metrics");
+            let detail_engine = engine.clone();
             let state = ops::http::HttpState::new(
                 ops::liveness(&listen),
                 ops::readiness(engine.clone()),
                 Some(metrics.clone()),
-            );
+            )
+            .with_ready_detail(move || ops::escrow_detail(&detail_engine));
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(ops::http::serve(
                 listener,

@@ -89,6 +89,8 @@ pub struct HttpState {
     pub live: Arc<dyn HealthCheck>,
     pub ready: Arc<dyn HealthCheck>,
     pub metrics: Option<Metrics>,
+    /// Extra lines for `/readyz?verbose` that never change the status code (escrow health).
+    pub ready_detail: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl HttpState {
@@ -97,7 +99,17 @@ impl HttpState {
             live: Arc::new(live),
             ready: Arc::new(ready),
             metrics,
+            ready_detail: None,
         }
+    }
+
+    /// Adds the `/readyz?verbose` detail lines.
+    pub fn with_ready_detail(
+        mut self,
+        detail: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.ready_detail = Some(Arc::new(detail));
+        self
     }
 }
 
@@ -215,13 +227,18 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 async fn run_check(check: &dyn HealthCheck, what: &str) -> Response<Full<Bytes>> {
+    let (code, body) = check_outcome(check, what).await;
+    text(code, body)
+}
+
+async fn check_outcome(check: &dyn HealthCheck, what: &str) -> (StatusCode, String) {
     match tokio::time::timeout(CHECK_TIMEOUT, check.check()).await {
-        Ok(Ok(())) => text(StatusCode::OK, "ok\n"),
-        Ok(Err(reason)) => text(
+        Ok(Ok(())) => (StatusCode::OK, "ok\n".to_string()),
+        Ok(Err(reason)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{what} check failed: {reason}\n"),
         ),
-        Err(_) => text(
+        Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{what} check timed out after {CHECK_TIMEOUT:?}\n"),
         ),
@@ -237,7 +254,17 @@ async fn route(state: &HttpState, req: Request<Incoming>) -> Response<Full<Bytes
     }
     match req.uri().path() {
         "/livez" => run_check(state.live.as_ref(), "liveness").await,
-        "/readyz" | "/healthz" => run_check(state.ready.as_ref(), "readiness").await,
+        "/readyz" | "/healthz" => {
+            let (code, mut body) = check_outcome(state.ready.as_ref(), "readiness").await;
+            let verbose = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "verbose"));
+            if let (true, Some(detail)) = (verbose, &state.ready_detail) {
+                body.push_str(&detail());
+            }
+            text(code, body)
+        }
         "/metrics" => match &state.metrics {
             Some(m) => {
                 let mut r = text(StatusCode::OK, m.encode());

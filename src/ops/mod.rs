@@ -205,6 +205,18 @@ pub fn readiness(engine: Arc<Engine>) -> impl HealthCheck {
     }
 }
 
+/// `/readyz?verbose` detail: one line per escrow backend. Escrow health never changes readiness.
+pub fn escrow_detail(engine: &Engine) -> String {
+    engine
+        .escrow_health()
+        .into_iter()
+        .map(|(kind, outcome)| match outcome {
+            Ok(()) => format!("escrow {kind}: ok\n"),
+            Err(e) => format!("escrow {kind}: {e}\n"),
+        })
+        .collect()
+}
+
 /// `/livez`: the gRPC server on the plugin socket answers a `grpc.health.v1` Check. Any answer counts,
 /// `NOT_SERVING` included: liveness never depends on the key backend.
 pub fn liveness(listen: &ListenAddr) -> impl HealthCheck {

@@ -7,7 +7,10 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
 use crate::proto::admin::admin_server::Admin;
-use crate::proto::admin::{RetireLocalKekRequest, RetireLocalKekResponse};
+use crate::proto::admin::{
+    EscrowBackendHealth, EscrowHealthRequest, EscrowHealthResponse, RetireLocalKekRequest,
+    RetireLocalKekResponse,
+};
 
 pub struct AdminService {
     engine: Arc<Engine>,
@@ -29,5 +32,22 @@ impl Admin for AdminService {
         Ok(Response::new(RetireLocalKekResponse {
             retired_kek: retired,
         }))
+    }
+
+    async fn escrow_health(
+        &self,
+        _request: Request<EscrowHealthRequest>,
+    ) -> Result<Response<EscrowHealthResponse>, Status> {
+        let escrow = self
+            .engine
+            .escrow_health()
+            .into_iter()
+            .map(|(backend, outcome)| EscrowBackendHealth {
+                backend: backend.to_string(),
+                ok: outcome.is_ok(),
+                error: outcome.err().unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(EscrowHealthResponse { escrow }))
     }
 }

@@ -305,7 +305,7 @@ path "transit/keys/e2e-kek" { capabilities = ["read"] }'
 # Default flows: local always; akeyless once its fake is in the tree and the plugin has the --akeyless-* flags
 # (KMS v2 flow only, to bound CI time). ha:v2 takes ~60 s; ha-akeyless:v2 (as long) runs in `make e2e-matrix`.
 default_flows() {
-  echo "local:v2 local:v1 ha:v2"
+  echo "local:v2 local:v1 ha:v2 inventory-mix:v2"
   if [[ ",${KMS_TEST_OPT_OUT:-}," == *",akeyless-fake,"* ]]; then
     echo "SKIP: akeyless:v2 flow opted out via KMS_TEST_OPT_OUT" >&2
   elif [[ -f "$AKEYLESS_FAKE" ]] && "$PLUGIN_BIN" serve --help 2>/dev/null | grep -q -- --akeyless-url; then
@@ -351,7 +351,7 @@ EOF
 
 start_apiserver() {
   local gates=()
-  [[ "$API" == v1 ]] && gates=(--feature-gates=KMSv1=true)
+  [[ "$API" == v1 || -n "${KMSV1_GATE:-}" ]] && gates=(--feature-gates=KMSv1=true)
   # --service-cluster-ip-range is only an allocation range for Service objects; nothing connects to it.
   # --endpoint-reconciler-type=none: the reconciler would try to publish 127.0.0.1, which Endpoints reject.
   "$BIN/kube-apiserver" \
@@ -801,6 +801,76 @@ run_migrate_flow() {
   log "=== flow live migration passed in $((SECONDS - flow_start))s"
 }
 
+# ---------------------------------------------------------------------------------------------- inventory
+# inventory-mix:v2 (issue 16 test (c)): one etcd holding Secrets stored as identity, aescbc, kms v1 and kms v2
+# (this plugin on one socket serves both), written through a real kube-apiserver whose provider list grows
+# step by step; `kms-plugin inventory` must count each exactly, and --require-key-id current must fail
+# until a storage migration has moved everything under the v2 key_id.
+mix_config() {
+  local first="$1"
+  {
+    printf 'apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  - resources: [secrets]\n    providers:\n'
+    case "$first" in
+      v2) printf '      - kms: {apiVersion: v2, name: e2e-mix-v2, endpoint: "%s", timeout: 3s}\n' "$SOCK_ENDPOINT" ;;
+    esac
+    case "$first" in
+      v2 | v1) printf '      - kms: {apiVersion: v1, name: e2e-mix-v1, endpoint: "%s", timeout: 3s}\n' "$SOCK_ENDPOINT" ;;
+    esac
+    case "$first" in
+      v2 | v1 | aescbc) printf '      - aescbc: {keys: [{name: key1, secret: "%s"}]}\n' "$(cat "$WORK/aescbc.key")" ;;
+    esac
+    printf '      - identity: {}\n'
+  } >"$WORK/encryption-config.yaml"
+}
+inventory_group_count() {  # JQ_FILTER: objects in the groups it selects
+  inventory --output json | jq "[.resources.secrets.groups[] | select($1) | .objects] | add // 0"
+}
+run_inventory_mix_flow() {
+  API=v2 BACKEND=local KMS_NAME="e2e-mix-v2"
+  local flow_start=$SECONDS i
+  log "=== flow: inventory of a mixed etcd (identity, aescbc, kms v1, kms v2 through a real apiserver)"
+  rm -rf "$WORK/etcd" "$WORK/local-keys" "$WORK"/*.sock "$WORK/aescbc.key"
+  MARKER=()
+  SOCK_ENDPOINT="unix://$WORK/kms-mix.sock"
+  API_PORT="$(free_port)"
+  write_kubeconfig
+  backend_local_init
+  head -c 32 /dev/urandom | base64 -w0 >"$WORK/aescbc.key"
+  start_etcd
+  start_plugin
+  local step first
+  for step in identity:2 aescbc:1 v1:2 v2:3; do
+    first="${step%%:*}"
+    mix_config "$first"
+    [[ "$first" == v1 ]] && KMSV1_GATE=1
+    start_apiserver
+    [[ "$first" == identity ]] && k create namespace "$NS" >/dev/null
+    for ((i = 1; i <= ${step#*:}; i++)); do create_secret "mix-$first-$i"; done
+    stop_apiserver
+  done
+  start_apiserver
+  check_all_read "mixed storage, all providers listed"
+  local kid; kid="$(plugin_key_id)"
+  local plain cbc v1 v2 total
+  plain="$(inventory_group_count '.storage == "plaintext"')"
+  cbc="$(inventory_group_count '.storage == "local-provider" and .provider == "aescbc" and .key_name == "key1"')"
+  v1="$(inventory_group_count '.storage == "kms-v1" and .provider == "e2e-mix-v1"')"
+  v2="$(inventory_group_count ".storage == \"kms-v2\" and .provider == \"e2e-mix-v2\" and .key_id == \"$kid\"")"
+  total="$(inventory --output json | jq '.resources.secrets.total')"
+  [[ "$plain/$cbc/$v1/$v2/$total" == 2/1/2/3/8 ]] ||
+    fail "inventory counts plaintext/aescbc/kms-v1/kms-v2/total = $plain/$cbc/$v1/$v2/$total, want 2/1/2/3/8: $(inventory --output json | jq -c .)"
+  ok "inventory counts each storage exactly: 2 identity, 1 aescbc key1, 2 kms v1 e2e-mix-v1, 3 kms v2 e2e-mix-v2 under $kid (8 in all)"
+  [[ "$(require_current_rc)" == 3 ]] || fail "--require-key-id current should exit 3 before the storage migration: $(cat "$WORK/inventory.out")"
+  mig_rewrite
+  [[ "$(require_current_rc)" == 0 ]] || fail "--require-key-id current after the storage migration: $(cat "$WORK/inventory.out")"
+  [[ "$(inventory_group_count ".key_id == \"$kid\"")" == 8 ]] || fail "not all 8 secrets under $kid after the storage migration"
+  ok "--require-key-id current exits 3 on the mix and 0 once kubectl replace moved all 8 under $kid"
+  check_all_read "after the storage migration"
+  stop_apiserver; stop_plugin; stop_pid "$ETCD_PID"; ETCD_PID=""
+  KMSV1_GATE=""
+  log "=== flow inventory mix passed in $((SECONDS - flow_start))s"
+}
+
 # ---------------------------------------------------------------------------------------------- escrow
 # escrow:v2 (issue 16 §1, test (a)): Akeyless (the fake) primary with a local key file as escrow backend.
 # The key is deleted in the fake, plugin and apiserver restart (cold caches): every Secret reads back
@@ -833,6 +903,9 @@ run_escrow_flow() {
   [[ "$(curl -sf "http://127.0.0.1:$http/metrics" | awk '$1 ~ /^kms_plugin_escrow_wraps_total\{.*outcome="ok"/ {s += $2} END {print s + 0}')" -ge 1 ]] ||
     fail "kms_plugin_escrow_wraps_total{outcome=ok} is 0"
   ok "kms_plugin_escrow_wraps_total{outcome=\"ok\"} >= 1"
+  curl -s "http://127.0.0.1:$http/readyz?verbose" | grep -qx "escrow local: ok" || fail "/readyz?verbose has no 'escrow local: ok': $(curl -s "http://127.0.0.1:$http/readyz?verbose")"
+  "$PLUGIN_BIN" health -v --listen "$SOCK_ENDPOINT" | grep -qx "escrow local: ok" || fail "health -v has no 'escrow local: ok': $("$PLUGIN_BIN" health -v --listen "$SOCK_ENDPOINT" 2>&1)"
+  ok "escrow health reported apart from Status: /readyz?verbose and kms-plugin health -v say 'escrow local: ok'"
 
   log "disaster: the key is deleted in the primary; plugin and apiserver restart"
   curl -sf -X POST -H 'Content-Type: application/json' -d '{"name": "e2e-kek", "action": "delete"}' \
@@ -1272,6 +1345,7 @@ for entry in $versions; do
       status-mismatch:v2) run_status_mismatch_flow ;;
       migrate:v2) run_migrate_flow ;;
       escrow:v2) run_escrow_flow ;;
+      inventory-mix:v2) run_inventory_mix_flow ;;
       *) run_flow "${flow#*:}" "${flow%%:*}" ;;
     esac
     SUMMARY+=("$version $flow $((SECONDS - flow_start))s")
