@@ -62,13 +62,9 @@ pub async fn run(args: RecoverArgs) -> anyhow::Result<i32> {
     if args.out.as_os_str() == "-" {
         std::io::stdout().write_all(&plaintext)?;
     } else {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode_0600()
-            .open(&args.out)
+        // Complete or absent, never a partial plaintext file; never over an existing one.
+        crate::fsutil::create_atomic(&args.out, &plaintext, 0o600)
             .with_context(|| format!("create {} (it must not exist)", args.out.display()))?;
-        f.write_all(&plaintext)?;
     }
     eprintln!(
         "recovered {} ({} bytes) with backend {} through {used}",
@@ -77,17 +73,6 @@ pub async fn run(args: RecoverArgs) -> anyhow::Result<i32> {
         backend.kind()
     );
     Ok(0)
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
-    }
 }
 
 /// Decrypts one etcd value of a KMS v1 or v2 provider backed by this plugin.

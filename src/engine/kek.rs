@@ -24,6 +24,12 @@ pub fn digest_of(key_ref: &str, wrapped: &[u8]) -> KekDigest {
     h.finalize().into()
 }
 
+/// The short public reference of a local KEK in logs, metrics, audit lines and the inventory: 12 hex
+/// digits of its digest.
+pub fn short_ref(digest: &KekDigest) -> String {
+    hex::encode(&digest[..6])
+}
+
 /// The associated data binds a ciphertext to its API and, for v2, its key_id.
 #[derive(Clone, Copy, Debug)]
 pub enum Binding<'a> {
@@ -165,7 +171,7 @@ impl LocalKek {
 
     /// Short public reference for logs, metrics and audit lines: 12 hex digits of the digest.
     pub fn reference(&self) -> String {
-        hex::encode(&self.digest[..6])
+        short_ref(&self.digest)
     }
 
     pub fn uses(&self) -> u64 {

@@ -527,7 +527,7 @@ impl Engine {
         if !escrowed {
             return Err(primary_error);
         }
-        let kek_ref = hex::encode(&kek::digest_of(key_ref, &request.wrapped)[..6]);
+        let kek_ref = kek::short_ref(&kek::digest_of(key_ref, &request.wrapped));
         let why = primary_error.to_string();
         for (kind, escrow_ref, wrapped) in &request.escrows {
             let Some(backend) = self.escrow.iter().find(|b| b.kind() == kind) else {

@@ -126,7 +126,7 @@ fn plugin_key(ciphertext: &[u8]) -> Option<PluginKey> {
     let parsed = format::parse(ciphertext).ok()?;
     Some(PluginKey {
         remote_key: parsed.key_ref.to_string(),
-        local_kek: hex::encode(&kek::digest_of(parsed.key_ref, parsed.wrapped)[..6]),
+        local_kek: kek::short_ref(&kek::digest_of(parsed.key_ref, parsed.wrapped)),
     })
 }
 
