@@ -444,7 +444,7 @@ async fn credentials_expiring_under_load_fail_no_call() {
     .await
     .unwrap();
     let b = Arc::new(kms_plugin::backend::aws_kms::AwsKmsBackend::new(&args, &config).unwrap());
-    // The SDK's cache renews 10-15 s before expiry: within 1-6 s here.
+    // The plugin's cache renews in the second half of a short lifetime: after 5.5 s here.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
     let mut tasks = Vec::new();
     for t in 0..4u8 {
@@ -480,5 +480,134 @@ async fn credentials_expiring_under_load_fail_no_call() {
         loads.load(Ordering::SeqCst) >= 2 && signers.len() >= 2,
         "no renewal under load: {} loads, signers {signers:?}",
         loads.load(Ordering::SeqCst)
+    );
+}
+
+/// A renewal that hangs (an STS or IMDS hiccup) while the current credentials are still valid:
+/// every call keeps being served with them, none waits for the renewal, and the new credentials
+/// are used once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_renewal_stalls_no_call() {
+    let Some(kms) = kms().await else { return };
+    #[derive(Debug)]
+    struct HangingRenewal {
+        calls: Arc<AtomicUsize>,
+        release: Arc<tokio::sync::Notify>,
+    }
+    impl aws_credential_types::provider::ProvideCredentials for HangingRenewal {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let (calls, release) = (self.calls.clone(), self.release.clone());
+            aws_credential_types::provider::future::ProvideCredentials::new(async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Ok(aws_credential_types::Credentials::new(
+                        "ASIABEFORE",
+                        "s",
+                        Some("t".into()),
+                        Some(SystemTime::now() + Duration::from_secs(12)),
+                        "hanging",
+                    ));
+                }
+                release.notified().await;
+                Ok(aws_credential_types::Credentials::new(
+                    "ASIAAFTER",
+                    "s",
+                    Some("t".into()),
+                    Some(SystemTime::now() + Duration::from_secs(3600)),
+                    "hanging",
+                ))
+            })
+        }
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let args = support::aws::args(&kms.proxy.url, &kms.arn, &[("cluster", "hang")]);
+    let source = HangingRenewal {
+        calls: calls.clone(),
+        release: release.clone(),
+    };
+    let config = kms_plugin::backend::aws_kms::sdk_config(
+        &args,
+        Some(aws_credential_types::provider::SharedCredentialsProvider::new(source)),
+    )
+    .await
+    .unwrap();
+    let b = Arc::new(kms_plugin::backend::aws_kms::AwsKmsBackend::new(&args, &config).unwrap());
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..4u8 {
+        let (b, rounds, stop) = (b.clone(), rounds.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let r = async {
+                    let w = b.wrap(&[t; 32]).await?;
+                    let p = b.unwrap(&w.key_ref, &w.ciphertext).await?;
+                    assert_eq!(&p[..], &[t; 32]);
+                    Ok::<_, kms_plugin::backend::BackendError>(())
+                }
+                .await;
+                match r {
+                    Ok(()) => {
+                        rounds.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            failed
+        }));
+    }
+    // Poll with a bound: the renewal starts 6 s in (half the lifetime) and then hangs.
+    let poll = |what: &'static str, deadline: Duration, cond: Box<dyn Fn() -> bool + Send>| async move {
+        let end = tokio::time::Instant::now() + deadline;
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let c = calls.clone();
+    poll(
+        "the renewal",
+        Duration::from_secs(15),
+        Box::new(move || c.load(Ordering::SeqCst) >= 2),
+    )
+    .await;
+    let during = rounds.load(Ordering::SeqCst);
+    let r = rounds.clone();
+    poll(
+        "calls served while the renewal hangs",
+        Duration::from_secs(3),
+        Box::new(move || r.load(Ordering::SeqCst) >= during + 20),
+    )
+    .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the hanging renewal was started again"
+    );
+    release.notify_one();
+    let p = kms.proxy.clone();
+    poll(
+        "the renewed credentials",
+        Duration::from_secs(10),
+        Box::new(move || kms_signers(&p).contains("ASIAAFTER")),
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let failed = t.await.unwrap();
+        assert!(failed.is_empty(), "failed calls: {failed:?}");
+    }
+    assert_eq!(
+        kms_signers(&kms.proxy),
+        HashSet::from(["ASIABEFORE".to_string(), "ASIAAFTER".to_string()])
     );
 }

@@ -40,6 +40,8 @@ use super::{Backend, BackendError, KeyIdentity, SecretBytes, WrappedKey};
 pub const RETRY_BUDGET: Duration = Duration::from_millis(2500);
 const MAX_ATTEMPTS: u32 = 4;
 
+const KIND: &str = "aws-kms";
+
 const TLS_FLAGS: TlsFlags = TlsFlags {
     ca_file: "--aws-ca-file",
     client_cert_file: "--aws-client-cert-file",
@@ -152,8 +154,14 @@ fn de_context<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, Str
 /// Builds the AWS KMS backend from its options and the SDK's default chains, and checks the key
 /// once (`DescribeKey`), so that a wrong key, region or permission stops start-up with a clear
 /// error.
-pub async fn from_args(args: &AwsKmsArgs) -> Result<Arc<dyn Backend>, BackendError> {
-    let config = sdk_config(args, None).await?;
+/// Credential renewals are reported to `events`.
+pub async fn from_args(
+    args: &AwsKmsArgs,
+    events: Arc<dyn super::BackendEvents>,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    let mut opts = options(args, None)?;
+    opts.events = Some((events, KIND));
+    let config = super::aws::sdk_config(&opts, &TLS_FLAGS).await?;
     let backend = AwsKmsBackend::new(args, &config)?;
     // A first contact that fails transiently (KMS or STS briefly away while a whole control plane
     // restarts) is not fatal: the engine's start-up probe reports it and keeps retrying.
@@ -174,8 +182,15 @@ pub async fn sdk_config(
     args: &AwsKmsArgs,
     credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
 ) -> Result<SdkConfig, BackendError> {
+    super::aws::sdk_config(&options(args, credentials)?, &TLS_FLAGS).await
+}
+
+fn options(
+    args: &AwsKmsArgs,
+    credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+) -> Result<AwsOptions, BackendError> {
     let key = configured_key(args)?;
-    let opts = AwsOptions {
+    Ok(AwsOptions {
         region: args.aws_region.clone().or_else(|| region_of_arn(&key)),
         use_fips: args.aws_use_fips_endpoint,
         use_dual_stack: args.aws_use_dualstack_endpoint,
@@ -189,8 +204,8 @@ pub async fn sdk_config(
             client_key_file: args.aws_client_key_file.clone(),
         },
         credentials,
-    };
-    super::aws::sdk_config(&opts, &TLS_FLAGS).await
+        ..AwsOptions::default()
+    })
 }
 
 fn configured_key(args: &AwsKmsArgs) -> Result<String, BackendError> {
@@ -564,7 +579,7 @@ fn key_state_error(arn: &str, state: &str) -> Option<BackendError> {
 #[async_trait]
 impl Backend for AwsKmsBackend {
     fn kind(&self) -> &'static str {
-        "aws-kms"
+        KIND
     }
 
     async fn current_key(&self) -> Result<KeyIdentity, BackendError> {

@@ -277,7 +277,9 @@ pub(crate) async fn build_kind(
             Ok(crate::backend::pkcs11::from_args(&args.pkcs11, events).await?)
         }
         #[cfg(feature = "aws-kms")]
-        Some(BackendKind::AwsKms) => Ok(crate::backend::aws_kms::from_args(&args.aws).await?),
+        Some(BackendKind::AwsKms) => {
+            Ok(crate::backend::aws_kms::from_args(&args.aws, events).await?)
+        }
         #[cfg(feature = "vault")]
         Some(BackendKind::Vault) => Ok(crate::backend::vault::from_args(&args.vault).await?),
         #[cfg(feature = "kmip")]

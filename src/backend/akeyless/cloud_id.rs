@@ -171,17 +171,13 @@ pub async fn aws_iam_cloud_id(
     aws_iam_cloud_id_at(creds, sts_url, region, SystemTime::now())
 }
 
-/// Credentials are re-resolved when they expire within this margin.
-const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
-
 /// AWS credentials for the cloud-id: the SDK's default chain (env, profiles with role_arn /
-/// credential_process / SSO, web identity, container endpoint, IMDSv2), resolved once and kept
-/// until shortly before they expire (Akeyless logins are minutes apart, no refresh in between).
+/// credential_process / SSO, web identity, container endpoint, IMDSv2) behind the renewing cache
+/// of [`crate::backend::aws::renewing`], so a login never waits on a renewal that is not due.
 pub struct AwsCredentialSource {
     provider: tokio::sync::OnceCell<Result<SharedCredentialsProvider, CloudIdError>>,
     imds_url: Option<String>,
     given: Option<SharedCredentialsProvider>,
-    cached: tokio::sync::Mutex<Option<Credentials>>,
 }
 
 impl std::fmt::Debug for AwsCredentialSource {
@@ -200,14 +196,19 @@ impl AwsCredentialSource {
             provider: tokio::sync::OnceCell::new(),
             imds_url,
             given: None,
-            cached: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// A given provider (tests, static credentials).
+    /// A given provider (tests, static credentials), behind the same renewing cache.
     pub fn new(provider: impl ProvideCredentials + 'static) -> Self {
+        let renewing = crate::backend::aws::renewing::RenewingCredentials::new(
+            SharedCredentialsProvider::new(provider),
+            Default::default(),
+            crate::backend::no_events(),
+            "akeyless",
+        );
         AwsCredentialSource {
-            given: Some(SharedCredentialsProvider::new(provider)),
+            given: Some(SharedCredentialsProvider::new(renewing)),
             ..Self::default_chain(None)
         }
     }
@@ -218,7 +219,10 @@ impl AwsCredentialSource {
         }
         self.provider
             .get_or_init(|| async {
-                let mut opts = crate::backend::aws::AwsOptions::default();
+                let mut opts = crate::backend::aws::AwsOptions {
+                    events: Some((crate::backend::no_events(), "akeyless")),
+                    ..Default::default()
+                };
                 if let Some(url) = &self.imds_url {
                     opts.credentials = Some(imds_chain(url).await?);
                 }
@@ -238,29 +242,16 @@ impl AwsCredentialSource {
             .clone()
     }
 
-    /// Current credentials, from the cache while they are valid for [`CREDENTIALS_MARGIN`].
+    /// Current credentials (from the renewing cache for the default chain).
     pub async fn credentials(&self) -> Result<Credentials, CloudIdError> {
-        let mut cached = self.cached.lock().await;
-        if let Some(c) = &*cached {
-            let fresh = c
-                .expiry()
-                .is_none_or(|e| e > SystemTime::now() + CREDENTIALS_MARGIN);
-            if fresh {
-                return Ok(c.clone());
-            }
-        }
-        let creds = self
-            .provider()
+        self.provider()
             .await?
             .provide_credentials()
             .await
-            .map_err(|e| CloudIdError::Credentials(crate::backend::aws::error_chain(&e)))?;
-        *cached = Some(creds.clone());
-        Ok(creds)
+            .map_err(|e| CloudIdError::Credentials(crate::backend::aws::error_chain(&e)))
     }
 }
 
-/// The default chain with IMDS at `url`.
 async fn imds_chain(url: &str) -> Result<SharedCredentialsProvider, CloudIdError> {
     let (tls, _) = crate::backend::tls::client_config(
         &Default::default(),

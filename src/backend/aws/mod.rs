@@ -5,16 +5,21 @@
 //! Credentials come from the SDK's default chain, in its order: environment, shared config and
 //! credentials files (profiles with `role_arn` + `source_profile`/`credential_source`,
 //! `credential_process`, SSO, `web_identity_token_file`), web identity from the environment (IRSA),
-//! the ECS/EKS container endpoint (EKS Pod Identity), IMDSv2. Its cache refreshes temporary
-//! credentials before they expire.
+//! the ECS/EKS container endpoint (EKS Pod Identity), IMDSv2. The chain sits behind
+//! [`renewing::RenewingCredentials`] instead of the SDK's lazy cache: renewed in the background
+//! ahead of expiry, and the current credentials stay in use while a renewal fails.
 
 pub mod http_client;
+pub mod renewing;
 
+use std::sync::Arc;
+
+use aws_config::identity::IdentityCache;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::SharedCredentialsProvider;
 
 use super::tls::{TlsFlags, TlsOptions};
-use super::BackendError;
+use super::{BackendError, BackendEvents};
 
 /// What an AWS client needs beyond the SDK's own environment and profile files.
 #[derive(Clone, Debug, Default)]
@@ -29,6 +34,10 @@ pub struct AwsOptions {
     pub tls: TlsOptions,
     /// Credentials given by the caller instead of the default chain (tests, tooling).
     pub credentials: Option<SharedCredentialsProvider>,
+    /// Where credential renewals are reported, and under which backend name.
+    pub events: Option<(Arc<dyn BackendEvents>, &'static str)>,
+    /// When credentials are renewed (tests shorten it).
+    pub renewal: renewing::Timing,
 }
 
 /// The SDK configuration for `opts`, with the trust store of [`super::tls`]. Reads the process
@@ -56,7 +65,20 @@ pub async fn sdk_config(opts: &AwsOptions, flags: &TlsFlags) -> Result<SdkConfig
     if let Some(c) = &opts.credentials {
         loader = loader.credentials_provider(c.clone());
     }
-    Ok(loader.load().await)
+    let config = loader.load().await;
+    let Some(chain) = config.credentials_provider() else {
+        return Ok(config);
+    };
+    let (events, backend) = opts
+        .events
+        .clone()
+        .unwrap_or_else(|| (super::no_events(), "aws"));
+    let renewing = renewing::RenewingCredentials::new(chain, opts.renewal, events, backend);
+    Ok(config
+        .into_builder()
+        .credentials_provider(SharedCredentialsProvider::new(renewing))
+        .identity_cache(IdentityCache::no_cache())
+        .build())
 }
 
 /// The partition's DNS suffix for `region` (China and the ISO partitions differ from `aws`).
