@@ -172,6 +172,48 @@ async fn proxy_answers_are_outages_not_revocations() {
     );
 }
 
+/// Cloud KMS's CRC32C fields: every request carries its checksums (the stand-in checks them as
+/// the service does), and an answer damaged on the way back is retried a few times and then an
+/// outage, never stored and never a revocation.
+#[tokio::test]
+async fn damaged_answers_are_retried_then_outages() {
+    let Some(fake) = Fake::start() else { return };
+    let b = fake.backend(Some("cluster-a")).await;
+    let calls = |s: serde_json::Value, m: &str| s["calls"][m].as_u64().unwrap_or(0);
+    let before = fake.stats().await;
+    fake.control("corrupt", json!({"method": "encrypt", "count": 1}))
+        .await;
+    let w = b.wrap(b"damaged once").await.unwrap();
+    fake.control("corrupt", json!({"method": "decrypt", "count": 2}))
+        .await;
+    assert_eq!(
+        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"damaged once"
+    );
+    let after = fake.stats().await;
+    assert_eq!(
+        calls(after.clone(), "encrypt") - calls(before.clone(), "encrypt"),
+        2
+    );
+    assert_eq!(calls(after, "decrypt") - calls(before, "decrypt"), 3);
+    for method in ["encrypt", "decrypt"] {
+        fake.control("corrupt", json!({"method": method, "count": 3}))
+            .await;
+        let e = if method == "encrypt" {
+            b.wrap(b"x").await.unwrap_err()
+        } else {
+            b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap_err()
+        };
+        assert!(matches!(e, BackendError::Unavailable(_)), "{method}: {e:?}");
+        assert!(e.to_string().contains("CRC32C"), "{e}");
+    }
+    fake.control("clear-faults", json!({})).await;
+    assert_eq!(
+        &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],
+        b"damaged once"
+    );
+}
+
 #[tokio::test]
 async fn aad_and_foreign_key_refs_are_refused() {
     let Some(fake) = Fake::start() else { return };

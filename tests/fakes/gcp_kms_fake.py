@@ -39,6 +39,11 @@ Control API for tests (JSON):
                          (count -1 = until cleared)
   POST /__control/clear-faults
   POST /__control/token-ttl {"seconds": 3}   lifetime of tokens issued from now on
+  POST /__control/corrupt {"method": "encrypt"|"decrypt", "count": 1}  flip a bit of the returned
+                         ciphertext / plaintext but keep its checksum (damage in transit)
+
+Integrity fields as Cloud KMS has them: a *_crc32c given in a request is checked (INVALID_ARGUMENT
+on a mismatch) and reported in verified_*_crc32c; responses carry ciphertext_crc32c / plaintext_crc32c.
 """
 
 import argparse
@@ -124,6 +129,42 @@ def b64_field(body, field, required=True, limit=65536):
     return out
 
 
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data):
+    c = 0xFFFFFFFF
+    for b in data:
+        c = CRC32C_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def check_crc(body, field, data, data_field):
+    """Checks an optional Int64Value checksum (a JSON string, or a number); True when one was given."""
+    v = body.get(field)
+    if v is None:
+        return False
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ApiError("INVALID_ARGUMENT", f"Invalid value at '{field}' (TYPE_INT64), \"{v}\"")
+    if n != crc32c(data):
+        snake = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), field)
+        raise ApiError("INVALID_ARGUMENT",
+                       f"The checksum in field {snake} did not match the data in field {data_field}.")
+    return True
+
+
 def check_fields(body, allowed):
     if not isinstance(body, dict):
         raise ApiError("INVALID_ARGUMENT", "Invalid JSON payload received. Expected an object.")
@@ -177,6 +218,7 @@ class State:
         self.tokens = {}  # access token -> expiry (unix)
         self.token_ttl = 3600
         self.faults, self.latency = [], []
+        self.corrupt = {}  # method -> answers still to damage
         self.stats = {"calls": {}, "issued": {}, "refused": {}, "jwt_logins": 0}
         self.sa_private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.sa_email = "kms-plugin@kms-plugin-test.iam.gserviceaccount.com"
@@ -329,10 +371,15 @@ class State:
             self.unusable(v)
             pt = b64_field(body, "plaintext")
             aad = b64_field(body, "additionalAuthenticatedData", required=False)
+            pt_ok = check_crc(body, "plaintextCrc32c", pt, "plaintext")
+            aad_ok = check_crc(body, "additionalAuthenticatedDataCrc32c", aad, "additional_authenticated_data")
             nonce = os.urandom(12)
             ct = MAGIC + v.num.to_bytes(4, "big") + nonce + AESGCM(v.material).encrypt(nonce, pt, aad)
-            return {"name": v.name, "ciphertext": base64.b64encode(ct).decode(),
-                    "verifiedPlaintextCrc32c": False, "verifiedAdditionalAuthenticatedDataCrc32c": False,
+            crc = crc32c(ct)
+            if self.take_corruption("encrypt"):
+                ct = bytes([ct[0] ^ 1]) + ct[1:]
+            return {"name": v.name, "ciphertext": base64.b64encode(ct).decode(), "ciphertextCrc32c": str(crc),
+                    "verifiedPlaintextCrc32c": pt_ok, "verifiedAdditionalAuthenticatedDataCrc32c": aad_ok,
                     "protectionLevel": "SOFTWARE"}
 
     def decrypt(self, name, body):
@@ -342,6 +389,8 @@ class State:
             k = self.key(name)
             ct = b64_field(body, "ciphertext")
             aad = b64_field(body, "additionalAuthenticatedData", required=False)
+            check_crc(body, "ciphertextCrc32c", ct, "ciphertext")
+            check_crc(body, "additionalAuthenticatedDataCrc32c", aad, "additional_authenticated_data")
             if len(ct) < 8 + 12 + 16 or not ct.startswith(MAGIC):
                 raise ApiError("INVALID_ARGUMENT", "Decryption failed: the ciphertext is invalid.")
             v = k.versions.get(int.from_bytes(ct[4:8], "big"))
@@ -353,8 +402,11 @@ class State:
             except Exception:
                 raise ApiError("INVALID_ARGUMENT",
                                "Decryption failed: verify that 'name' refers to the correct CryptoKey.")
-            return {"plaintext": base64.b64encode(pt).decode(), "usedPrimary": v.num == k.primary,
-                    "protectionLevel": "SOFTWARE"}
+            crc = crc32c(pt)
+            if self.take_corruption("decrypt"):
+                pt = bytes([pt[0] ^ 1]) + pt[1:]
+            return {"plaintext": base64.b64encode(pt).decode(), "plaintextCrc32c": str(crc),
+                    "usedPrimary": v.num == k.primary, "protectionLevel": "SOFTWARE"}
 
     def get_key(self, name, ints):
         with self.lock:
@@ -450,6 +502,12 @@ class State:
             v.state = "DESTROY_SCHEDULED"
             return v.to_json(ints)
 
+    def take_corruption(self, method):
+        n = self.corrupt.get(method, 0)
+        if n:
+            self.corrupt[method] = n - 1
+        return n != 0
+
     def control(self, action, body):
         if action == "stats":
             with self.lock:
@@ -458,6 +516,7 @@ class State:
             with self.lock:
                 self.faults.clear()
                 self.latency.clear()
+                self.corrupt.clear()
             return {}
         if action == "latency":
             with self.lock:
@@ -469,6 +528,10 @@ class State:
                 self.faults.append({"method": body.get("method", "*"), "status": int(body.get("status", 503)),
                                     "count": int(body.get("count", 1)), "body": body.get("body"),
                                     "content_type": body.get("content_type", "text/html")})
+            return {}
+        if action == "corrupt":
+            with self.lock:
+                self.corrupt[body["method"]] = int(body.get("count", 1))
             return {}
         if action == "token-ttl":
             with self.lock:

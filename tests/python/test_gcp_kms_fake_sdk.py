@@ -164,6 +164,27 @@ def test_full_lifecycle(fake, transport, creds):
         c.create_key_ring(request={"parent": PARENT, "key_ring_id": ring_id, "key_ring": {}})
 
 
+# CRC32C of b"123456789": the algorithm's published check value, independent of the stand-in's code.
+CRC32C_CHECK = 0xE3069283
+
+
+def test_integrity_fields(fake, transport):
+    name = PARENT + "/keyRings/crc-%s/cryptoKeys/k" % transport
+    control(fake, "key", {"name": name, "action": "create"})
+    c = client(fake, transport, sa_credentials(fake))
+    enc = c.encrypt(request={"name": name, "plaintext": b"123456789", "plaintext_crc32c": CRC32C_CHECK})
+    assert enc.verified_plaintext_crc32c and not enc.verified_additional_authenticated_data_crc32c
+    assert enc.ciphertext_crc32c
+    dec = c.decrypt(request={"name": name, "ciphertext": enc.ciphertext, "ciphertext_crc32c": enc.ciphertext_crc32c})
+    assert dec.plaintext == b"123456789" and dec.plaintext_crc32c == CRC32C_CHECK
+    with pytest.raises(gexc.BadRequest) as e:
+        c.encrypt(request={"name": name, "plaintext": b"123456789", "plaintext_crc32c": CRC32C_CHECK ^ 1})
+    assert "plaintext_crc32c" in e.value.message
+    with pytest.raises(gexc.BadRequest) as e:
+        c.decrypt(request={"name": name, "ciphertext": enc.ciphertext, "ciphertext_crc32c": enc.ciphertext_crc32c ^ 1})
+    assert "ciphertext_crc32c" in e.value.message
+
+
 class Wrong(ga_credentials.Credentials):
     """Credentials that send a made-up bearer token."""
 

@@ -141,6 +141,10 @@ pub fn map_status(action: &str, http: Option<u16>, status: &Status) -> BackendEr
         }
         Code::Unauthenticated => BackendError::Authentication(detail),
         Code::ResourceExhausted => BackendError::Throttled(detail),
+        // A request checksum that did not match: damaged on the way to Cloud KMS, not bad data.
+        Code::InvalidArgument if status.message.contains("crc32c") => BackendError::Unavailable(
+            format!("{detail} (the request was damaged in transit; it is retried)"),
+        ),
         Code::InvalidArgument if action == "Decrypt" => BackendError::InvalidCiphertext(detail),
         Code::InvalidArgument => BackendError::Config(detail),
         Code::Unavailable
@@ -210,6 +214,14 @@ mod tests {
         assert!(matches!(
             map_status("Decrypt", Some(400), &inv),
             BackendError::InvalidCiphertext(_)
+        ));
+        // A request damaged in transit is not a bad ciphertext.
+        let crc = status(
+            r#"{"error":{"code":400,"message":"The checksum in field ciphertext_crc32c did not match the data in field ciphertext.","status":"INVALID_ARGUMENT"}}"#,
+        );
+        assert!(matches!(
+            map_status("Decrypt", Some(400), &crc),
+            BackendError::Unavailable(_)
         ));
         let busy = status(
             r#"{"error":{"code":429,"message":"Quota exceeded","status":"RESOURCE_EXHAUSTED"}}"#,

@@ -251,6 +251,85 @@ impl GcpKmsBackend {
     /// A FAILED_PRECONDITION from Encrypt/Decrypt names a version state only in its message; ask
     /// Cloud KMS for the state of the version the data names, and keep the message-based answer
     /// when that is not possible (the caller may lack cloudkms.cryptoKeyVersions.get).
+    /// Encrypt, retried while the answer fails its integrity check.
+    async fn encrypt_checked(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .client
+                .encrypt()
+                .set_name(&self.key)
+                .set_plaintext(bytes::Bytes::copy_from_slice(plaintext))
+                .set_plaintext_crc32c(crc(plaintext))
+                .with_idempotency(true);
+            if let Some(aad) = &self.aad {
+                req = req
+                    .set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad))
+                    .set_additional_authenticated_data_crc32c(crc(aad));
+            }
+            let resp = req.send().await.map_err(|e| map_error("Encrypt", &e))?;
+            if key_of_version(&resp.name) != Some(self.key.as_str()) || resp.ciphertext.is_empty() {
+                return Err(BackendError::Unavailable(format!(
+                    "Cloud KMS Encrypt on {} answered without a ciphertext of one of its versions \
+                     (name {:?})",
+                    self.key, resp.name
+                )));
+            }
+            let intact = resp.verified_plaintext_crc32c
+                && (self.aad.is_none() || resp.verified_additional_authenticated_data_crc32c)
+                && resp.ciphertext_crc32c == Some(crc(&resp.ciphertext));
+            if intact {
+                return Ok(WrappedKey {
+                    key_ref: resp.name.clone(),
+                    key_id: resp.name,
+                    ciphertext: resp.ciphertext.to_vec(),
+                });
+            }
+            if attempt >= INTEGRITY_ATTEMPTS {
+                return Err(integrity_error("Encrypt", &self.key));
+            }
+            tracing::warn!(key = %self.key, attempt, "Cloud KMS Encrypt answer damaged; retrying");
+        }
+    }
+
+    /// Decrypt with `key`, retried while the answer fails its integrity check.
+    async fn decrypt_checked(
+        &self,
+        key: &str,
+        ciphertext: &[u8],
+    ) -> Result<SecretBytes, BackendError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .client
+                .decrypt()
+                .set_name(key)
+                .set_ciphertext(bytes::Bytes::copy_from_slice(ciphertext))
+                .set_ciphertext_crc32c(crc(ciphertext))
+                .with_idempotency(true);
+            if let Some(aad) = &self.aad {
+                req = req
+                    .set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad))
+                    .set_additional_authenticated_data_crc32c(crc(aad));
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    let plaintext = Zeroizing::new(resp.plaintext.to_vec());
+                    if resp.plaintext_crc32c == Some(crc(&plaintext)) {
+                        return Ok(plaintext);
+                    }
+                    if attempt >= INTEGRITY_ATTEMPTS {
+                        return Err(integrity_error("Decrypt", key));
+                    }
+                    tracing::warn!(key = %key, attempt, "Cloud KMS Decrypt answer damaged; retrying");
+                }
+                Err(e) => return Err(map_error("Decrypt", &e)),
+            }
+        }
+    }
+
     async fn recheck_version(&self, version: &str, err: BackendError) -> BackendError {
         if !matches!(err, BackendError::Other(_)) {
             return err;
@@ -298,6 +377,23 @@ fn credentials_from_file(
             errors::without_secrets(&e.to_string())
         ))
     })
+}
+
+/// Answers that fail their integrity check are retried this often in all, as Google advises
+/// ("a limited number of retries"); then the call is an outage, never a revocation.
+const INTEGRITY_ATTEMPTS: u32 = 3;
+
+/// Cloud KMS's integrity fields: CRC32C (Castagnoli) as an int64.
+fn crc(data: &[u8]) -> i64 {
+    i64::from(crc32c::crc32c(data))
+}
+
+fn integrity_error(action: &str, key: &str) -> BackendError {
+    BackendError::Unavailable(format!(
+        "Cloud KMS {action} on {key}: the answer failed its CRC32C integrity check \
+         {INTEGRITY_ATTEMPTS} times; something between Cloud KMS and the plugin (a proxy \
+         rewriting bodies, faulty memory) damages data"
+    ))
 }
 
 async fn bounded<F: std::future::Future>(f: F) -> Result<F::Output, BackendError> {
@@ -373,30 +469,8 @@ impl Backend for GcpKmsBackend {
     }
 
     async fn wrap(&self, plaintext: &[u8]) -> Result<WrappedKey, BackendError> {
-        let mut req = self
-            .client
-            .encrypt()
-            .set_name(&self.key)
-            .set_plaintext(bytes::Bytes::copy_from_slice(plaintext))
-            .with_idempotency(true);
-        if let Some(aad) = &self.aad {
-            req = req.set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad));
-        }
-        let resp = bounded(req.send())
-            .await?
-            .map_err(|e| map_error("Encrypt", &e))?;
-        if key_of_version(&resp.name) != Some(self.key.as_str()) || resp.ciphertext.is_empty() {
-            return Err(BackendError::Unavailable(format!(
-                "Cloud KMS Encrypt on {} answered without a ciphertext of one of its versions \
-                 (name {:?})",
-                self.key, resp.name
-            )));
-        }
-        Ok(WrappedKey {
-            key_ref: resp.name.clone(),
-            key_id: resp.name,
-            ciphertext: resp.ciphertext.to_vec(),
-        })
+        // One budget for every attempt: a body-damaging proxy must not triple the wait.
+        bounded(self.encrypt_checked(plaintext)).await?
     }
 
     async fn unwrap(&self, key_ref: &str, ciphertext: &[u8]) -> Result<SecretBytes, BackendError> {
@@ -411,21 +485,10 @@ impl Backend for GcpKmsBackend {
                     self.key
                 ))
             })?;
-        let mut req = self
-            .client
-            .decrypt()
-            .set_name(key)
-            .set_ciphertext(bytes::Bytes::copy_from_slice(ciphertext))
-            .with_idempotency(true);
-        if let Some(aad) = &self.aad {
-            req = req.set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad));
-        }
-        match bounded(req.send()).await? {
-            Ok(resp) => Ok(Zeroizing::new(resp.plaintext.to_vec())),
-            Err(e) => {
-                let err = map_error("Decrypt", &e);
-                Err(self.recheck_version(key_ref, err).await)
-            }
+        let outcome = bounded(self.decrypt_checked(key, ciphertext)).await?;
+        match outcome {
+            Err(err) => Err(self.recheck_version(key_ref, err).await),
+            ok => ok,
         }
     }
 }
