@@ -7,6 +7,8 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTHON := $(VENV)/bin/python
 CACHE_DIR ?= $(HOME)/.cache/kms-plugin
+# Cargo's output directory (CI keeps it outside the clone, see .ci/run).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 # Tests that need an external program find it through these; a missing one fails the test unless
 # KMS_TEST_OPT_OUT names it (e.g. KMS_TEST_OPT_OUT=softhsm,moto).
 export KMS_TEST_PYTHON := $(PYTHON)
@@ -30,7 +32,7 @@ build:
 	cargo build --release --locked
 
 run: build
-	./target/release/kms-plugin serve --dev --listen unix://$(CURDIR)/.kms-plugin/kms.sock --data-dir $(CURDIR)/.kms-plugin
+	$(TARGET_DIR)/release/kms-plugin serve --dev --listen unix://$(CURDIR)/.kms-plugin/kms.sock --data-dir $(CURDIR)/.kms-plugin
 
 deps: $(DEPS)
 

@@ -14,7 +14,7 @@ bench-load:
 	cargo build --release --locked --bin kms-plugin
 	cargo build --release --locked -p kms-bench
 	@echo "load before: $$(cat /proc/loadavg)"
-	./target/release/kms-bench run --plugin-bin ./target/release/kms-plugin \
+	$(TARGET_DIR)/release/kms-bench run --plugin-bin $(TARGET_DIR)/release/kms-plugin \
 	  --out $(BENCH_OUT) --svg $(BENCH_SVG) $(BENCH_ARGS)
 
 bench-engine:
@@ -24,14 +24,14 @@ bench-engine:
 bench-shim:
 	cargo build --release --locked --bin kms-plugin
 	cargo build --release --locked -p kms-bench
-	./target/release/kms-bench shim --plugin-bin ./target/release/kms-plugin | tee bench/results/shim.md
+	$(TARGET_DIR)/release/kms-bench shim --plugin-bin $(TARGET_DIR)/release/kms-plugin | tee bench/results/shim.md
 
 test-bench:
 	cargo clippy --locked -p kms-bench --all-targets -- -D warnings
 	cargo build --locked --bin kms-plugin
 	cargo build --locked -p kms-bench
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  ./target/debug/kms-bench run --smoke --plugin-bin ./target/debug/kms-plugin \
+	  $(TARGET_DIR)/debug/kms-bench run --smoke --plugin-bin $(TARGET_DIR)/debug/kms-plugin \
 	    --out "$$tmp/smoke.json" --svg "$$tmp/smoke.svg" && \
 	  grep -q '"invariant_failures": \[\]' "$$tmp/smoke.json" && \
-	  ./target/debug/kms-bench shim --plugin-bin ./target/debug/kms-plugin --duration 200ms --rounds 1 >/dev/null
+	  $(TARGET_DIR)/debug/kms-bench shim --plugin-bin $(TARGET_DIR)/debug/kms-plugin --duration 200ms --rounds 1 >/dev/null

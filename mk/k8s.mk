@@ -9,7 +9,7 @@
 
 K8S_DIR := tests/k8s
 K8S_L1_DIR := $(K8S_DIR)/level1
-K8S_PLUGIN_BIN ?= $(CURDIR)/target/debug/kms-plugin
+K8S_PLUGIN_BIN ?= $(TARGET_DIR)/debug/kms-plugin
 # Newest 1.31 the module proxy serves (v1.31.15+ answer 403 there): pre-1.32 v2 client, path :authority.
 K8S_MATRIX_131 := v1.31.14
 # 1.27-1.28: v2 with --status-version v2beta1 (run.sh passes it for minor <= 28).

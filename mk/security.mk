@@ -16,6 +16,8 @@ FUZZ_LONG_SECONDS ?= 600
 KMS_DENY_ADVISORIES ?= auto
 # New inputs found by the fuzzer are kept here, not in the committed corpus.
 FUZZ_WORK := $(CACHE_DIR)/fuzz
+# The fuzz crate's build output (CI keeps it outside the clone, see .ci/run).
+FUZZ_TARGET_DIR ?= $(CURDIR)/fuzz/target
 # cargo fuzz needs nightly-only flags (-Zsanitizer); the stable toolchain accepts them with this.
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 
@@ -44,7 +46,7 @@ deny:
 # crash is a panic, which libFuzzer catches either way; the build is much quicker. Long runs keep ASan.
 FUZZ_SANITIZER ?= address
 fuzz-build:
-	cd fuzz && $(FUZZ_ENV) cargo fuzz build -O --sanitizer $(FUZZ_SANITIZER)
+	cd fuzz && $(FUZZ_ENV) cargo fuzz build -O --target-dir $(FUZZ_TARGET_DIR) --sanitizer $(FUZZ_SANITIZER)
 
 fuzz-smoke:
 	@$(MAKE) --no-print-directory fuzz-build FUZZ_SANITIZER=none
@@ -60,7 +62,7 @@ fuzz-run:
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p $(FUZZ_WORK)/$$t; \
 	  echo "fuzz $$t for $(FUZZ_SECONDS)s"; \
-	  if ! (cd fuzz && $(FUZZ_ENV) cargo fuzz run -O --sanitizer $(FUZZ_SANITIZER) $$t $(FUZZ_WORK)/$$t corpus/$$t -- \
+	  if ! (cd fuzz && $(FUZZ_ENV) cargo fuzz run -O --target-dir $(FUZZ_TARGET_DIR) --sanitizer $(FUZZ_SANITIZER) $$t $(FUZZ_WORK)/$$t corpus/$$t -- \
 	        -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1) \
 	        > $(FUZZ_WORK)/$$t.log 2>&1; then \
 	    tail -n 60 $(FUZZ_WORK)/$$t.log; echo "fuzz target $$t FAILED (log: $(FUZZ_WORK)/$$t.log)"; exit 1; \
