@@ -316,3 +316,36 @@ async fn a_deep_probe_reports_escrow_health_without_touching_status() {
     engine.probe(true).await.unwrap();
     assert_eq!(engine.escrow_health(), [("vault", Ok(()))]);
 }
+
+/// An escrow backend that hangs is bounded by the backend timeout, counted as a timeout in the
+/// escrow metrics and shown in the escrow health; Encrypt still succeeds, without its wrapping.
+#[tokio::test]
+async fn a_hanging_escrow_is_bounded_and_counted_as_a_timeout() {
+    let s = setup();
+    let cfg = EngineConfig {
+        backend_timeout: Duration::from_millis(200),
+        ..config()
+    };
+    s.escrow.set(Faults {
+        delay: Some(Duration::from_secs(3600)),
+        ..Faults::default()
+    });
+    let (engine, events) = ready_engine(&s, cfg).await;
+    let sealed = engine.encrypt(&seed(9), Api::V2).await.unwrap();
+    assert_eq!(
+        sealed.ciphertext[1], 1,
+        "no escrow wrapping: format version 1"
+    );
+    assert_eq!(
+        events.wraps.lock().unwrap().as_slice(),
+        &[("vault".to_string(), "timeout")]
+    );
+    let health = engine.escrow_health();
+    assert!(
+        health[0]
+            .1
+            .as_ref()
+            .is_err_and(|e| e.contains("did not answer")),
+        "{health:?}"
+    );
+}

@@ -552,12 +552,11 @@ impl Engine {
                     self.cache.insert(kek.clone());
                     return Ok(kek);
                 }
-                Err(EngineError::Backend(e)) => {
-                    self.observer.escrow_unwrap(kind, &kek_ref, &why, Err(&e));
-                    self.note_escrow(backend.kind(), Err(e.to_string()));
-                    tracing::warn!(kek = %kek_ref, escrow = %kind, error = %e, primary_error = %why, "escrow backend could not unwrap either");
-                }
                 Err(e) => {
+                    if let Some(b) = as_backend_error(&e) {
+                        self.observer.escrow_unwrap(kind, &kek_ref, &why, Err(&b));
+                    }
+                    self.note_escrow(backend.kind(), Err(e.to_string()));
                     tracing::warn!(kek = %kek_ref, escrow = %kind, error = %e, primary_error = %why, "escrow backend could not unwrap either");
                 }
             }
@@ -593,8 +592,8 @@ impl Engine {
                     kinds.push(kind);
                 }
                 Err(e) => {
-                    if let EngineError::Backend(b) = &e {
-                        self.observer.escrow_wrap(kind, Err(b));
+                    if let Some(b) = as_backend_error(&e) {
+                        self.observer.escrow_wrap(kind, Err(&b));
                     }
                     self.note_escrow(kind, Err(e.to_string()));
                     tracing::error!(escrow = kind, error = %e, retry_in = ?self.config.escrow_retry,
@@ -866,6 +865,16 @@ impl Api {
 pub const MAX_HEADER: usize = 1024 - format::NONCE_LEN - format::TAG_LEN - 32;
 
 /// Length of the format-2 header of a local KEK with these wrappings.
+/// The backend outcome an escrow call counts as in metrics and audit lines: the engine's own
+/// deadline is the backend's timeout.
+fn as_backend_error(e: &EngineError) -> Option<BackendError> {
+    match e {
+        EngineError::Backend(b) => Some(b.clone()),
+        EngineError::DeadlineExceeded(d) => Some(BackendError::Timeout(*d)),
+        _ => None,
+    }
+}
+
 fn header_len(
     primary: &crate::backend::WrappedKey,
     escrows: &[crate::backend::WrappedKey],
