@@ -300,11 +300,8 @@ async fn workload_and_managed_identity() {
     wi.azure_credential = AzureCredential::WorkloadIdentity;
     wi.azure_client_id = Some(fake.id("wi_client"));
     wi.azure_client_secret_file = None;
-    // The federated token file is named the way AKS names it; the rest comes from flags.
-    let token_file = fake.dir.path().join("federated-token");
-    std::env::set_var("AZURE_FEDERATED_TOKEN_FILE", &token_file);
+    wi.azure_federated_token_file = Some(fake.dir.path().join("federated-token"));
     let b = AzureKeyVaultBackend::new(&wi).unwrap();
-    std::env::remove_var("AZURE_FEDERATED_TOKEN_FILE");
     let w = b.wrap(b"wi").await.unwrap();
     assert_eq!(
         &b.unwrap(&w.key_ref, &w.ciphertext).await.unwrap()[..],

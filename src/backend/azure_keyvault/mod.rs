@@ -109,6 +109,14 @@ pub struct AzureKeyVaultArgs {
     /// AZURE_CLIENT_ID.
     #[arg(long = "azure-client-id", value_name = "ID")]
     pub azure_client_id: Option<String>,
+    /// Workload identity's federated token file (a projected service-account token). Default:
+    /// AZURE_FEDERATED_TOKEN_FILE, as AKS sets it.
+    #[arg(
+        long = "azure-federated-token-file",
+        env = "KMS_PLUGIN_AZURE_FEDERATED_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub azure_federated_token_file: Option<std::path::PathBuf>,
     /// File holding the service principal's client secret (default: AZURE_CLIENT_SECRET).
     #[arg(
         long = "azure-client-secret-file",
@@ -300,7 +308,10 @@ fn credential(
         None => env_nonempty("AZURE_CLIENT_SECRET").map(Secret::new),
     };
     let kind = match args.azure_credential {
-        AzureCredential::Auto if env_nonempty("AZURE_FEDERATED_TOKEN_FILE").is_some() => {
+        AzureCredential::Auto
+            if args.azure_federated_token_file.is_some()
+                || env_nonempty("AZURE_FEDERATED_TOKEN_FILE").is_some() =>
+        {
             AzureCredential::WorkloadIdentity
         }
         AzureCredential::Auto if secret.is_some() => AzureCredential::ClientSecret,
@@ -332,6 +343,7 @@ fn credential(
             let mut o = WorkloadIdentityCredentialOptions {
                 tenant_id: tenant,
                 client_id,
+                token_file_path: args.azure_federated_token_file.clone(),
                 ..Default::default()
             };
             o.credential_options.client_options = opts();
