@@ -416,7 +416,7 @@ class State:
                 elif what == "enable":
                     v.enabled, v.exp, v.nbf = True, None, None
                 elif what == "expire":
-                    v.exp = int(time.time()) - 60
+                    v.exp = int(time.time()) - 3600
                 elif what == "not-yet-valid":
                     v.nbf = int(time.time()) + 3600
                 elif what == "drop-ops":

@@ -515,6 +515,10 @@ fn algorithm_for(name: &str, kty: Option<&KeyType>) -> Result<EncryptionAlgorith
     }
 }
 
+/// How far this node's clock may be off before `exp` / `nbf` are judged locally; closer to the
+/// boundary the call goes to Key Vault, whose own answer decides.
+const CLOCK_SKEW: azure_core::time::Duration = azure_core::time::Duration::minutes(5);
+
 /// Why the version the probe saw cannot wrap now; `None` when it can.
 fn lifecycle_error(kid: &str, key: &Key) -> Option<BackendError> {
     let attrs = key.attributes.as_ref()?;
@@ -526,14 +530,14 @@ fn lifecycle_error(kid: &str, key: &Key) -> Option<BackendError> {
         )));
     }
     if let Some(exp) = attrs.expires {
-        if exp <= now {
+        if exp + CLOCK_SKEW <= now {
             return Some(BackendError::KeyDisabled(format!(
                 "Key Vault key version {kid} expired at {exp}; rotate the key or move its expiry"
             )));
         }
     }
     if let Some(nbf) = attrs.not_before {
-        if nbf > now {
+        if nbf > now + CLOCK_SKEW {
             return Some(BackendError::KeyDisabled(format!(
                 "Key Vault key version {kid} is not valid before {nbf}"
             )));
@@ -697,6 +701,35 @@ mod tests {
         for bad in ["RSA1_5/x", "RSA-OAEP-256/", "RSA-OAEP-256/../x", "x"] {
             assert!(parse_key_ref(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn lifecycle_leaves_the_clock_boundary_to_key_vault() {
+        use azure_core::time::{Duration, OffsetDateTime};
+        use azure_security_keyvault_keys::models::KeyAttributes;
+        let with = |f: &dyn Fn(&mut KeyAttributes)| {
+            let mut a = KeyAttributes::default();
+            f(&mut a);
+            let mut k = Key::default();
+            k.attributes = Some(a);
+            lifecycle_error("kid", &k)
+        };
+        let now = OffsetDateTime::now_utc();
+        assert!(with(&|_| {}).is_none());
+        assert!(matches!(
+            with(&|a| a.enabled = Some(false)),
+            Some(BackendError::KeyDisabled(_))
+        ));
+        assert!(with(&|a| a.expires = Some(now - Duration::minutes(1))).is_none());
+        assert!(matches!(
+            with(&|a| a.expires = Some(now - Duration::hours(1))),
+            Some(BackendError::KeyDisabled(m)) if m.contains("expired")
+        ));
+        assert!(with(&|a| a.not_before = Some(now + Duration::minutes(1))).is_none());
+        assert!(matches!(
+            with(&|a| a.not_before = Some(now + Duration::hours(1))),
+            Some(BackendError::KeyDisabled(_))
+        ));
     }
 
     #[test]
