@@ -9,7 +9,8 @@ Wire protocol, as the official clients (azure-keyvault-keys, azure_security_keyv
               authorization="https://login.microsoftonline.com/TENANT", resource="RESOURCE"`
               (RESOURCE https://vault.azure.net, or https://managedhsm.azure.net with --hsm).
               Errors are `{"error": {"code", "message", "innererror"?}}` with Key Vault's status:
-              a disabled version 403 Forbidden/KeyDisabled, expired 403 Forbidden/KeyExpired,
+              a disabled version 403 Forbidden/KeyDisabled (for an RSA key only on unwrapKey:
+              Key Vault still wraps with the public key), expired 403 Forbidden/KeyExpired,
               not yet valid 403 Forbidden/KeyNotYetValid, a missing or deleted key 404
               KeyNotFound, no permission 403 Forbidden/ForbiddenByRbac, a bad token 401
               Unauthorized.
@@ -155,7 +156,9 @@ class Version:
 
     def usable(self, op):
         t = time.time()
-        if not self.enabled:
+        # Key Vault still performs public-key operations (wrapKey, encrypt) with a disabled RSA key
+        # and refuses those that need the private key; a symmetric key is refused for both.
+        if not self.enabled and not (op == "wrapKey" and self.private is not None):
             raise KvError(403, "Forbidden", f"Operation {op} is not allowed on a disabled key.",
                           inner="KeyDisabled")
         if self.exp is not None and self.exp <= t:

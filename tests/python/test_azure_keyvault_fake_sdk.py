@@ -2,7 +2,8 @@
 the official Python clients `azure-keyvault-keys` with `azure-identity` (ClientSecretCredential
 through MSAL, WorkloadIdentityCredential with a federated token, ManagedIdentityCredential through
 the IMDS stand-in) complete the bearer challenge over HTTPS, key creation, wrap/unwrap, get key,
-rotation (new version), disable (unwrap then refused in Key Vault's error shape) and deletion.
+rotation (new version), disable (unwrap then refused in Key Vault's error shape, while the
+public-key wrap of a disabled RSA version still works, as on the real service) and deletion.
 Also pins the stand-in's strictness: no token, a token for another audience, an expired token, an
 unknown api-version and a wrong client secret are refused as the services refuse them.
 
@@ -136,11 +137,18 @@ def test_service_principal_create_wrap_unwrap_rotate_disable(fake):
     assert e.value.error.code == "Forbidden"
     assert "disabled" in e.value.error.message
 
-    status, _, body = raw(fake, "POST", f"/keys/kek-sp/{key.properties.version}/wrapkey?api-version=7.6",
-                          {"alg": "RSA-OAEP-256", "value": base64.urlsafe_b64encode(dek).decode()},
-                          headers={"Authorization": "Bearer " + secret_credential(fake).get_token(
-                              "https://vault.azure.net/.default").token})
+    # As Key Vault does: the private-key operation is refused with the inner code, the public-key
+    # wrap of a disabled RSA version still works.
+    token = secret_credential(fake).get_token("https://vault.azure.net/.default").token
+    v1 = key.properties.version
+    status, _, body = raw(fake, "POST", f"/keys/kek-sp/{v1}/unwrapkey?api-version=7.6",
+                          {"alg": "RSA-OAEP-256", "value": base64.urlsafe_b64encode(wrapped.encrypted_key).decode()},
+                          headers={"Authorization": "Bearer " + token})
     assert status == 403 and body["error"]["innererror"]["code"] == "KeyDisabled", body
+    status, _, body = raw(fake, "POST", f"/keys/kek-sp/{v1}/wrapkey?api-version=7.6",
+                          {"alg": "RSA-OAEP-256", "value": base64.urlsafe_b64encode(dek).decode()},
+                          headers={"Authorization": "Bearer " + token})
+    assert status == 200 and body["kid"] == key.id, body
 
     poller = kc.begin_delete_key("kek-sp")
     poller.wait()
