@@ -296,8 +296,9 @@ async fn tokens_are_renewed_under_load_without_a_failed_call() {
 #[tokio::test]
 async fn workload_and_managed_identity() {
     let Some(fake) = Fake::start() else { return };
+    // `auto` picks workload identity when a federated token file is given.
     let mut wi = fake.args();
-    wi.azure_credential = AzureCredential::WorkloadIdentity;
+    wi.azure_credential = AzureCredential::Auto;
     wi.azure_client_id = Some(fake.id("wi_client"));
     wi.azure_client_secret_file = None;
     wi.azure_federated_token_file = Some(fake.dir.path().join("federated-token"));

@@ -333,6 +333,9 @@ class State:
     def imds(self, path, query, headers):
         if path != "/metadata/identity/oauth2/token":
             raise KvError(404, "NotFound", "not found", raw=b"", content_type="text/plain")
+        if headers.get("X-Forwarded-For") is not None:
+            # IMDS refuses anything that came through a proxy.
+            raise AadError(400, "invalid_request", 0, "Request not allowed: X-Forwarded-For header present")
         if headers.get("Metadata") != "true":
             raise AadError(400, "invalid_request", 0, "Required metadata header not specified")
         if query.get("api-version") not in ("2018-02-01", "2019-08-01"):
