@@ -1,7 +1,7 @@
 # Kubernetes proof (tests/k8s, docs/testing.md).
 #   Level 1 (test-k8s-level1): k8s.io/apiserver's own KMS client code (v0.31.x and v0.37.x) against the plugin,
 #   on the local key file, a real Vault dev server (KMS_TEST_VAULT_BIN, from deps-vault), a real PyKMIP server
-#   and the Cloud KMS stand-in (tests/fakes/gcp_kms_fake.py).
+#   the Cloud KMS stand-in (tests/fakes/gcp_kms_fake.py) and the Key Vault stand-in (tests/fakes/azure_keyvault_fake.py).
 #   Level 2 (test-k8s-e2e, `make e2e`): kube-apiserver built from source + etcd + kubectl against the plugin,
 #   on the pinned release (all flows) and K8S_MATRIX_131 (local:v2); `make e2e-matrix` adds K8S_MATRIX_128 and
 #   the three-node flow on the Akeyless fake (ha-akeyless:v2).
@@ -41,6 +41,7 @@ test-k8s-level1: k8s-plugin-bin
 	if [[ ",$${KMS_TEST_OPT_OUT:-}," == *",vault,"* ]]; then echo "test-k8s-level1: vault backend opted out (KMS_TEST_OPT_OUT)"; else backends="$$backends vault"; fi; \
 	if [[ ",$${KMS_TEST_OPT_OUT:-}," == *",pykmip,"* ]]; then echo "test-k8s-level1: kmip backend opted out (KMS_TEST_OPT_OUT)"; else backends="$$backends kmip"; fi; \
 	if [[ ",$${KMS_TEST_OPT_OUT:-}," == *",gcp-fake,"* ]]; then echo "test-k8s-level1: gcp backend opted out (KMS_TEST_OPT_OUT)"; else backends="$$backends gcp"; fi; \
+	if [[ ",$${KMS_TEST_OPT_OUT:-}," == *",azure-fake,"* ]]; then echo "test-k8s-level1: azure backend opted out (KMS_TEST_OPT_OUT)"; else backends="$$backends azure"; fi; \
 	cd $(K8S_L1_DIR) && \
 	for backend in $$backends; do for mf in go.v031.mod go.mod; do \
 	  if [[ $$mf == go.v031.mod && $$backend != local ]]; then continue; fi; \

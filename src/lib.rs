@@ -34,5 +34,8 @@ pub fn compiled_backends() -> Vec<&'static str> {
     if cfg!(feature = "gcp-kms") {
         v.push("gcp-kms");
     }
+    if cfg!(feature = "azure-keyvault") {
+        v.push("azure-keyvault");
+    }
     v
 }

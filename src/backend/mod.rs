@@ -19,6 +19,8 @@ pub mod akeyless;
 pub mod aws;
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
+#[cfg(feature = "azure-keyvault")]
+pub mod azure_keyvault;
 #[cfg(feature = "gcp-kms")]
 pub mod gcp_kms;
 #[cfg(any(feature = "aws-kms", feature = "akeyless", feature = "vault"))]
@@ -34,7 +36,8 @@ pub mod pkcs11;
     feature = "akeyless",
     feature = "vault",
     feature = "inventory",
-    feature = "kmip"
+    feature = "kmip",
+    feature = "azure-keyvault"
 ))]
 pub mod tls;
 pub mod unreachable;

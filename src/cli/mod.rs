@@ -136,6 +136,8 @@ pub enum BackendKind {
     Kmip,
     /// Google Cloud KMS (`--gcp-kms-*`).
     GcpKms,
+    /// Azure Key Vault or Managed HSM (`--azure-*`).
+    AzureKeyvault,
 }
 
 #[derive(Args, Debug)]
@@ -284,6 +286,9 @@ pub struct ServeArgs {
     #[cfg(feature = "gcp-kms")]
     #[command(flatten)]
     pub gcp: crate::backend::gcp_kms::GcpKmsArgs,
+    #[cfg(feature = "azure-keyvault")]
+    #[command(flatten)]
+    pub azure: crate::backend::azure_keyvault::AzureKeyVaultArgs,
 }
 
 #[derive(Args, Debug)]

@@ -77,7 +77,7 @@ fn open_local(path: &Path, metrics: &Metrics) -> anyhow::Result<Arc<dyn Backend>
 fn check_dev_mode(args: &ServeArgs) -> anyhow::Result<()> {
     match (effective_backend(args), args.dev) {
         (None, false) => anyhow::bail!(
-            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11, aws-kms, vault, kmip or gcp-kms; \
+            "no key backend configured: give --backend (local with --local-key-file, akeyless, pkcs11, aws-kms, vault, kmip, gcp-kms or azure-keyvault; \
              see docs/backends.md), or pass --dev to run with a throw-away development key under --data-dir \
              (never for real Secrets)"
         ),
@@ -177,6 +177,7 @@ fn kind_name(kind: BackendKind) -> &'static str {
         BackendKind::Vault => "vault",
         BackendKind::Kmip => "kmip",
         BackendKind::GcpKms => "gcp-kms",
+        BackendKind::AzureKeyvault => "azure-keyvault",
     }
 }
 
@@ -286,6 +287,10 @@ pub(crate) async fn build_kind(
         Some(BackendKind::Kmip) => Ok(crate::backend::kmip::from_args(&args.kmip).await?),
         #[cfg(feature = "gcp-kms")]
         Some(BackendKind::GcpKms) => Ok(crate::backend::gcp_kms::from_args(&args.gcp).await?),
+        #[cfg(feature = "azure-keyvault")]
+        Some(BackendKind::AzureKeyvault) => {
+            Ok(crate::backend::azure_keyvault::from_args(&args.azure).await?)
+        }
         #[allow(unreachable_patterns)]
         Some(other) => anyhow::bail!("backend {other:?} is not compiled into this build"),
     }

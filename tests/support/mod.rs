@@ -5,6 +5,8 @@
 pub mod akeyless_fake;
 #[cfg(feature = "aws-kms")]
 pub mod aws;
+#[cfg(feature = "azure-keyvault")]
+pub mod azure_fake;
 pub mod conformance;
 pub mod engines;
 pub mod etcd_values;

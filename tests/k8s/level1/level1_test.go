@@ -10,7 +10,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"math/rand"
 	"net"
@@ -117,7 +120,8 @@ func pluginBin() (string, error) {
 // plugin is one kms-plugin serve process with a local key file, or, with KMS_L1_BACKEND=vault, on
 // a real Vault dev server's Transit key (KMS_TEST_VAULT_BIN, built by `make deps-vault`), or, with
 // KMS_L1_BACKEND=kmip, on a key of a real PyKMIP server (pykmip-server from the test venv), or, with
-// KMS_L1_BACKEND=gcp, on a CryptoKey of the Cloud KMS stand-in.
+// KMS_L1_BACKEND=gcp, on a CryptoKey of the Cloud KMS stand-in, or, with KMS_L1_BACKEND=azure, on
+// an RSA key of the Key Vault stand-in.
 type plugin struct {
 	t       *testing.T
 	bin     string
@@ -127,6 +131,7 @@ type plugin struct {
 	vault   *vaultServer
 	kmip    *kmipServer
 	gcp     *gcpFake
+	azure   *azureFake
 	cmd     *exec.Cmd
 	done    chan struct{}
 	out     *syncBuffer
@@ -303,6 +308,81 @@ func (g *gcpFake) rotate(t *testing.T) {
 	}
 }
 
+// azureFake is the Key Vault stand-in (tests/fakes/azure_keyvault_fake.py, proven against the
+// official azure-keyvault-keys client) over HTTPS with its own CA, holding the RSA key azureKey;
+// the plugin signs in as the service principal whose secret the stand-in wrote.
+type azureFake struct {
+	url, dir string
+	ids      map[string]string
+	client   *http.Client
+	cmd      *exec.Cmd
+}
+
+const azureKey = "l1-kek"
+
+func startAzure(t *testing.T, dir string) *azureFake {
+	t.Helper()
+	py := os.Getenv("KMS_TEST_PYTHON")
+	if py == "" {
+		t.Fatalf("KMS_L1_BACKEND=azure needs KMS_TEST_PYTHON (make deps)")
+	}
+	a := &azureFake{dir: filepath.Join(dir, "azure")}
+	a.cmd = exec.Command(py, filepath.Join(repoRoot(), "tests/fakes/azure_keyvault_fake.py"),
+		"--dir", a.dir, "--key", azureKey, "--exit-on-stdin-eof")
+	stdin, err := a.cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := a.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.cmd.Stderr = os.Stderr
+	if err := a.cmd.Start(); err != nil {
+		t.Fatalf("start the Key Vault stand-in: %v", err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = a.cmd.Process.Kill(); _ = a.cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "PORT ") {
+		t.Fatalf("the Key Vault stand-in did not start: %q %v", line, err)
+	}
+	a.url = "https://127.0.0.1:" + strings.TrimSpace(strings.TrimPrefix(line, "PORT "))
+	raw, err := os.ReadFile(filepath.Join(a.dir, "ids.json"))
+	if err != nil || json.Unmarshal(raw, &a.ids) != nil {
+		t.Fatalf("read the Key Vault stand-in's ids.json: %v", err)
+	}
+	ca, err := os.ReadFile(filepath.Join(a.dir, "ca.pem"))
+	pool := x509.NewCertPool()
+	if err != nil || !pool.AppendCertsFromPEM(ca) {
+		t.Fatalf("read the Key Vault stand-in's CA: %v", err)
+	}
+	a.client = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	return a
+}
+
+// rotate makes a new version of azureKey.
+func (a *azureFake) rotate(t *testing.T) {
+	t.Helper()
+	body := fmt.Sprintf(`{"name": %q, "action": "rotate"}`, azureKey)
+	resp, err := a.client.Post(a.url+"/__control/key", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("rotate the Key Vault key: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("rotate the Key Vault key: HTTP %d", resp.StatusCode)
+	}
+}
+
+func (a *azureFake) args() []string {
+	return []string{"--backend", "azure-keyvault", "--azure-keyvault-url", a.url, "--azure-keyvault-key", azureKey,
+		"--azure-credential", "client-secret", "--azure-tenant-id", a.ids["tenant"],
+		"--azure-client-id", a.ids["sp_client"], "--azure-client-secret-file", filepath.Join(a.dir, "client-secret"),
+		"--azure-authority-host", a.url, "--azure-keyvault-ca-file", filepath.Join(a.dir, "ca.pem"),
+		// Reached by IP address: the challenge resource cannot be the host's parent domain.
+		"--azure-keyvault-skip-challenge-resource-check"}
+}
+
 // repoRoot is the repository root: this package lives in tests/k8s/level1.
 func repoRoot() string {
 	wd, _ := os.Getwd()
@@ -339,6 +419,8 @@ func (p *plugin) rotate() {
 		p.kmip.createKey(p.t)
 	case p.gcp != nil:
 		p.gcp.rotate(p.t)
+	case p.azure != nil:
+		p.azure.rotate(p.t)
 	default:
 		p.run("keygen", "--add", p.keyFile)
 	}
@@ -383,8 +465,10 @@ func newPlugin(t *testing.T) *plugin {
 		p.kmip = startKMIP(t, dir)
 	case "gcp":
 		p.gcp = startGCP(t, dir)
+	case "azure":
+		p.azure = startAzure(t, dir)
 	default:
-		t.Fatalf("KMS_L1_BACKEND=%q: expected local, vault, kmip or gcp", backend)
+		t.Fatalf("KMS_L1_BACKEND=%q: expected local, vault, kmip, gcp or azure", backend)
 	}
 	p.start()
 	t.Cleanup(p.stop)
@@ -417,6 +501,8 @@ func (p *plugin) start() {
 	case p.gcp != nil:
 		args = append(args, "--backend", "gcp-kms", "--gcp-kms-key", gcpKey, "--gcp-kms-endpoint", p.gcp.url,
 			"--gcp-credentials-file", filepath.Join(p.gcp.dir, "sa.json"))
+	case p.azure != nil:
+		args = append(args, p.azure.args()...)
 	default:
 		args = append(args, "--backend", "local", "--local-key-file", p.keyFile)
 	}
