@@ -95,7 +95,9 @@ pub fn map_service_error(action: &str, http: u16, e: &ServiceError) -> BackendEr
                 ))
             }
         }
-        (404, "KeyNotFound" | "NotFound") => BackendError::KeyNotFound(format!(
+        // Only the key's own code: a generic `NotFound` in this shape can come from another
+        // Azure front end (a wrong path, a gateway) and proves nothing about the key.
+        (404, "KeyNotFound") => BackendError::KeyNotFound(format!(
             "{detail}; a deleted key can be recovered while soft-delete keeps it"
         )),
         (400, "BadParameter" | "BadRequest") if action == "unwrapKey" => {
@@ -238,6 +240,12 @@ mod tests {
         assert!(matches!(
             map_service_error("getKey", 404, &gone),
             BackendError::KeyNotFound(_)
+        ));
+        // A generic NotFound in the same shape (a wrong path, another front end): an outage.
+        let route = typed(r#"{"error":{"code":"NotFound","message":"Resource not found"}}"#);
+        assert!(matches!(
+            map_service_error("getKey", 404, &route),
+            BackendError::Unavailable(_)
         ));
         let bad = typed(r#"{"error":{"code":"BadParameter","message":"Invalid value"}}"#);
         assert!(matches!(
