@@ -169,6 +169,22 @@ pub fn no_events() -> Arc<dyn BackendEvents> {
     Arc::new(NoEvents)
 }
 
+/// An SDK error and its causes, by their `Display` only, each cause once. SDKs' `Debug` forms can
+/// include raw responses (a session token, a credentials body) that must not reach a log.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
 /// Everything that can go wrong talking to a backend.
 ///
 /// Messages name the cause and, where there is one, the fix. They never include secret material.

@@ -21,6 +21,9 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use super::tls::{TlsFlags, TlsOptions};
 use super::{BackendError, BackendEvents};
 
+/// Re-exported for the AWS callers: see [`super::error_chain`].
+pub use super::error_chain;
+
 /// What an AWS client needs beyond the SDK's own environment and profile files.
 #[derive(Clone, Debug, Default)]
 pub struct AwsOptions {
@@ -92,20 +95,4 @@ pub fn dns_suffix(region: &str) -> &'static str {
     } else {
         "amazonaws.com"
     }
-}
-
-/// An error and its causes, by their `Display` only: the SDK's `Debug` forms include raw
-/// responses (an IMDS session token, a credentials body) that must not reach a log.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        if !out.ends_with(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = e.source();
-    }
-    out
 }

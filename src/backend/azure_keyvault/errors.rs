@@ -184,17 +184,7 @@ pub fn map_error(action: &str, err: &azure_core::Error) -> BackendError {
 /// The error and its causes, without the token or secret (the SDK never puts them in errors;
 /// cut anyway).
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut src = err.source();
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        src = s.source();
-    }
-    short(&out)
+    short(&crate::backend::error_chain(err))
 }
 
 #[cfg(test)]

@@ -97,18 +97,8 @@ pub fn map_error(action: &str, err: &Error) -> BackendError {
     BackendError::Other(format!("Cloud KMS {action}: {cause}{hint}"))
 }
 
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut src = err.source();
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        src = s.source();
-    }
-    short(&out)
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    short(&crate::backend::error_chain(err))
 }
 
 /// Maps a `google.rpc.Status` (with the HTTP status it came with, if any).
