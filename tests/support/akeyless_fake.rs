@@ -4,7 +4,7 @@
 //! tests fail, unless KMS_TEST_OPT_OUT names `akeyless-fake`.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use kms_plugin::backend::akeyless::{AkeylessArgs, Secret};
@@ -30,13 +30,7 @@ impl Drop for Fake {
     }
 }
 
-pub fn python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KMS_TEST_PYTHON").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
-}
+pub use super::external::test_python as python;
 
 pub fn opted_out() -> bool {
     std::env::var("KMS_TEST_OPT_OUT")
@@ -165,15 +159,7 @@ impl Fake {
     }
 
     pub async fn control(&self, action: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/__control/{action}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "control {action}: {}", r.status());
-        r.json().await.unwrap()
+        super::external::fake_control(&self.http, &self.url, action, body).await
     }
 
     pub async fn calls(&self, command: &str) -> u64 {

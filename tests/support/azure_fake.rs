@@ -3,9 +3,10 @@
 //! Needs a Python with `cryptography` (KMS_TEST_PYTHON, else ./.venv/bin/python). Without one the
 //! tests fail, unless KMS_TEST_OPT_OUT names `azure-fake`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::ffi::OsStr;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::Child;
 
 use kms_plugin::backend::azure_keyvault::{
     AzureCredential, AzureKeyVaultArgs, AzureKeyVaultBackend,
@@ -33,14 +34,6 @@ impl Drop for Fake {
     }
 }
 
-fn python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KMS_TEST_PYTHON").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
-}
-
 fn port_of(line: &str, prefix: &str) -> u16 {
     line.strip_prefix(prefix)
         .and_then(|p| p.trim().parse().ok())
@@ -62,23 +55,19 @@ impl Fake {
         if super::external::opted_out("azure-fake") {
             return None;
         }
-        let py = python().expect(
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<&OsStr> = ["--key", KEY, "--exit-on-stdin-eof", "--dir"]
+            .iter()
+            .map(OsStr::new)
+            .collect();
+        args.push(dir.path().as_os_str());
+        args.extend(extra.iter().map(OsStr::new));
+        let (child, mut out) = super::external::spawn_fake(
+            "azure_keyvault_fake.py",
+            &args,
             "the Key Vault stand-in needs Python with `cryptography`: set KMS_TEST_PYTHON \
              (make deps) or KMS_TEST_OPT_OUT=azure-fake",
         );
-        let dir = tempfile::tempdir().unwrap();
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fakes/azure_keyvault_fake.py");
-        let mut child = Command::new(&py)
-            .arg(script)
-            .args(["--key", KEY, "--exit-on-stdin-eof", "--dir"])
-            .arg(dir.path())
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", py.display()));
-        let mut out = BufReader::new(child.stdout.take().unwrap());
         let (mut l1, mut l2) = (String::new(), String::new());
         out.read_line(&mut l1).unwrap();
         out.read_line(&mut l2).unwrap();
@@ -108,15 +97,7 @@ impl Fake {
     }
 
     pub async fn control(&self, action: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/__control/{action}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "control {action}: {}", r.status());
-        r.json().await.unwrap()
+        super::external::fake_control(&self.http, &self.url, action, body).await
     }
 
     /// A key action on [`KEY`] (on `version`, else the latest); returns the version's kid.

@@ -17,6 +17,55 @@ pub fn opted_out(name: &str) -> bool {
     opted
 }
 
+/// The test Python: $KMS_TEST_PYTHON, else the repository's `.venv` if it exists.
+pub fn test_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KMS_TEST_PYTHON").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    venv.exists().then_some(venv)
+}
+
+/// Starts the stand-in `script` (under tests/fakes) with the test Python, `args` and a piped stdin
+/// (the stand-ins exit when it closes); returns the child and its stdout, where it prints its
+/// ports. `missing` is the panic message when there is no test Python.
+pub fn spawn_fake(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    missing: &str,
+) -> (Child, std::io::BufReader<std::process::ChildStdout>) {
+    let py = test_python().expect(missing);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fakes")
+        .join(script);
+    let mut child = Command::new(&py)
+        .arg(path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", py.display()));
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    (child, out)
+}
+
+/// POSTs `body` to a stand-in's `/__control/ACTION` and returns its JSON answer.
+pub async fn fake_control(
+    http: &reqwest::Client,
+    url: &str,
+    action: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let r = http
+        .post(format!("{url}/__control/{action}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "control {action}: {}", r.status());
+    r.json().await.unwrap()
+}
+
 /// A program from the test venv (next to $KMS_TEST_PYTHON) or, failing that, from PATH.
 pub fn venv_program(name: &str) -> Option<PathBuf> {
     if let Ok(py) = std::env::var("KMS_TEST_PYTHON") {
@@ -410,12 +459,9 @@ impl PyKmip {
 
 /// Runs a script of the repository with the test Python; returns its standard output.
 pub fn run_python(script: &str, args: &[&str]) -> String {
-    let py = std::env::var_os("KMS_TEST_PYTHON")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
-        });
+    let py = test_python().unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+    });
     let out = Command::new(&py)
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
         .args(args)

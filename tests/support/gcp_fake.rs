@@ -3,7 +3,8 @@
 //! Needs a Python with `cryptography` (KMS_TEST_PYTHON, else ./.venv/bin/python). Without one the
 //! tests fail, unless KMS_TEST_OPT_OUT names `gcp-fake`.
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -25,14 +26,6 @@ impl Drop for Fake {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KMS_TEST_PYTHON").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
 }
 
 impl Fake {
@@ -57,25 +50,21 @@ impl Fake {
         if super::external::opted_out("gcp-fake") {
             return None;
         }
-        let py = python().expect(
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<&OsStr> = ["--port", "0", "--key", KEY, "--exit-on-stdin-eof"]
+            .iter()
+            .map(OsStr::new)
+            .collect();
+        args.extend([OsStr::new("--dir"), dir.path().as_os_str()]);
+        args.extend(extra.iter().map(OsStr::new));
+        let (child, mut out) = super::external::spawn_fake(
+            "gcp_kms_fake.py",
+            &args,
             "the Cloud KMS stand-in needs Python with `cryptography`: set KMS_TEST_PYTHON \
              (make deps) or KMS_TEST_OPT_OUT=gcp-fake",
         );
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fakes/gcp_kms_fake.py");
-        let mut child = Command::new(&py)
-            .arg(script)
-            .args(["--port", "0", "--key", KEY, "--exit-on-stdin-eof", "--dir"])
-            .arg(dir.path())
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", py.display()));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        out.read_line(&mut line).unwrap();
         let port: u16 = line
             .strip_prefix("PORT ")
             .and_then(|p| p.trim().parse().ok())
@@ -97,15 +86,7 @@ impl Fake {
     }
 
     pub async fn control(&self, action: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/__control/{action}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "control {action}: {}", r.status());
-        r.json().await.unwrap()
+        super::external::fake_control(&self.http, &self.url, action, body).await
     }
 
     pub async fn key(&self, action: &str, version: Option<u32>) -> Value {
