@@ -223,7 +223,7 @@ impl RenewingCredentials {
                     this.failed(&mut state, &e, AuthKind::TokenRefresh);
                     tracing::warn!(
                         backend = this.shared.backend,
-                        error = %e,
+                        error = %super::error_chain(&e),
                         valid_for_s = valid_for.as_secs(),
                         retry_in_ms = state
                             .retry_at
@@ -277,7 +277,7 @@ impl RenewingCredentials {
                     Some(c) => {
                         tracing::warn!(
                             backend = self.shared.backend,
-                            error = %e,
+                            error = %super::error_chain(&e),
                             "renewing the AWS credentials failed shortly before they expire; using them while they last"
                         );
                         Ok(c)
